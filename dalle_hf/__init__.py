@@ -1,0 +1,48 @@
+"""dalle-hf: DALL-E (Ramesh et al. 2021) rebuilt the Hugging Face way.
+
+A discrete VAE turns images into a grid of codes, a decoder-only transformer models
+[text tokens ; image tokens], and CLIP reranks the samples. The models are imported here and registered with
+`AutoConfig` / `AutoModel` (the only import-time effect); pipelines and training code load lazily on first
+use, so `import dalle_hf` does not pull in diffusers.
+"""
+
+import importlib
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_dalle import DalleConfig
+from .configuration_dvae import DalleVAEConfig
+from .modeling_dalle import DalleForImageGeneration, DalleKVCache, DalleOutput
+from .modeling_dvae import DalleVAE, DalleVAEOutput
+
+__version__ = "0.1.0"
+
+AutoConfig.register(DalleConfig.model_type, DalleConfig, exist_ok=True)
+AutoConfig.register(DalleVAEConfig.model_type, DalleVAEConfig, exist_ok=True)
+AutoModel.register(DalleConfig, DalleForImageGeneration, exist_ok=True)
+AutoModel.register(DalleVAEConfig, DalleVAE, exist_ok=True)
+
+_LAZY = {
+    "DallePipeline": "pipeline_dalle",
+    "DallePipelineOutput": "pipeline_dalle",
+    "DalleImageVariationPipeline": "pipeline_dalle_variation",
+    "train_text_tokenizer": "tokenization",
+    "make_clip_config": "clip",
+    "make_clip_processor": "clip",
+}
+
+__all__ = sorted(
+    list(_LAZY)
+    + ["DalleConfig", "DalleVAEConfig", "DalleForImageGeneration", "DalleKVCache", "DalleOutput", "DalleVAE", "DalleVAEOutput"]
+) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'dalle_hf' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,133 @@
+"""The `dalle-hf` command: thin subcommands that parse, call the library and print.
+
+    dalle-hf generate --pipeline checkpoints/dalle-shapes "a red circle" --candidates 16 --keep 4 --out out/
+    dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
+    dalle-hf eval vae --pipeline checkpoints/dalle-shapes
+    dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
+"""
+
+import argparse
+import json
+import os
+import sys
+
+TRAINERS = {"dvae": "dalle_hf.train_dvae", "dalle": "dalle_hf.train_dalle", "clip": "dalle_hf.train_clip"}
+
+
+def load_pipeline(path: str, dtype: str = "float32"):
+    import torch
+
+    from .pipeline_dalle import DallePipeline
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return DallePipeline.from_pretrained(path, torch_dtype=torch_dtype)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    pipe = load_pipeline(args.pipeline, args.dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = pipe(
+        args.prompt,
+        num_images_per_prompt=args.candidates,
+        num_images_to_keep=args.keep,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        guidance_scale=args.guidance_scale,
+        generator=generator,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    for i, image in enumerate(out.images):
+        path = os.path.join(args.out, f"{i:02d}.png")
+        image.save(path)
+        score = "" if out.clip_scores is None else f"  clip={out.clip_scores.flatten()[i].item():.3f}"
+        print(f"{path}{score}")
+    return 0
+
+
+def cmd_eval_shapes(args) -> int:
+    from .eval.shapes import evaluate_pipeline
+
+    pipe = load_pipeline(args.pipeline, args.dtype)
+    report = evaluate_pipeline(
+        pipe,
+        args.out,
+        images_per_prompt=args.images_per_prompt,
+        candidates=args.candidates,
+        seed=args.seed,
+        prompts_per_task=args.prompts_per_task,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    print(f"wrote {os.path.join(args.out, 'report.json')}")
+    return 0
+
+
+def cmd_eval_vae(args) -> int:
+    from .eval.shapes import evaluate_vae_fidelity
+    from .modeling_dvae import DalleVAE
+
+    subfolder = "vae" if os.path.isdir(os.path.join(args.pipeline, "vae")) else None
+    vae = DalleVAE.from_pretrained(args.pipeline, subfolder=subfolder).eval()
+    print(json.dumps(evaluate_vae_fidelity(vae, n_per_task=args.n_per_task, seed=args.seed), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text -> CLIP-ranked images (PNG files)")
+    gen.add_argument("prompt", help="the caption")
+    gen.add_argument("--pipeline", required=True, help="a saved DallePipeline folder or hub id")
+    gen.add_argument("--candidates", type=int, default=16, help="images sampled (N)")
+    gen.add_argument("--keep", type=int, default=4, help="images kept after CLIP reranking (k)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top_k", type=int, default=None)
+    gen.add_argument("--top_p", type=float, default=None)
+    gen.add_argument("--guidance_scale", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--out", default="outputs", help="folder for the PNGs")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    shapes = ev.add_parser("shapes", help="ShapesEval: GenEval-style exact checks on the shapes world")
+    shapes.add_argument("--pipeline", required=True)
+    shapes.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    shapes.add_argument("--candidates", type=int, default=1, help="N > 1 adds the CLIP-reranked best-of-N pass")
+    shapes.add_argument("--prompts-per-task", dest="prompts_per_task", type=int, default=100)
+    shapes.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts per pipeline call")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    shapes.add_argument("--out", required=True, help="folder for report.json and the sample sheets")
+    shapes.set_defaults(func=cmd_eval_shapes)
+    vae = ev.add_parser("vae", help="dVAE fidelity: reconstructions that still pass the ShapesEval checker")
+    vae.add_argument("--pipeline", required=True, help="a pipeline folder (uses vae/) or a dVAE folder")
+    vae.add_argument("--n-per-task", dest="n_per_task", type=int, default=300)
+    vae.add_argument("--seed", type=int, default=0)
+    vae.set_defaults(func=cmd_eval_vae)
+
+    train = sub.add_parser("train", help="train a model (see python -m dalle_hf.train_<name> --help)", add_help=False)
+    train.add_argument("model", choices=sorted(TRAINERS))
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        if len(argv) < 2 or argv[1] not in TRAINERS:
+            build_parser().parse_args(argv)  # prints the usage error
+        import importlib
+
+        module = importlib.import_module(TRAINERS[argv[1]])
+        module.main(module.parse_args(argv[2:]))
+        return 0
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

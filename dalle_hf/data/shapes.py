@@ -1,0 +1,908 @@
+"""The shapes world: a tiny, exactly checkable text-to-image domain.
+
+Every image is a 64 x 64 RGB canvas on white showing a few flat-colored shapes (8 colors x 4 shapes x
+2 sizes) that never overlap, and its caption names exactly the objects drawn. Captions follow the six
+GenEval task forms (Ghosh et al. 2023: single object, two objects, counting, colors, position, color
+attribution) plus `novel`, which asks for color/shape pairs that are never drawn in training
+(`HELD_OUT_PAIRS`) to measure compositional generalization.
+
+The world's language and its meaning live here together: `parse_caption` turns a caption into a
+spec, `caption_holds` decides whether a list of objects satisfies it (the rule the ShapesEval checker
+in `dalle_hf.eval.shapes` applies to objects it detects in pixels), and `corrupt_caption` edits one
+attribute, count or relation so that the caption becomes false (a hard negative).
+
+Example:
+
+```python
+>>> import random
+>>> from dalle_hf.data.shapes import sample_example, corrupt_caption, caption_holds
+>>> rng = random.Random(0)
+>>> image, caption, scene = sample_example(rng, "color_attr")
+>>> caption_holds(caption, scene.objects), caption_holds(corrupt_caption(scene, rng), scene.objects)
+(True, False)
+```
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------
+# The world's constants. Reports and checkpoints depend on these values: do not change them.
+
+IMAGE_SIZE = 64  # canvas side in px; small enough to stream on a laptop CPU, 8x8 or 16x16 dVAE grids
+BACKGROUND = (255, 255, 255)  # white; the checker treats "close to white" as empty canvas
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (235, 205, 20),
+    "green": (40, 160, 60),
+    "cyan": (30, 190, 210),
+    "blue": (40, 70, 220),
+    "purple": (130, 50, 190),
+    "pink": (240, 110, 180),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")  # triangle apex up; diamond = square at 45 deg
+SIZE_NAMES: tuple[str, ...] = ("small", "large")
+# Bounding-box side in px. The 17-23 px gap keeps the two classes apart for the checker (threshold 20).
+SIZE_RANGES: dict[str, tuple[int, int]] = {"small": (12, 16), "large": (24, 30)}
+SIZE_THRESHOLD_PX = 20  # a measured bounding box side below this is "small", otherwise "large"
+# Never drawn in a training image; they appear only in the `novel` evaluation task.
+HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {("purple", "triangle"), ("green", "circle"), ("orange", "diamond"), ("cyan", "square")}
+)
+TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+NOVEL_TASK = "novel"
+EVAL_TASKS: tuple[str, ...] = TASKS + (NOVEL_TASK,)
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
+
+MIN_GAP_PX = 2  # empty px between any two bounding boxes, so objects never touch or overlap
+CANVAS_MARGIN_PX = 1  # keeps anti-aliased edges inside the canvas
+SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges whose pixels blend color and white
+# "A left of B" holds when cx(B) - cx(A) > RELATION_MARGIN * (wA + wB) and |dx| >= |dy|.
+RELATION_MARGIN = 0.1
+# Training scenes for position captions hold the relation with a clear margin: the bounding boxes are
+# disjoint along the relation's axis and the cross-axis offset is at most this fraction of the main one.
+POSITION_CROSS_AXIS_RATIO = 0.5
+
+# How often training captions use the optional forms (evaluation prompts never do).
+SIZE_WORD_PROB = 0.2  # "a small red circle": teaches the size words without making them the norm
+POSITION_COLOR_PROB = 0.3  # "a red circle left of a blue square"
+LONG_RELATION_PROB = 0.3  # paraphrase "to the left of" / "to the right of"
+
+_PLACEMENT_ATTEMPTS = 64  # random restarts before a crowded scene shrinks one of its large objects
+_OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+_WORD_TO_COUNT = {word: count for count, word in COUNT_WORDS.items()}
+_PLURAL_TO_SHAPE = {shape + "s": shape for shape in SHAPES}
+
+
+def _colors_for_shape(shape: str, allow_held_out: bool) -> tuple[str, ...]:
+    return tuple(c for c in COLORS if allow_held_out or (c, shape) not in HELD_OUT_PAIRS)
+
+
+_TRAINING_COLORS = {shape: _colors_for_shape(shape, allow_held_out=False) for shape in SHAPES}
+_ALL_COLORS = {shape: tuple(COLORS) for shape in SHAPES}
+_TRAINING_PAIRS = tuple((c, s) for s in SHAPES for c in COLORS if (c, s) not in HELD_OUT_PAIRS)
+_HELD_OUT_LIST = tuple(sorted(HELD_OUT_PAIRS))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scenes and rendering
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """
+    One flat-colored shape on the canvas.
+
+    Args:
+        shape (`str`): one of `SHAPES`.
+        color (`str`): one of `COLORS`.
+        size_name (`str`): `"small"` or `"large"`.
+        cx (`float`): x of the bounding-box center in px (pixel `i` spans `[i, i + 1)`).
+        cy (`float`): y of the bounding-box center in px (y grows downwards).
+        size_px (`int`): side of the square bounding box in px.
+    """
+
+    shape: str
+    color: str
+    size_name: str
+    cx: float
+    cy: float
+    size_px: int
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.color not in COLORS:
+            raise ValueError(f"color must be one of {tuple(COLORS)}, got {self.color!r}")
+        if self.size_name not in SIZE_NAMES:
+            raise ValueError(f"size_name must be one of {SIZE_NAMES}, got {self.size_name!r}")
+        if not self.size_px > 0:
+            raise ValueError(f"size_px must be positive, got {self.size_px!r}")
+
+    @property
+    def width(self) -> float:
+        return float(self.size_px)
+
+    @property
+    def height(self) -> float:
+        return float(self.size_px)
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """`(x0, y0, x1, y1)` with exclusive `x1`, `y1`."""
+        half = self.size_px / 2
+        return (self.cx - half, self.cy - half, self.cx + half, self.cy + half)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """
+    What an image shows and the caption that describes it.
+
+    Args:
+        objects (`tuple[ShapeObject, ...]`): everything drawn; for position scenes `(A, B)` of "A rel B".
+        caption (`str`): the caption, true for these objects.
+        task (`str`): one of `EVAL_TASKS`.
+        relation (`str`, *optional*, defaults to `None`): the relation of a position caption.
+    """
+
+    objects: tuple[ShapeObject, ...]
+    caption: str
+    task: str
+    relation: str | None = None
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, scale: int) -> None:
+    x0, y0, x1, y1 = (round(v * scale) for v in obj.bbox)
+    # PIL's drawing coordinates are inclusive, so the last covered supersampled pixel is x1 - 1.
+    right, bottom = x1 - 1, y1 - 1
+    mid_x, mid_y = (x0 + right) / 2, (y0 + bottom) / 2
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, right, bottom], fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle([x0, y0, right, bottom], fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(mid_x, y0), (right, bottom), (x0, bottom)], fill=fill)
+    else:  # diamond
+        draw.polygon([(mid_x, y0), (right, mid_y), (mid_x, bottom), (x0, mid_y)], fill=fill)
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """
+    Draw a scene on a white 64 x 64 RGB canvas with anti-aliased edges.
+
+    Shapes are drawn at `SUPERSAMPLE` x resolution and box-downsampled, so an edge pixel is an exact
+    blend of the object's color and white (the checker relies on that).
+
+    Args:
+        scene (`Scene`): what to draw; every bounding box must lie inside the canvas.
+
+    Returns:
+        `PIL.Image.Image`: a 64 x 64 RGB image.
+
+    Example:
+
+    ```python
+    >>> scene = Scene((ShapeObject("circle", "red", "large", 32.0, 32.0, 28),), "a red circle", "colors")
+    >>> render_scene(scene).size
+    (64, 64)
+    ```
+    """
+    canvas = Image.new("RGB", (IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        if x0 < 0 or y0 < 0 or x1 > IMAGE_SIZE or y1 > IMAGE_SIZE:
+            raise ValueError(f"object {obj} does not lie inside the {IMAGE_SIZE}x{IMAGE_SIZE} canvas")
+        _draw_object(draw, obj, SUPERSAMPLE)
+    return canvas.reduce(SUPERSAMPLE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The caption language. A spec is a plain (JSON-friendly) dict:
+#   {"task": str, "objects": [{"shape": str, "color": str | None, "size": str | None}, ...],
+#    "count": int | None (counting only), "relation": str | None (position only)}
+
+
+def _object_spec(shape: str, color: str | None = None, size: str | None = None) -> dict:
+    return {"shape": shape, "color": color, "size": size}
+
+
+def _make_spec(task: str, objects: list[dict], count: int | None = None, relation: str | None = None) -> dict:
+    return {"task": task, "objects": objects, "count": count, "relation": relation}
+
+
+def _noun_phrase(obj: dict) -> str:
+    words = [w for w in (obj["size"], obj["color"], obj["shape"]) if w]
+    article = "an" if words[0][0] in "aeiou" else "a"  # "an orange circle"
+    return " ".join([article] + words)
+
+
+def format_caption(spec: dict, long_relation: bool = False) -> str:
+    """
+    Write the caption of a spec (the inverse of `parse_caption`).
+
+    Args:
+        spec (`dict`): a caption spec as returned by `parse_caption`.
+        long_relation (`bool`, *optional*, defaults to `False`): say "to the left of" / "to the right of"
+            instead of "left of" / "right of".
+
+    Returns:
+        `str`: the lower-case caption, e.g. `"a red circle left of a blue square"`.
+    """
+    objects = spec["objects"]
+    if spec.get("count") is not None:
+        obj = objects[0]
+        words = [COUNT_WORDS[spec["count"]]] + [w for w in (obj["size"], obj["color"]) if w]
+        return " ".join(words + [obj["shape"] + "s"])
+    if spec.get("relation") is not None:
+        relation = spec["relation"]
+        if long_relation and relation in ("left of", "right of"):
+            relation = "to the " + relation
+        return f"{_noun_phrase(objects[0])} {relation} {_noun_phrase(objects[1])}"
+    return " and ".join(_noun_phrase(obj) for obj in objects)
+
+
+def _parse_error(caption: str, expected: str) -> ValueError:
+    return ValueError(f"cannot parse caption {caption!r}: expected {expected}")
+
+
+def _parse_attributes(words: list[str], i: int) -> tuple[str | None, str | None, int]:
+    size = color = None
+    if i < len(words) and words[i] in SIZE_NAMES:
+        size, i = words[i], i + 1
+    if i < len(words) and words[i] in COLORS:
+        color, i = words[i], i + 1
+    return size, color, i
+
+
+def _parse_noun_phrase(caption: str, words: list[str], i: int) -> tuple[dict, int]:
+    if i >= len(words) or words[i] not in ("a", "an"):
+        raise _parse_error(caption, f"'a' or 'an' at word {i}")
+    size, color, i = _parse_attributes(words, i + 1)
+    if i >= len(words) or words[i] not in SHAPES:
+        raise _parse_error(caption, f"a shape {SHAPES} at word {i}")
+    return _object_spec(words[i], color, size), i + 1
+
+
+def _parse_relation(words: list[str], i: int) -> tuple[str | None, int]:
+    for relation in RELATIONS:
+        for phrase in (relation, "to the " + relation):
+            n = len(phrase.split())
+            if words[i : i + n] == phrase.split():
+                return relation, i + n
+    return None, i
+
+
+def parse_caption(caption: str) -> dict:
+    """
+    Parse a caption of the shapes world into a spec.
+
+    The grammar: `COUNT [size] [color] SHAPEs` | `NP` | `NP and NP` | `NP RELATION NP`, where
+    `NP = a|an [size] [color] SHAPE` and RELATION is one of `RELATIONS` (or "to the left of" / "to the
+    right of"). Case and a trailing period are ignored.
+
+    Args:
+        caption (`str`): e.g. `"a small red circle to the left of a blue square"`.
+
+    Returns:
+        `dict`: `{"task", "objects", "count", "relation"}`; the task is inferred from the form
+        (`colors`/`color_attr` when every object has a color, `single_object`/`two_object` otherwise).
+
+    Raises:
+        `ValueError`: when the caption is not in the language.
+    """
+    if not isinstance(caption, str):
+        raise ValueError(f"caption must be a str, got {type(caption).__name__}")
+    words = caption.strip().lower().rstrip(".").split()
+    if not words:
+        raise _parse_error(caption, "a non-empty caption")
+    if words[0] in _WORD_TO_COUNT:
+        size, color, i = _parse_attributes(words, 1)
+        if i != len(words) - 1 or words[i] not in _PLURAL_TO_SHAPE:
+            raise _parse_error(caption, "'COUNT [size] [color] SHAPEs', e.g. 'three circles'")
+        obj = _object_spec(_PLURAL_TO_SHAPE[words[i]], color, size)
+        return _make_spec("counting", [obj], count=_WORD_TO_COUNT[words[0]])
+    first, i = _parse_noun_phrase(caption, words, 0)
+    if i == len(words):
+        return _make_spec("colors" if first["color"] else "single_object", [first])
+    if words[i] == "and":
+        second, i = _parse_noun_phrase(caption, words, i + 1)
+        task = "color_attr" if first["color"] and second["color"] else "two_object"
+        spec = _make_spec(task, [first, second])
+    else:
+        relation, i = _parse_relation(words, i)
+        if relation is None:
+            raise _parse_error(caption, f"'and' or a relation {RELATIONS} at word {i}")
+        second, i = _parse_noun_phrase(caption, words, i)
+        spec = _make_spec("position", [first, second], relation=relation)
+    if i != len(words):
+        raise _parse_error(caption, f"the end of the caption at word {i}")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------------
+# The meaning of a caption. `objects` are anything with shape, color, size_name, cx, cy, width, height:
+# a scene's `ShapeObject`s or the `DetectedObject`s the checker finds in pixels.
+
+
+def relation_holds(a, b, relation: str) -> bool:
+    """
+    Whether "a `relation` b" holds: "A left of B" when `cx(B) - cx(A) > 0.1 * (wA + wB)` and
+    `|dx| >= |dy|`; likewise right of, above (y grows downwards) and below, with heights on the y axis.
+    """
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    if relation == "left of":
+        return dx > RELATION_MARGIN * (a.width + b.width) and abs(dx) >= abs(dy)
+    if relation == "right of":
+        return -dx > RELATION_MARGIN * (a.width + b.width) and abs(dx) >= abs(dy)
+    if relation == "above":
+        return dy > RELATION_MARGIN * (a.height + b.height) and abs(dy) >= abs(dx)
+    if relation == "below":
+        return -dy > RELATION_MARGIN * (a.height + b.height) and abs(dy) >= abs(dx)
+    raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+
+
+def _matches(obj, object_spec: dict) -> bool:
+    return (
+        obj.shape == object_spec["shape"]
+        and (object_spec["color"] is None or obj.color == object_spec["color"])
+        and (object_spec["size"] is None or obj.size_name == object_spec["size"])
+    )
+
+
+def _rule(spec: dict) -> str:
+    task = spec["task"]
+    if task == NOVEL_TASK:  # novel prompts use the colors or the color_attr form
+        return "colors" if len(spec["objects"]) == 1 else "color_attr"
+    return task
+
+
+def caption_holds(caption_or_spec, objects: Sequence) -> bool:
+    """
+    Whether a caption is true of a list of objects, by the ShapesEval task rules.
+
+    | task | passes when |
+    |---|---|
+    | single_object, colors | exactly one object, matching (shape, and color/size when named) |
+    | two_object | exactly two objects, matching the two phrases in some order |
+    | counting | exactly N objects, all matching |
+    | position | a matching A and a different matching B with "A rel B" holding |
+    | color_attr | a matching A and a different matching B (extra objects allowed) |
+    | novel | as colors (one phrase) or color_attr (two phrases) |
+
+    Args:
+        caption_or_spec (`str` or `dict`): a caption, or a spec from `parse_caption`/`EvalPrompt.spec`.
+        objects (`Sequence`): objects with `shape`, `color`, `size_name`, `cx`, `cy`, `width`, `height`.
+
+    Returns:
+        `bool`: whether the caption holds.
+    """
+    spec = parse_caption(caption_or_spec) if isinstance(caption_or_spec, str) else caption_or_spec
+    rule, specs = _rule(spec), spec["objects"]
+    if rule in ("single_object", "colors"):
+        return len(objects) == 1 and _matches(objects[0], specs[0])
+    if rule == "counting":
+        return len(objects) == spec["count"] and all(_matches(o, specs[0]) for o in objects)
+    if rule == "two_object":
+        if len(objects) != 2:
+            return False
+        a, b = objects
+        return (_matches(a, specs[0]) and _matches(b, specs[1])) or (_matches(b, specs[0]) and _matches(a, specs[1]))
+    if rule in ("position", "color_attr"):
+        for i, a in enumerate(objects):
+            if not _matches(a, specs[0]):
+                continue
+            for j, b in enumerate(objects):
+                if i != j and _matches(b, specs[1]):
+                    if rule == "color_attr" or relation_holds(a, b, spec["relation"]):
+                        return True
+        return False
+    raise ValueError(f"spec task must be one of {EVAL_TASKS}, got {spec['task']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling captions and scenes
+
+
+def _check_rng(rng) -> None:
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+
+
+def _check_task(task: str, allowed: tuple[str, ...] = EVAL_TASKS) -> None:
+    if task not in allowed:
+        raise ValueError(f"task must be one of {allowed}, got {task!r}")
+
+
+def _maybe_size(rng: random.Random, prob: float) -> str | None:
+    return rng.choice(SIZE_NAMES) if rng.random() < prob else None
+
+
+def _sample_spec(rng: random.Random, task: str) -> tuple[dict, bool]:
+    """A random training-style caption spec for a task, and whether to use the long relation form."""
+    if task == "single_object":
+        return _make_spec(task, [_object_spec(rng.choice(SHAPES), size=_maybe_size(rng, SIZE_WORD_PROB))]), False
+    if task == "two_object":
+        shapes = rng.sample(SHAPES, 2)
+        return _make_spec(task, [_object_spec(s, size=_maybe_size(rng, SIZE_WORD_PROB)) for s in shapes]), False
+    if task == "counting":
+        return _make_spec(task, [_object_spec(rng.choice(SHAPES))], count=rng.choice(tuple(COUNT_WORDS))), False
+    if task == "colors":
+        color, shape = rng.choice(_TRAINING_PAIRS)
+        return _make_spec(task, [_object_spec(shape, color, _maybe_size(rng, SIZE_WORD_PROB))]), False
+    if task == "position":
+        shapes = rng.sample(SHAPES, 2)
+        with_colors = rng.random() < POSITION_COLOR_PROB
+        objects = [
+            _object_spec(s, rng.choice(_TRAINING_COLORS[s]) if with_colors else None, _maybe_size(rng, SIZE_WORD_PROB))
+            for s in shapes
+        ]
+        return _make_spec(task, objects, relation=rng.choice(RELATIONS)), rng.random() < LONG_RELATION_PROB
+    if task == "color_attr":
+        first = rng.choice(_TRAINING_PAIRS)
+        second = rng.choice([p for p in _TRAINING_PAIRS if p[0] != first[0] and p[1] != first[1]])
+        objects = [_object_spec(s, c, _maybe_size(rng, SIZE_WORD_PROB)) for c, s in (first, second)]
+        return _make_spec(task, objects), False
+    # novel: the colors or the color_attr form, built only from held-out pairs (always distinct colors and shapes)
+    pairs = rng.sample(_HELD_OUT_LIST, rng.choice((1, 2)))
+    return _make_spec(NOVEL_TASK, [_object_spec(s, c) for c, s in pairs]), False
+
+
+def _free_starts(size: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Boolean grid `[y0, x0]` of top-left corners where a `size` box keeps `MIN_GAP_PX` from `boxes`."""
+    lo = CANVAS_MARGIN_PX
+    n = IMAGE_SIZE - 2 * CANVAS_MARGIN_PX - size + 1  # valid starts lo .. lo + n - 1 on each axis
+    free = np.ones((n, n), dtype=bool)
+    for bx0, by0, bx1, by1 in boxes:
+        # [x0, x0 + size) meets [bx0 - gap, bx1 + gap) iff bx0 - gap - size < x0 < bx1 + gap
+        x_from, x_to = max(bx0 - MIN_GAP_PX - size + 1 - lo, 0), min(bx1 + MIN_GAP_PX - 1 - lo, n - 1)
+        y_from, y_to = max(by0 - MIN_GAP_PX - size + 1 - lo, 0), min(by1 + MIN_GAP_PX - 1 - lo, n - 1)
+        if x_from <= x_to and y_from <= y_to:
+            free[y_from : y_to + 1, x_from : x_to + 1] = False
+    return free
+
+
+def _place_boxes(rng: random.Random, sizes: list[int]) -> list[tuple[int, int]] | None:
+    """Top-left corners for boxes of `sizes` (largest placed first), or None when this attempt got stuck."""
+    order = sorted(range(len(sizes)), key=lambda k: -sizes[k])
+    boxes: list[tuple[int, int, int, int]] = []
+    corners: dict[int, tuple[int, int]] = {}
+    for k in order:
+        free = np.flatnonzero(_free_starts(sizes[k], boxes))
+        if free.size == 0:
+            return None
+        n = IMAGE_SIZE - 2 * CANVAS_MARGIN_PX - sizes[k] + 1
+        y_index, x_index = divmod(int(free[rng.randrange(free.size)]), n)
+        x0, y0 = x_index + CANVAS_MARGIN_PX, y_index + CANVAS_MARGIN_PX
+        corners[k] = (x0, y0)
+        boxes.append((x0, y0, x0 + sizes[k], y0 + sizes[k]))
+    return [corners[k] for k in range(len(sizes))]
+
+
+def _place_pair(rng: random.Random, size_a: int, size_b: int, relation: str) -> list[tuple[int, int]]:
+    """Top-left corners of A and B such that "A relation B" holds with a clear margin."""
+    first_is_a = relation in ("left of", "above")  # the object with the smaller main-axis coordinate
+    s1, s2 = (size_a, size_b) if first_is_a else (size_b, size_a)
+    lo, hi = CANVAS_MARGIN_PX, IMAGE_SIZE - CANVAS_MARGIN_PX
+    while True:
+        # Main axis: the boxes are disjoint with at least MIN_GAP_PX between them.
+        p1 = rng.randint(lo, hi - s1 - MIN_GAP_PX - s2)
+        p2 = rng.randint(p1 + s1 + MIN_GAP_PX, hi - s2)
+        main_offset = (p2 + s2 / 2) - (p1 + s1 / 2)
+        # Cross axis: center offset at most POSITION_CROSS_AXIS_RATIO of the main-axis offset.
+        q1 = rng.randint(lo, hi - s1)
+        max_cross = POSITION_CROSS_AXIS_RATIO * main_offset
+        q2_from = max(lo, math.ceil(q1 + (s1 - s2) / 2 - max_cross))
+        q2_to = min(hi - s2, math.floor(q1 + (s1 - s2) / 2 + max_cross))
+        if q2_from <= q2_to:
+            break
+    q2 = rng.randint(q2_from, q2_to)
+    horizontal = relation in ("left of", "right of")
+    corner1, corner2 = ((p1, q1), (p2, q2)) if horizontal else ((q1, p1), (q2, p2))
+    return [corner1, corner2] if first_is_a else [corner2, corner1]
+
+
+def _build_objects(rng: random.Random, spec: dict, allow_held_out: bool) -> tuple[ShapeObject, ...]:
+    """Objects that satisfy `spec` exactly; unnamed attributes are random (held-out pairs only if allowed)."""
+    specs = spec["objects"] * (spec["count"] or 1)
+    colors_for = _ALL_COLORS if allow_held_out else _TRAINING_COLORS
+    colors, size_names = [], []
+    for obj in specs:
+        color = obj["color"] or rng.choice(colors_for[obj["shape"]])
+        if not allow_held_out and (color, obj["shape"]) in HELD_OUT_PAIRS:
+            raise ValueError(f"{color} {obj['shape']} is a held-out pair, never drawn in training scenes")
+        colors.append(color)
+        size_names.append(obj["size"] or rng.choice(SIZE_NAMES))
+    sizes = [rng.randint(*SIZE_RANGES[name]) for name in size_names]
+    if spec["relation"] is not None:
+        corners = _place_pair(rng, sizes[0], sizes[1], spec["relation"])
+    else:
+        corners = None
+        while corners is None:
+            for _ in range(_PLACEMENT_ATTEMPTS):
+                corners = _place_boxes(rng, sizes)
+                if corners is not None:
+                    break
+            else:  # too crowded: shrink the largest object whose size the caption does not name
+                shrinkable = [k for k, obj in enumerate(specs) if obj["size"] is None and size_names[k] == "large"]
+                if not shrinkable:
+                    raise ValueError(f"cannot fit the objects of {format_caption(spec)!r} on the canvas")
+                k = max(shrinkable, key=lambda j: sizes[j])
+                size_names[k], sizes[k] = "small", rng.randint(*SIZE_RANGES["small"])
+    return tuple(
+        ShapeObject(obj["shape"], color, name, x0 + size / 2, y0 + size / 2, size)
+        for obj, color, name, size, (x0, y0) in zip(specs, colors, size_names, sizes, corners)
+    )
+
+
+def scene_from_caption(caption: str, rng: random.Random, allow_held_out: bool = True) -> Scene:
+    """
+    Sample a scene that shows exactly what a caption describes (unnamed attributes random).
+
+    Args:
+        caption (`str`): a caption in the world's language (see `parse_caption`).
+        rng (`random.Random`): the source of randomness.
+        allow_held_out (`bool`, *optional*, defaults to `True`): whether unnamed colors may form a
+            held-out pair (and whether named held-out pairs are accepted).
+
+    Returns:
+        `Scene`: a scene whose `caption` is `caption`; render it with `render_scene`.
+    """
+    _check_rng(rng)
+    spec = parse_caption(caption)
+    objects = _build_objects(rng, spec, allow_held_out)
+    return Scene(objects, caption, spec["task"], spec["relation"])
+
+
+def sample_example(rng: random.Random, task: str) -> tuple[Image.Image, str, Scene]:
+    """
+    Sample a training-style (image, caption, scene) for one task.
+
+    Captions of the six training tasks may carry optional size words, colors in position captions and
+    the "to the left of" paraphrase; their scenes never contain a held-out pair. `task="novel"` builds
+    scenes from held-out pairs only (for evaluation, never for training).
+
+    Args:
+        rng (`random.Random`): the source of randomness.
+        task (`str`): one of `EVAL_TASKS`.
+
+    Returns:
+        `tuple[PIL.Image.Image, str, Scene]`: the 64 x 64 RGB image, its caption and the scene.
+
+    Example:
+
+    ```python
+    >>> image, caption, scene = sample_example(random.Random(0), "counting")
+    >>> caption
+    'three squares'
+    ```
+    """
+    _check_rng(rng)
+    _check_task(task)
+    spec, long_relation = _sample_spec(rng, task)
+    objects = _build_objects(rng, spec, allow_held_out=task == NOVEL_TASK)
+    scene = Scene(objects, format_caption(spec, long_relation), task, spec["relation"])
+    return render_scene(scene), scene.caption, scene
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hard negatives
+
+
+def _is_well_formed(spec: dict, allow_held_out: bool) -> bool:
+    """Whether a spec is a caption the world would write (distinct shapes/colors in pairs, held-out rule)."""
+    objects = spec["objects"]
+    if not allow_held_out and any((o["color"], o["shape"]) in HELD_OUT_PAIRS for o in objects):
+        return False
+    if len(objects) == 2:
+        first, second = objects
+        if first["shape"] == second["shape"]:
+            return False
+        if first["color"] and second["color"] and first["color"] == second["color"] and spec["task"] != "position":
+            return False
+    return True
+
+
+def _single_edits(spec: dict) -> dict[str, list[dict]]:
+    """Every spec that differs from `spec` in one attribute, count, relation or color binding, by kind."""
+    edits: dict[str, list[dict]] = {"shape": [], "color": [], "size": [], "count": [], "relation": [], "binding": []}
+
+    def edited(index: int | None = None, **changes) -> dict:
+        new = {**spec, "objects": [dict(o) for o in spec["objects"]]}
+        if index is None:
+            new.update(changes)
+        else:
+            new["objects"][index].update(changes)
+        return new
+
+    for i, obj in enumerate(spec["objects"]):
+        edits["shape"] += [edited(i, shape=s) for s in SHAPES if s != obj["shape"]]
+        if obj["color"]:
+            edits["color"] += [edited(i, color=c) for c in COLORS if c != obj["color"]]
+        if obj["size"]:
+            edits["size"] += [edited(i, size=s) for s in SIZE_NAMES if s != obj["size"]]
+    if spec["count"] is not None:
+        edits["count"] += [edited(count=n) for n in COUNT_WORDS if n != spec["count"]]
+    if spec["relation"] is not None:
+        edits["relation"] += [edited(relation=r) for r in RELATIONS if r != spec["relation"]]
+    objects = spec["objects"]
+    if len(objects) == 2 and objects[0]["color"] and objects[1]["color"] and objects[0]["color"] != objects[1]["color"]:
+        swapped = edited()
+        swapped["objects"][0]["color"], swapped["objects"][1]["color"] = objects[1]["color"], objects[0]["color"]
+        edits["binding"].append(swapped)
+    return edits
+
+
+def _false_single_edits(scene: Scene) -> dict[str, list[dict]]:
+    spec = parse_caption(scene.caption)
+    spec["task"] = scene.task if scene.task == NOVEL_TASK else spec["task"]
+    allow_held_out = scene.task == NOVEL_TASK
+    return {
+        kind: [s for s in specs if _is_well_formed(s, allow_held_out) and not caption_holds(s, scene.objects)]
+        for kind, specs in _single_edits(spec).items()
+    }
+
+
+def corrupt_caption(scene: Scene, rng: random.Random) -> str:
+    """
+    The scene's caption with one attribute, count or relation changed so that it is false for the scene.
+
+    The kind of edit (shape, color, size word, count, relation, or swapping the colors of two objects)
+    is drawn uniformly among the kinds that apply, then the edit itself. The result stays in the
+    world's language (and out of the held-out pairs unless the scene is a novel one), keeping the
+    original's phrasing of the relation.
+
+    Args:
+        scene (`Scene`): a scene whose caption is true.
+        rng (`random.Random`): the source of randomness.
+
+    Returns:
+        `str`: a caption that is false for `scene`.
+
+    Example:
+
+    ```python
+    >>> image, caption, scene = sample_example(random.Random(1), "position")
+    >>> caption, corrupt_caption(scene, random.Random(0))
+    ('a diamond below a triangle', 'a diamond above a triangle')
+    ```
+    """
+    _check_rng(rng)
+    candidates = {kind: specs for kind, specs in _false_single_edits(scene).items() if specs}
+    if not candidates:
+        raise ValueError(f"no single edit makes {scene.caption!r} false for its scene")
+    kind = rng.choice(sorted(candidates))
+    return format_caption(rng.choice(candidates[kind]), long_relation=" to the " in scene.caption)
+
+
+def captions_for_clip_negatives(scene: Scene, rng: random.Random, n: int) -> list[str]:
+    """
+    `n` distinct captions that are false for a scene: hard negatives for CLIP training.
+
+    Single edits of the true caption come first (same shapes with a swapped color, count or relation,
+    in random order); when there are fewer than `n` of them, random training-style captions that are
+    false for the scene fill the rest.
+
+    Args:
+        scene (`Scene`): a scene whose caption is true.
+        rng (`random.Random`): the source of randomness.
+        n (`int`): how many captions to return.
+
+    Returns:
+        `list[str]`: `n` distinct false captions, none equal to the scene's caption.
+    """
+    _check_rng(rng)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    long_relation = " to the " in scene.caption
+    edits = [format_caption(s, long_relation) for specs in _false_single_edits(scene).values() for s in specs]
+    rng.shuffle(edits)
+    negatives = list(dict.fromkeys(edits))[:n]
+    seen = set(negatives) | {scene.caption}
+    while len(negatives) < n:
+        spec, long_relation = _sample_spec(rng, rng.choice(TASKS))
+        caption = format_caption(spec, long_relation)
+        if caption not in seen and not caption_holds(spec, scene.objects):
+            seen.add(caption)
+            negatives.append(caption)
+    return negatives
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation prompts and tokenizer captions
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """
+    One evaluation prompt.
+
+    Args:
+        prompt (`str`): the caption in its canonical form, e.g. `"a circle left of a square"`.
+        task (`str`): one of `EVAL_TASKS`.
+        spec (`dict`): the parsed caption with `spec["task"] == task`; what the checker verifies.
+    """
+
+    prompt: str
+    task: str
+    spec: dict
+
+
+def _canonical_prompts(task: str) -> list[str]:
+    """Every distinct evaluation prompt of a task, in the exact forms of the task table."""
+    if task == "single_object":
+        return [f"a {s}" for s in SHAPES]
+    if task == "two_object":
+        return [f"a {a} and a {b}" for a in SHAPES for b in SHAPES if a != b]
+    if task == "counting":
+        return [f"{word} {s}s" for word in COUNT_WORDS.values() for s in SHAPES]
+    if task == "colors":
+        return [format_caption(_make_spec(task, [_object_spec(s, c)])) for c, s in _TRAINING_PAIRS]
+    if task == "position":
+        return [f"a {a} {r} a {b}" for a in SHAPES for b in SHAPES if a != b for r in RELATIONS]
+    if task == "color_attr":
+        return [
+            format_caption(_make_spec(task, [_object_spec(s1, c1), _object_spec(s2, c2)]))
+            for c1, s1 in _TRAINING_PAIRS
+            for c2, s2 in _TRAINING_PAIRS
+            if c1 != c2 and s1 != s2
+        ]
+    raise AssertionError(task)
+
+
+def _cycle(rng: random.Random, items: list[str], n: int) -> list[str]:
+    """`n` items taken from shuffled passes over `items`, so every item appears n // len(items) times or more."""
+    out: list[str] = []
+    while len(out) < n:
+        shuffled = list(items)
+        rng.shuffle(shuffled)
+        out += shuffled
+    return out[:n]
+
+
+def evaluation_prompts(task: str, n: int = 100, seed: int = 0) -> list[EvalPrompt]:
+    """
+    The fixed evaluation prompts of one task (deterministic for a seed).
+
+    Prompts use exactly the forms of the task table (no size words, no paraphrases) and are drawn in
+    shuffled passes over all distinct prompts of the task, so small tasks (4 single-object prompts) are
+    balanced. The six tasks never mention a held-out pair; `novel` alternates its colors form (4
+    prompts) and its color_attr form (12 prompts), built only from held-out pairs.
+
+    Args:
+        task (`str`): one of `EVAL_TASKS`.
+        n (`int`, *optional*, defaults to 100): the number of prompts.
+        seed (`int`, *optional*, defaults to 0): selects the prompts and their order.
+
+    Returns:
+        `list[EvalPrompt]`: `n` prompts.
+
+    Example:
+
+    ```python
+    >>> [p.prompt for p in evaluation_prompts("counting", n=2)]
+    ['four triangles', 'two circles']
+    ```
+    """
+    _check_task(task)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    rng = random.Random(f"shapes-eval/{task}/{seed}")
+    if task == NOVEL_TASK:
+        one = [format_caption(_make_spec(task, [_object_spec(s, c)])) for c, s in _HELD_OUT_LIST]
+        two = [
+            format_caption(_make_spec(task, [_object_spec(s1, c1), _object_spec(s2, c2)]))
+            for c1, s1 in _HELD_OUT_LIST
+            for c2, s2 in _HELD_OUT_LIST
+            if (c1, s1) != (c2, s2)
+        ]
+        ones, twos = _cycle(rng, one, (n + 1) // 2), _cycle(rng, two, n // 2)
+        prompts = [ones[i // 2] if i % 2 == 0 else twos[i // 2] for i in range(n)]
+    else:
+        prompts = _cycle(rng, _canonical_prompts(task), n)
+    return [EvalPrompt(prompt, task, {**parse_caption(prompt), "task": task}) for prompt in prompts]
+
+
+def all_captions(n: int = 10_000, seed: int = 0) -> Iterator[str]:
+    """
+    Training-style captions of all six tasks (uniformly mixed), e.g. for training the BPE tokenizer.
+
+    Args:
+        n (`int`, *optional*, defaults to 10000): how many captions to yield.
+        seed (`int`, *optional*, defaults to 0): seeds the captions.
+
+    Returns:
+        `Iterator[str]`: `n` captions (with repeats), covering every word of the language.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng = random.Random(f"shapes-captions/{seed}")
+    for _ in range(n):
+        spec, long_relation = _sample_spec(rng, rng.choice(TASKS))
+        yield format_caption(spec, long_relation)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The streaming dataset
+
+
+def _validate_task_weights(task_weights: dict | None) -> dict[str, float]:
+    if task_weights is None:
+        return {task: 1.0 for task in TASKS}
+    if not isinstance(task_weights, dict) or not task_weights:
+        raise ValueError(f"task_weights must be a non-empty dict task -> weight, got {task_weights!r}")
+    for task, weight in task_weights.items():
+        if task not in TASKS:
+            raise ValueError(f"task_weights keys must be training tasks {TASKS}, got {task!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"task_weights[{task!r}] must be a finite number >= 0, got {weight!r}")
+    if sum(task_weights.values()) <= 0:
+        raise ValueError("task_weights must have a positive total weight")
+    return {task: float(weight) for task, weight in task_weights.items() if weight > 0}
+
+
+class ShapesDataset(torch.utils.data.IterableDataset):
+    """
+    An infinite stream of freshly rendered training examples of the shapes world.
+
+    Each dataloader worker and each distributed rank draws its own stream, seeded from
+    `(seed, rank, worker id)`, so no two workers ever yield the same sequence. Held-out pairs never appear.
+
+    Args:
+        seed (`int`, *optional*, defaults to 0): seeds every stream.
+        task_weights (`dict[str, float]`, *optional*, defaults to `None`): relative frequency of each
+            training task (missing tasks are never drawn); `None` draws the six tasks uniformly.
+        image_size (`int`, *optional*, defaults to 64): side of the yielded images; the world is drawn at
+            64 px and resized when this differs.
+
+    Yields:
+        `dict`: `{"pixel_values": FloatTensor (3, image_size, image_size) in [0, 1], "text": str, "task": str}`.
+
+    Example:
+
+    ```python
+    >>> example = next(iter(ShapesDataset(seed=0, task_weights={"colors": 1.0})))
+    >>> example["pixel_values"].shape, example["task"]
+    (torch.Size([3, 64, 64]), 'colors')
+    ```
+    """
+
+    def __init__(self, seed: int = 0, task_weights: dict | None = None, image_size: int = 64):
+        super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        self.seed = seed
+        self.task_weights = _validate_task_weights(task_weights)
+        self.image_size = image_size
+
+    def _stream_rng(self) -> random.Random:
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        return random.Random(f"shapes-dataset/{self.seed}/rank{rank}/worker{worker_id}")
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = self._stream_rng()
+        tasks, weights = list(self.task_weights), list(self.task_weights.values())
+        while True:
+            task = rng.choices(tasks, weights)[0]
+            image, caption, _ = sample_example(rng, task)
+            if self.image_size != IMAGE_SIZE:
+                image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            yield {"pixel_values": pixels.float().div_(255.0).contiguous(), "text": caption, "task": task}

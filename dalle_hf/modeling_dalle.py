@@ -1,0 +1,372 @@
+"""The DALL-E transformer (Ramesh et al. 2021, §2.2): a decoder-only model over [text tokens ; image tokens].
+
+The sequence is `[BOS ; t_1 .. t_L ; i_1 .. i_N]`: `L = text_seq_len` BPE tokens (padding replaced by a learned
+token per position) followed by `N = image_grid_size ** 2` dVAE codes in raster order. Logits at position `j`
+predict the token at position `j + 1`; a logits mask keeps text positions on text tokens and image positions
+on image tokens. The layout follows nanoGPT (`Block(config)`, fused qkv, scaled residual init) with
+min-dalle's preallocated key/value cache for sampling.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_dalle import DalleConfig
+
+
+class DalleKVCache:
+    """Preallocated keys and values for incremental decoding (as in min-dalle).
+
+    Holds `(n_layer, B, n_head, max_len, head_dim)` tensors for keys and values; each forward writes its new
+    positions in place, so a sampling step allocates nothing.
+
+    Args:
+        config (`DalleConfig`): the model's config (layer count, heads, width, maximum length).
+        batch_size (`int`): rows in the batch (with guidance: twice the number of samples).
+        device, dtype: where and how to store; use the model's.
+        max_length (`int`, *optional*): positions to reserve, defaults to `config.total_seq_len`.
+    """
+
+    def __init__(self, config: DalleConfig, batch_size: int, device=None, dtype=None, max_length: int | None = None):
+        head_dim = config.n_embd // config.n_head
+        self.max_length = max_length or config.total_seq_len
+        shape = (config.n_layer, batch_size, config.n_head, self.max_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far; advanced by the model after all layers have written
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k, v` of shape (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions, asked to write up to {end}")
+        self.keys[layer_idx, :, :, self.length : end] = k
+        self.values[layer_idx, :, :, self.length : end] = v
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def reorder(self, index: torch.LongTensor) -> "DalleKVCache":
+        """Keep and reorder batch rows in place (`index` of shape (B',))."""
+        self.keys = self.keys.index_select(1, index)
+        self.values = self.values.index_select(1, index)
+        return self
+
+
+@dataclass
+class DalleOutput(ModelOutput):
+    """Output of [`DalleForImageGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned with `return_loss=True`):
+            `(text_loss + w * image_loss) / (1 + w)` with `w = config.image_loss_weight` (paper: 7).
+        text_loss, image_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean cross-entropy over text / image targets.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Next-token logits over the joint vocabulary `[text ; per-position padding ; image]`, masked so text
+            positions only score text tokens and image positions only image tokens.
+        past_key_values (`DalleKVCache`, *optional*, returned with `use_cache=True`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: DalleKVCache | None = None
+
+
+def attention_mask_for_layout(
+    attention_type: str, config: DalleConfig, query_positions: torch.Tensor, key_length: int
+) -> torch.Tensor | None:
+    """Boolean mask (T, S), True where attention is allowed, or `None` for plain full causal attention.
+
+    Positions index `[BOS ; text ; image]`. Every layout is causal and lets image tokens see all text tokens
+    (paper §B.1); the sparse ones restrict image-to-image attention.
+    """
+    q = query_positions[:, None]  # (T, 1)
+    k = torch.arange(key_length, device=query_positions.device)[None, :]  # (1, S)
+    causal = k <= q
+    if attention_type == "full":
+        return causal
+    text_end = 1 + config.text_seq_len  # BOS and text occupy positions [0, text_end)
+    g = config.image_grid_size
+    q_img, k_img = (q - text_end).clamp(min=0), (k - text_end).clamp(min=0)
+    q_row, q_col, k_row, k_col = q_img // g, q_img % g, k_img // g, k_img % g
+    if attention_type == "row":
+        near = q_row == k_row
+    elif attention_type == "column":
+        near = q_col == k_col
+    else:  # "conv": a causal kernel x kernel neighbourhood
+        r = config.conv_kernel_size // 2
+        near = ((q_row - k_row).abs() <= r) & ((q_col - k_col).abs() <= r)
+    allowed = (k < text_end) | (q < text_end) | near | (k == q)
+    return causal & allowed
+
+
+class DalleAttention(nn.Module):
+    def __init__(self, config: DalleConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.attention_type = config.attention_types[layer_idx]
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DalleKVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
+        S = k.shape[2]
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attention_type == "full" and S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        elif self.attention_type == "full" and T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # one new token sees everything cached
+        else:
+            mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class DalleMLP(nn.Module):
+    def __init__(self, config: DalleConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd)
+        self.c_proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class DalleBlock(nn.Module):
+    """A pre-LayerNorm transformer block (GPT-2; the paper's blocks are pre-norm too, §B.1)."""
+
+    def __init__(self, config: DalleConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = DalleAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = DalleMLP(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DalleKVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class DallePreTrainedModel(PreTrainedModel):
+    config_class = DalleConfig
+    config: DalleConfig
+    base_model_prefix = "dalle"
+    main_input_name = "input_ids"
+    _no_split_modules = ["DalleBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # GPT-2's scaled init of the two residual projections per block: std / sqrt(2 * n_layer).
+        # Checked on the Linear itself: modules are initialized parent-first, so a parent's init would be undone.
+        if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, DalleForImageGeneration):
+            init.normal_(module.bos_embedding, mean=0.0, std=self.config.initializer_range)
+
+
+class DalleForImageGeneration(DallePreTrainedModel):
+    r"""
+    The DALL-E transformer: text and image token embeddings, learned text positions and row + column image
+    positions (paper §B.1), pre-LayerNorm blocks, and one head over the joint vocabulary.
+
+    Joint vocabulary (`config`-derived): ids `[0, V_t)` are BPE tokens, `[V_t, V_t + L)` the per-position padding
+    tokens, `[V_t + L, V_t + L + V_i)` the image codes (`image_token_offset = V_t + L`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from dalle_hf import DalleConfig, DalleForImageGeneration
+    >>> config = DalleConfig(text_vocab_size=300, text_seq_len=8, image_vocab_size=32, image_grid_size=4,
+    ...                      n_layer=2, n_head=2, n_embd=32)
+    >>> model = DalleForImageGeneration(config)
+    >>> text = torch.randint(0, 300, (2, 8)); image = torch.randint(0, 32, (2, 16))
+    >>> out = model(input_ids=text, image_ids=image, return_loss=True)
+    >>> out.logits.shape
+    torch.Size([2, 25, 364])
+    ```
+    """
+
+    def __init__(self, config: DalleConfig):
+        super().__init__(config)
+        # Per-position padding tokens live after the BPE vocabulary (paper §2.2).
+        self.text_embedding = nn.Embedding(config.text_vocab_size + config.text_seq_len, config.n_embd)
+        self.image_embedding = nn.Embedding(config.image_vocab_size, config.n_embd)
+        self.bos_embedding = nn.Parameter(torch.zeros(config.n_embd))
+        self.text_position_embedding = nn.Embedding(1 + config.text_seq_len, config.n_embd)  # BOS + text
+        self.image_row_embedding = nn.Embedding(config.image_grid_size, config.n_embd)
+        self.image_column_embedding = nn.Embedding(config.image_grid_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([DalleBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, self.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def image_token_offset(self) -> int:
+        """First image-code id in the joint vocabulary."""
+        return self.config.text_vocab_size + self.config.text_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_token_offset + self.config.image_vocab_size
+
+    def remap_text_padding(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Replace padding ids by the padding token of their position: (B, L) -> (B, L)."""
+        L = input_ids.shape[1]
+        per_position = self.config.text_vocab_size + torch.arange(L, device=input_ids.device)  # (L,)
+        return torch.where(input_ids == self.config.pad_token_id, per_position, input_ids)
+
+    def _check_inputs(self, input_ids, image_ids, past_key_values):
+        config = self.config
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[1] != config.text_seq_len:
+                raise ValueError(f"input_ids must be (batch, text_seq_len={config.text_seq_len}), got {tuple(input_ids.shape)}")
+            if past_key_values is not None and past_key_values.length > 0:
+                raise ValueError("input_ids (text) can only be given at the start, with an empty cache")
+            if input_ids.min() < 0 or input_ids.max() >= config.text_vocab_size:
+                raise ValueError(f"input_ids must be text token ids in [0, {config.text_vocab_size})")
+        elif past_key_values is None or past_key_values.length == 0:
+            raise ValueError("input_ids (text) are required unless continuing from past_key_values")
+        if image_ids is not None:
+            if image_ids.dim() != 2:
+                raise ValueError(f"image_ids must be (batch, num_image_tokens), got {tuple(image_ids.shape)}")
+            if image_ids.numel() and (image_ids.min() < 0 or image_ids.max() >= config.image_vocab_size):
+                raise ValueError(f"image_ids must be dVAE codes in [0, {config.image_vocab_size})")
+
+    def embed(self, input_ids, image_ids, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token + position embeddings of the new positions; returns (x (B, T, C), positions (T,))."""
+        parts = []
+        device = self.bos_embedding.device
+        if input_ids is not None:
+            B = input_ids.shape[0]
+            text = self.text_embedding(self.remap_text_padding(input_ids))  # (B, L, C)
+            bos = self.bos_embedding.expand(B, 1, -1)  # (B, 1, C)
+            tokens = torch.cat([bos, text], dim=1)  # (B, 1 + L, C)
+            parts.append(tokens + self.text_position_embedding.weight[None])
+        if image_ids is not None and image_ids.shape[1] > 0:
+            text_end = 1 + self.config.text_seq_len
+            first = max(start, text_end) - text_end  # index of the first new image token
+            idx = torch.arange(first, first + image_ids.shape[1], device=device)  # (T_img,)
+            g = self.config.image_grid_size
+            pos = self.image_row_embedding(idx // g) + self.image_column_embedding(idx % g)  # (T_img, C)
+            parts.append(self.image_embedding(image_ids) + pos[None])
+        x = torch.cat(parts, dim=1)
+        positions = torch.arange(start, start + x.shape[1], device=device)
+        return x, positions
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        past_key_values: DalleKVCache | None = None,
+        use_cache: bool = False,
+        return_loss: bool = False,
+        logits_to_keep: int = 0,
+        return_dict: bool = True,
+    ) -> DalleOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, text_seq_len)`, *optional*):
+                Tokenized captions padded with `config.pad_token_id`. Required on the first call.
+            image_ids (`torch.LongTensor` of shape `(batch_size, n)`, *optional*):
+                dVAE codes in raster order (`0 <= n <= image_seq_len`): the whole image for training, a prefix for
+                variations, or one new token per step when continuing from `past_key_values`.
+            past_key_values (`DalleKVCache`, *optional*):
+                A cache to continue from; it is filled in place and returned.
+            use_cache (`bool`, *optional*, defaults to `False`):
+                Allocate a `DalleKVCache` when none is given, and return it.
+            return_loss (`bool`, *optional*, defaults to `False`):
+                Compute the next-token loss on the given text and image tokens (weighted text:image 1:7).
+            logits_to_keep (`int`, *optional*, defaults to 0):
+                Return logits for only the last `logits_to_keep` positions (0: all), e.g. 1 when sampling.
+        """
+        self._check_inputs(input_ids, image_ids, past_key_values)
+        if use_cache and past_key_values is None:
+            batch = (input_ids if input_ids is not None else image_ids).shape[0]
+            param = self.lm_head.weight
+            dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
+            past_key_values = DalleKVCache(self.config, batch, device=self.bos_embedding.device, dtype=dtype)
+        start = past_key_values.length if past_key_values is not None else 0
+        if start + (0 if input_ids is None else 1 + input_ids.shape[1]) + (0 if image_ids is None else image_ids.shape[1]) > self.config.total_seq_len:
+            raise ValueError(f"the sequence is longer than config.total_seq_len={self.config.total_seq_len}")
+
+        x, positions = self.embed(input_ids, image_ids, start)  # (B, T, C), (T,)
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, positions, past_key_values)
+        x = self.ln_f(x)
+        if past_key_values is not None:
+            past_key_values.length += x.shape[1]
+
+        if logits_to_keep:
+            x, positions = x[:, -logits_to_keep:], positions[-logits_to_keep:]
+        logits = self.mask_logits(self.lm_head(x), positions)  # (B, T', V)
+        loss = text_loss = image_loss = None
+        if return_loss:
+            if logits_to_keep:
+                raise ValueError("return_loss=True needs the logits of every position (logits_to_keep=0)")
+            loss, text_loss, image_loss = self.loss(logits, input_ids, image_ids)
+        return DalleOutput(
+            loss=loss,
+            text_loss=text_loss,
+            image_loss=image_loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+        )
+
+    def mask_logits(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits mask (paper; DALLE-pytorch's `logits_mask`): position `j` predicts token `j + 1`, so positions
+        before the last text token score only text (and padding) tokens, the rest only image codes."""
+        predicts_text = (positions < self.config.text_seq_len)[:, None]  # (T, 1)
+        is_text_token = (torch.arange(self.vocab_size, device=logits.device) < self.image_token_offset)[None, :]  # (1, V)
+        allowed = predicts_text == is_text_token  # (T, V)
+        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+    def loss(self, logits, input_ids, image_ids):
+        """(text_loss + w * image_loss) / (1 + w): text positions [0, L) predict the (remapped) text tokens,
+        positions [L, L + n) predict the image codes."""
+        if input_ids is None or image_ids is None:
+            raise ValueError("return_loss=True needs both input_ids and image_ids, from an empty cache")
+        L, n = self.config.text_seq_len, image_ids.shape[1]
+        logits = logits.float()
+        text_targets = self.remap_text_padding(input_ids)  # (B, L)
+        text_loss = F.cross_entropy(logits[:, :L].reshape(-1, self.vocab_size), text_targets.reshape(-1))
+        image_logits = logits[:, L : L + n, self.image_token_offset :]  # (B, n, V_i)
+        image_loss = F.cross_entropy(image_logits.reshape(-1, self.config.image_vocab_size), image_ids.reshape(-1))
+        w = self.config.image_loss_weight
+        return (text_loss + w * image_loss) / (1 + w), text_loss, image_loss
+
+    def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The image-code slice of joint-vocabulary logits: (..., V) -> (..., image_vocab_size)."""
+        return logits[..., self.image_token_offset :]
+
+
+__all__ = ["DalleConfig", "DalleForImageGeneration", "DalleKVCache", "DalleOutput", "DallePreTrainedModel"]

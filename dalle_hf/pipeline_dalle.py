@@ -1,0 +1,311 @@
+"""Text-to-image with DALL-E: sample image tokens with the transformer, decode them with the dVAE, rerank with CLIP.
+
+Paper §2.3: "we rerank the samples drawn from the transformer using a pretrained contrastive model", keeping the
+best `k` of `N`. Classifier-free guidance ("super-conditioning", as in min-dalle and DALL-E mega) is optional.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput, logging
+
+logger = logging.get_logger(__name__)
+
+MAX_IMAGES_PER_PROMPT = 256  # a cap on N per prompt: the KV cache grows with it (about 1 GB at N=256 for 24x1024)
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class DallePipelineOutput(BaseOutput):
+    """Output of [`DallePipeline`] and [`DalleImageVariationPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(n, H, W, 3)` or `torch.Tensor` of shape `(n, 3, H, W)`):
+            `len(prompts) * num_images_to_keep` images grouped by prompt, best first when CLIP ranks them.
+        clip_scores (`torch.FloatTensor` of shape `(len(prompts), num_images_to_keep)`, *optional*):
+            CLIP similarity (cosine x logit scale) of each kept image; `None` without a CLIP model.
+        image_tokens (`torch.LongTensor` of shape `(n, grid, grid)`):
+            The dVAE codes of the kept images.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    clip_scores: torch.FloatTensor | None
+    image_tokens: torch.LongTensor
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Top-k, then nucleus (top-p) filtering of (B, V) logits: removed entries become -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+class DallePipeline(DiffusionPipeline):
+    r"""
+    Text-to-image generation with DALL-E (Ramesh et al. 2021).
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerFast`]): the BPE tokenizer (`pad_token_id` 0).
+        transformer ([`DalleForImageGeneration`]): models `[text ; image tokens]`.
+        vae ([`DalleVAE`]): decodes image tokens to pixels.
+        clip_model ([`~transformers.CLIPModel`], *optional*): reranks the candidates.
+        clip_processor ([`~transformers.CLIPProcessor`], *optional*): CLIP's image size, mean and std.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from dalle_hf import DallePipeline
+    >>> pipe = DallePipeline.from_pretrained("checkpoints/dalle-shapes")
+    >>> out = pipe("a red circle left of a blue square", num_images_per_prompt=16, num_images_to_keep=4,
+    ...            generator=torch.Generator().manual_seed(0))
+    >>> out.images[0].save("best.png")
+    ```
+    """
+
+    model_cpu_offload_seq = "transformer->vae->clip_model"
+    _optional_components = ["clip_model", "clip_processor"]
+    _callback_tensor_inputs = ["image_tokens"]
+
+    def __init__(self, tokenizer, transformer, vae, clip_model=None, clip_processor=None):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model, clip_processor=clip_processor
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Steps shared with DalleImageVariationPipeline
+    # ----------------------------------------------------------------------------------------------------------
+    def check_sampling_inputs(
+        self, num_images_per_prompt, num_images_to_keep, temperature, top_k, top_p, guidance_scale, output_type, generator
+    ) -> int:
+        """Validate the sampling settings; returns `num_images_to_keep` resolved."""
+        if not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+            raise ValueError(f"num_images_per_prompt must be an int in [1, {MAX_IMAGES_PER_PROMPT}], got {num_images_per_prompt!r}")
+        if num_images_to_keep is None:
+            num_images_to_keep = num_images_per_prompt
+        if not isinstance(num_images_to_keep, int) or not 1 <= num_images_to_keep <= num_images_per_prompt:
+            raise ValueError(
+                f"num_images_to_keep must be an int in [1, num_images_per_prompt={num_images_per_prompt}], got {num_images_to_keep!r}"
+            )
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be a number >= 1 (1 disables guidance), got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        return num_images_to_keep
+
+    def prompt_token_count(self, prompt: str) -> int:
+        """Number of text tokens `prompt` needs (EOS included); above `text_seq_len` it is truncated."""
+        return len(self.tokenizer(prompt)["input_ids"])
+
+    def encode_prompt(self, prompts: list[str]) -> torch.LongTensor:
+        """Tokenize, pad and truncate to `text_seq_len`: -> (len(prompts), L). An empty prompt becomes all
+        padding, the unconditional text the model sees under caption dropout."""
+        L = self.transformer.config.text_seq_len
+        for p in prompts:
+            if self.prompt_token_count(p) > L:
+                logger.warning(f"The prompt {p!r} is longer than the model's {L} text tokens and was truncated.")
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=L, return_tensors="pt")["input_ids"]
+        empty = torch.tensor([not p.strip() for p in prompts])
+        ids[empty] = self.transformer.config.pad_token_id
+        return ids.to(self._execution_device)
+
+    def unconditional_ids(self, batch_size: int) -> torch.LongTensor:
+        """All-padding text (B, L): the guidance branch, trained by caption dropout."""
+        L = self.transformer.config.text_seq_len
+        return torch.full((batch_size, L), self.transformer.config.pad_token_id, dtype=torch.long, device=self._execution_device)
+
+    @torch.no_grad()
+    def sample_image_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        prefix_ids: torch.LongTensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        callback_on_step_end: Callable | None = None,
+    ) -> torch.LongTensor:
+        """Autoregressively sample the image tokens after `input_ids` (B, L) and an optional `prefix_ids` (B, p).
+
+        One KV-cached forward per token. With guidance the batch is `[unconditional ; conditional]` and the logits
+        are `uncond + guidance_scale * (cond - uncond)`. Returns (B, image_seq_len).
+        """
+        transformer = self.transformer
+        B = input_ids.shape[0]
+        n_total = transformer.config.image_seq_len
+        tokens = torch.empty(B, n_total, dtype=torch.long, device=input_ids.device)  # (B, N)
+        p = 0 if prefix_ids is None else prefix_ids.shape[1]
+        if p:
+            tokens[:, :p] = prefix_ids
+        use_guidance = guidance_scale > 1
+        text = torch.cat([self.unconditional_ids(B), input_ids]) if use_guidance else input_ids  # (B', L)
+        prefix = None if not p else (torch.cat([prefix_ids, prefix_ids]) if use_guidance else prefix_ids)
+
+        # Prefill: the text (and the kept rows) in one forward, then one token per step.
+        out = transformer(input_ids=text, image_ids=prefix, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        with self.progress_bar(total=n_total - p) as progress_bar:
+            for i in range(p, n_total):
+                logits = transformer.image_logits(out.logits[:, -1]).float()  # (B', V_i)
+                if use_guidance:
+                    uncond, cond = logits.chunk(2)
+                    logits = uncond + guidance_scale * (cond - uncond)  # (B, V_i)
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+                tokens[:, i] = next_token[:, 0]
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, i, i, {"image_tokens": tokens[:, : i + 1]})
+                progress_bar.update()
+                if i + 1 < n_total:
+                    step_ids = torch.cat([next_token, next_token]) if use_guidance else next_token  # (B', 1)
+                    out = transformer(image_ids=step_ids, past_key_values=cache, logits_to_keep=1)
+        return tokens
+
+    @torch.no_grad()
+    def decode_image_tokens(self, tokens: torch.LongTensor, batch_size: int = 64) -> torch.Tensor:
+        """dVAE decode (B, N) codes -> (B, 3, H, W) float32 in [0, 1], in chunks to bound memory."""
+        g = self.transformer.config.image_grid_size
+        grids = tokens.view(-1, g, g)  # (B, g, g)
+        images = [self.vae.decode_code(chunk).float() for chunk in grids.split(batch_size)]
+        return torch.cat(images).clamp(0, 1)
+
+    @torch.no_grad()
+    def rank_and_keep(self, images, tokens, scores_fn, num_groups: int, per_group: int, keep: int):
+        """Sort each group of `per_group` candidates by CLIP score and keep the best `keep`.
+
+        `scores_fn(images) -> (B,)` or `None` without CLIP (then the first `keep` samples are kept).
+        Returns (images, tokens, scores (num_groups, keep) or None).
+        """
+        if scores_fn is None:
+            idx = torch.arange(num_groups * per_group).view(num_groups, per_group)[:, :keep]
+            return images[idx.flatten()], tokens[idx.flatten()], None
+        scores = scores_fn(images).float().view(num_groups, per_group).cpu()
+        top = scores.topk(keep, dim=1)  # sorted, best first
+        idx = (top.indices + torch.arange(num_groups)[:, None] * per_group).flatten()
+        return images[idx.to(images.device)], tokens[idx.to(tokens.device)], top.values
+
+    def postprocess(self, images: torch.Tensor, output_type: str):
+        """(B, 3, H, W) float in [0, 1] -> PIL list, uint8-range float np array (B, H, W, 3) in [0, 1], or the tensor."""
+        if output_type == "pt":
+            return images.cpu()
+        array = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
+        if output_type == "np":
+            return array
+        return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+    # ----------------------------------------------------------------------------------------------------------
+    def check_inputs(self, prompt):
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}: {prompt!r}")
+        return prompt
+
+    def clip_text_scorer(self, prompts: list[str], per_prompt: int):
+        """A `scores_fn` comparing each candidate with its own prompt, or `None` without CLIP."""
+        if self.clip_model is None or self.clip_processor is None:
+            return None
+        from .clip import clip_text_image_scores
+
+        texts = [p for p in prompts for _ in range(per_prompt)]
+        return lambda images: clip_text_image_scores(self.clip_model, self.clip_processor, images, texts)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        num_images_to_keep: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ):
+        r"""
+        Generate images for `prompt`, keeping the CLIP-best `num_images_to_keep` of `num_images_per_prompt`.
+
+        Args:
+            prompt (`str` or `list[str]`):
+                Caption(s). An empty string samples unconditionally (all-padding text). Longer than
+                `text_seq_len` tokens: truncated, with a warning.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Candidates N sampled per prompt, at most `MAX_IMAGES_PER_PROMPT` (256).
+            num_images_to_keep (`int`, *optional*, defaults to `num_images_per_prompt`):
+                How many to return per prompt: the CLIP-best if a CLIP model is loaded, else the first.
+            temperature (`float`, *optional*, defaults to 1.0):
+                Softmax temperature (> 0).
+            top_k (`int`, *optional*, defaults to `None`):
+                Sample only from the `top_k` most likely codes.
+            top_p (`float`, *optional*, defaults to `None`):
+                Nucleus sampling: the smallest set of codes with probability mass `top_p`, in (0, 1].
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance; 1 disables it, > 1 doubles the batch to `[uncond ; cond]`.
+            generator (`torch.Generator`, *optional*, defaults to `None`):
+                Makes sampling deterministic.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"` (float array (n, H, W, 3) in [0, 1]) or `"pt"` (float tensor (n, 3, H, W) in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`DallePipelineOutput`] instead of a tuple `(images, clip_scores, image_tokens)`.
+            callback_on_step_end (`Callable`, *optional*, defaults to `None`):
+                Called after every sampled token as `callback(pipe, step, token_index, {"image_tokens": (B, i + 1)})`
+                (e.g. to stream partial images).
+
+        Returns:
+            [`DallePipelineOutput`] or `tuple`.
+        """
+        # 1. Check inputs
+        prompts = self.check_inputs(prompt)
+        keep = self.check_sampling_inputs(
+            num_images_per_prompt, num_images_to_keep, temperature, top_k, top_p, guidance_scale, output_type, generator
+        )
+
+        # 2. Encode the prompts, one row per candidate
+        input_ids = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)  # (P * N, L)
+
+        # 3. Sample image tokens with the KV cache
+        tokens = self.sample_image_tokens(
+            input_ids, None, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end
+        )  # (P * N, image_seq_len)
+
+        # 4. Decode with the dVAE
+        images = self.decode_image_tokens(tokens)  # (P * N, 3, H, W)
+
+        # 5. Rerank with CLIP and keep the best
+        scores_fn = self.clip_text_scorer(prompts, num_images_per_prompt)
+        images, tokens, scores = self.rank_and_keep(images, tokens, scores_fn, len(prompts), num_images_per_prompt, keep)
+
+        # 6. Postprocess
+        g = self.transformer.config.image_grid_size
+        tokens = tokens.view(-1, g, g).cpu()
+        images = self.postprocess(images, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, scores, tokens)
+        return DallePipelineOutput(images=images, clip_scores=scores, image_tokens=tokens)
+
+
+__all__ = ["DallePipeline", "DallePipelineOutput", "MAX_IMAGES_PER_PROMPT", "filter_logits"]

@@ -1,0 +1,287 @@
+"""Train the DALL-E discrete VAE (paper §2.1, appendix A.2) with 🤗 Accelerate.
+
+    python -m dalle_hf.train_dvae --dataset shapes --output_dir runs/dvae-shapes \
+        --image_size 64 --num_groups 3 --vocab_size 512 --n_hid 64 --max_train_steps 4000 --mixed_precision bf16
+    accelerate launch -m dalle_hf.train_dvae ...   (same flags)
+
+The schedules follow the paper, scaled to the run length: the Gumbel-softmax temperature is cosine-annealed
+from 1 to 1/16, the KL weight beta is cosine-warmed up from 0, and the learning rate decays with a cosine to
+1/80 of its peak (1e-4 -> 1.25e-6 in the paper). The model goes to `--output_dir/vae` (safetensors) with a
+README.md model card.
+"""
+
+import argparse
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .configuration_dvae import DalleVAEConfig
+from .modeling_dvae import DalleVAE
+from .training_utils import (
+    WallClock,
+    add_common_args,
+    add_dataset_args,
+    build_dataloader,
+    build_train_dataset,
+    check_common_args,
+    checkpoint_step,
+    command_line,
+    cosine_anneal,
+    cosine_warmup,
+    describe_dataset,
+    infinite_batches,
+    load_trainer_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    warmup_cosine_lr_lambda,
+    write_model_card,
+)
+
+logger = logging.getLogger(__name__)
+
+# Paper appendix A.2: the learning rate is annealed from 1e-4 to 1.25e-6, a ratio of 1/80.
+FINAL_LR_RATIO = 1.25e-6 / 1e-4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the DALL-E dVAE.")
+    add_common_args(parser)
+    add_dataset_args(parser)
+    # Model (DalleVAEConfig); the defaults are a CPU-sized version of the paper's.
+    parser.add_argument("--image_size", type=int, default=64, help="Side of the square training images.")
+    parser.add_argument("--num_groups", type=int, default=3, help="Resolution groups: downsampling 2**(n-1).")
+    parser.add_argument("--n_hid", type=int, default=64, help="Width of the first group (x1, x2, x4, x8).")
+    parser.add_argument("--n_blk_per_group", type=int, default=2, help="Residual blocks per group.")
+    parser.add_argument("--vocab_size", type=int, default=512, help="Number of codes.")
+    parser.add_argument(
+        "--reconstruction_loss", type=str, default="logit_laplace", choices=["logit_laplace", "mse"]
+    )
+    parser.add_argument("--code_usage_weight", type=float, default=0.1, help="Weight of the batch code-usage term.")
+    # Objective schedules (paper appendix A.2, expressed as fractions of the run).
+    parser.add_argument("--kl_weight", type=float, default=6.6, help="Final KL weight beta (paper: 6.6).")
+    parser.add_argument(
+        "--kl_warmup_fraction", type=float, default=0.3, help="beta is cosine-warmed up from 0 over this fraction."
+    )
+    parser.add_argument("--temperature_start", type=float, default=1.0, help="Initial Gumbel temperature.")
+    parser.add_argument("--temperature_end", type=float, default=1 / 16, help="Final Gumbel temperature.")
+    parser.add_argument(
+        "--temperature_anneal_fraction", type=float, default=0.6, help="Fraction of the run to anneal it over."
+    )
+    # Optimizer.
+    parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear learning-rate warmup.")
+    parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay on conv weights (paper).")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and save it.")
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per update.")
+    parser.add_argument(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory format (about 2x faster convs on CPU).",
+    )
+    parser.add_argument(
+        "--eval_num_images", type=int, default=500, help="Shapes renders for the final fidelity check (0: skip)."
+    )
+    args = parser.parse_args(argv)
+
+    check_common_args(args)
+    if not 0 <= args.kl_warmup_fraction <= 1 or not 0 <= args.temperature_anneal_fraction <= 1:
+        raise ValueError("--kl_warmup_fraction and --temperature_anneal_fraction must be in [0, 1].")
+    if not 0 < args.temperature_end <= args.temperature_start:
+        raise ValueError("Need 0 < --temperature_end <= --temperature_start.")
+    if args.use_ema and not 0 < args.ema_decay < 1:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
+    if args.eval_num_images < 0:
+        raise ValueError("--eval_num_images must be >= 0.")
+    return args
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    # nanoGPT: weight decay only on tensors with dim >= 2 (conv kernels), none on biases.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Paper appendix A.2: AdamW with beta1 = 0.9, beta2 = 0.999, eps = 1e-8.
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def evaluate_fidelity(vae: DalleVAE, args: argparse.Namespace) -> dict:
+    """Fraction of reconstructed shapes renders that still pass the exact shape/colour checker."""
+    if args.dataset != "shapes" or args.eval_num_images == 0 or vae.config.image_size != 64:
+        return {}
+    from .eval.shapes import evaluate_vae_fidelity
+
+    return dict(evaluate_vae_fidelity(vae, n=args.eval_num_images, seed=args.seed + 10_000))
+
+
+def main(args: argparse.Namespace) -> dict:
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    first_step = checkpoint_step(resume_dir) if resume_dir else 0
+    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
+    set_seed(args.seed)
+
+    config = DalleVAEConfig(
+        image_size=args.image_size,
+        num_groups=args.num_groups,
+        n_hid=args.n_hid,
+        n_blk_per_group=args.n_blk_per_group,
+        vocab_size=args.vocab_size,
+        reconstruction_loss=args.reconstruction_loss,
+        kl_weight=args.kl_weight,
+        code_usage_weight=args.code_usage_weight,
+    )
+    model = DalleVAE(config)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
+    )
+
+    # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
+    dataset = build_train_dataset(args, image_size=args.image_size, seed=args.seed + first_step)
+    dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=args.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    if resume_dir:
+        has_ema = os.path.isfile(os.path.join(resume_dir, "custom_checkpoint_0.pkl"))
+        if has_ema != args.use_ema:
+            raise ValueError(f"{resume_dir} was saved {'with' if has_ema else 'without'} --use_ema; resume the same way.")
+        logger.info(f"Resuming from {resume_dir} (step {first_step})")
+        accelerator.load_state(resume_dir)
+        set_seed(args.seed + first_step)  # new Gumbel noise after a resume
+    clock = WallClock(trainer_state.get("wall_time_seconds", 0.0))
+    images_seen = trainer_state.get("images_seen", 0)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    temperature_steps = int(args.temperature_anneal_fraction * args.max_train_steps)
+    kl_steps = int(args.kl_warmup_fraction * args.max_train_steps)
+    logger.info(f"{sum(p.numel() for p in model.parameters()):,} parameters; {total_batch} images per update")
+
+    model.train()
+    progress = tqdm(
+        range(args.max_train_steps), initial=first_step, disable=not accelerator.is_local_main_process, desc="dVAE"
+    )
+    running = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "usage": 0.0}
+    code_counts = torch.zeros(args.vocab_size, dtype=torch.long)
+    window_start, window_images, window_batches = clock.seconds, 0, 0
+    history = []
+    step = first_step
+    batches = infinite_batches(dataloader)
+    while step < args.max_train_steps:
+        temperature = cosine_anneal(step, temperature_steps, args.temperature_start, args.temperature_end)
+        kl_weight = cosine_warmup(step, kl_steps, args.kl_weight)
+        with accelerator.accumulate(model):
+            pixel_values = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W)
+            if args.channels_last:
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            outputs = model(pixel_values, temperature=temperature, kl_weight=kl_weight)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        images_seen += pixel_values.shape[0] * accelerator.num_processes
+        window_images += pixel_values.shape[0] * accelerator.num_processes
+        window_batches += 1
+        for key, value in zip(running, ("loss", "reconstruction_loss", "kl_loss", "usage_loss")):
+            running[key] += outputs[value].item()
+        code_counts += torch.bincount(outputs.logits.detach().argmax(1).flatten().cpu(), minlength=args.vocab_size)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).parameters())
+
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            elapsed = clock.seconds - window_start
+            log = {k: v / window_batches for k, v in running.items()}
+            log.update(
+                step=step,
+                codes_in_use=int((code_counts > 0).sum()),
+                temperature=round(temperature, 4),
+                kl_weight=round(kl_weight, 3),
+                lr=lr_scheduler.get_last_lr()[0],
+                images_per_second=round(window_images / max(elapsed, 1e-9), 1),
+            )
+            history.append(log)
+            progress.set_postfix(loss=f"{log['loss']:.4f}", codes=log["codes_in_use"])
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()))
+            running = dict.fromkeys(running, 0.0)
+            code_counts.zero_()
+            window_start, window_images, window_batches = clock.seconds, 0, 0
+
+        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+            state = {"wall_time_seconds": clock.seconds, "images_seen": images_seen}
+            path = save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, state)
+            logger.info(f"Saved state to {path}")
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    results = {}
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(vae.parameters())
+        vae = vae.to(memory_format=torch.contiguous_format).eval()
+        vae_dir = os.path.join(args.output_dir, "vae")
+        vae.save_pretrained(vae_dir, safe_serialization=True)
+        wall_time = clock.seconds
+        results = evaluate_fidelity(vae, args)
+        if history:
+            results = {"codes_in_use (last log window)": history[-1]["codes_in_use"], **results}
+        hyperparameters = {
+            k: getattr(args, k)
+            for k in (
+                "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps",
+                "weight_decay", "kl_weight", "kl_warmup_fraction", "temperature_start", "temperature_end",
+                "temperature_anneal_fraction", "code_usage_weight", "mixed_precision", "channels_last", "use_ema",
+            )
+        }
+        hyperparameters["images seen"] = images_seen
+        write_model_card(
+            os.path.join(vae_dir, "README.md"),
+            title=f"DALL-E dVAE ({config.image_size}px, {config.grid_size}x{config.grid_size} grid, "
+            f"{config.vocab_size} codes)",
+            description=(
+                "A discrete VAE in the layout of OpenAI's `dall_e` encoder/decoder (Ramesh et al. 2021, §2.1), "
+                "trained with the Gumbel-softmax relaxation, a logit-Laplace likelihood and a KL term to the "
+                "uniform prior. Load with `dalle_hf.DalleVAE.from_pretrained(...)`."
+            ),
+            data=describe_dataset(args),
+            command=command_line("dalle_hf.train_dvae"),
+            seed=args.seed,
+            steps=step,
+            wall_time_seconds=wall_time,
+            eval_results=results,
+            hyperparameters=hyperparameters,
+            tags=("dalle-hf", "dvae", "image-tokenizer"),
+        )
+        logger.info(f"Saved {vae_dir}; wall time {wall_time:.0f} s; eval {results}")
+    accelerator.end_training()
+    return {"history": history, "eval": results, "images_seen": images_seen}
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,74 @@
+"""Tiny random components shared by the tests: CPU, 2 layers, width 32, a 4x4 token grid on 16x16 images."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+from dalle_hf.configuration_dalle import DalleConfig
+from dalle_hf.configuration_dvae import DalleVAEConfig
+from dalle_hf.modeling_dalle import DalleForImageGeneration
+from dalle_hf.modeling_dvae import DalleVAE
+from dalle_hf.tokenization import train_text_tokenizer
+
+torch.set_num_threads(1)
+
+CAPTIONS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle left of a yellow diamond",
+    "three small circles",
+    "a pink square and a cyan circle",
+    "a diamond above a triangle",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_text_tokenizer(CAPTIONS * 10, vocab_size=300, text_seq_len=8)
+
+
+def tiny_dalle_config(**overrides) -> DalleConfig:
+    kwargs = dict(
+        text_vocab_size=300, text_seq_len=8, image_vocab_size=32, image_grid_size=4, n_layer=2, n_head=2, n_embd=32
+    )
+    kwargs.update(overrides)
+    return DalleConfig(**kwargs)
+
+
+@pytest.fixture
+def transformer():
+    torch.manual_seed(0)
+    return DalleForImageGeneration(tiny_dalle_config()).eval()
+
+
+@pytest.fixture
+def vae():
+    torch.manual_seed(0)
+    config = DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)
+    return DalleVAE(config).eval()
+
+
+@pytest.fixture
+def clip(tokenizer):
+    from transformers import CLIPModel
+
+    from dalle_hf.clip import make_clip_config, make_clip_processor
+
+    torch.manual_seed(0)
+    config = make_clip_config(
+        len(tokenizer), text_seq_len=8, image_size=16, patch_size=4, vision_width=32, vision_layers=2,
+        text_width=32, text_layers=2, projection_dim=32, head_dim=16,
+    )
+    return CLIPModel(config).eval(), make_clip_processor(tokenizer, image_size=16)
+
+
+@pytest.fixture
+def pipe(tokenizer, transformer, vae, clip):
+    from dalle_hf.pipeline_dalle import DallePipeline
+
+    pipe = DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip[0], clip_processor=clip[1])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

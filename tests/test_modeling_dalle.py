@@ -1,0 +1,143 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_hf.configuration_dalle import DalleConfig
+from dalle_hf.modeling_dalle import DalleForImageGeneration, DalleKVCache, attention_mask_for_layout
+
+from .conftest import tiny_dalle_config
+
+
+def batch(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 300, (B, 8), generator=g)
+    text[:, 5:] = 0  # padding
+    image = torch.randint(0, 32, (B, 16), generator=g)
+    return text, image
+
+
+def test_forward_shapes_and_loss_weighting(transformer):
+    text, image = batch()
+    out = transformer(input_ids=text, image_ids=image, return_loss=True)
+    assert out.logits.shape == (2, 1 + 8 + 16, 300 + 8 + 32)
+    assert out.past_key_values is None
+    # loss = (text + 7 * image) / 8, paper §2.2
+    assert torch.allclose(out.loss, (out.text_loss + 7 * out.image_loss) / 8)
+    # recompute both terms by hand from the logits
+    logits = out.logits.float()
+    targets_text = text.clone()
+    targets_text[:, 5:] = 300 + torch.arange(5, 8)  # per-position padding ids
+    text_loss = F.cross_entropy(logits[:, :8].reshape(-1, 340), targets_text.reshape(-1))
+    image_loss = F.cross_entropy(logits[:, 8:24, 308:].reshape(-1, 32), image.reshape(-1))
+    assert torch.allclose(out.text_loss, text_loss, atol=1e-5)
+    assert torch.allclose(out.image_loss, image_loss, atol=1e-5)
+
+
+def test_logits_mask(transformer):
+    text, image = batch()
+    logits = transformer(input_ids=text, image_ids=image).logits
+    very_negative = torch.finfo(logits.dtype).min
+    # positions 0..7 predict text tokens (BPE + padding), positions 8.. predict image codes
+    assert (logits[:, :8, 308:] == very_negative).all()
+    assert (logits[:, :8, :308] > very_negative).all()
+    assert (logits[:, 8:, :308] == very_negative).all()
+    assert (logits[:, 8:, 308:] > very_negative).all()
+
+
+def test_per_position_padding_tokens(transformer):
+    text = torch.zeros(1, 8, dtype=torch.long)
+    remapped = transformer.remap_text_padding(text)
+    assert remapped.tolist() == [[300 + i for i in range(8)]]
+    # the model embeds position 5's padding with row 300 + 5: changing that row changes the output only when
+    # position 5 is padding
+    padded = torch.tensor([[5, 6, 1, 0, 0, 0, 0, 0]])
+    unpadded = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 1]])
+    before = [transformer(input_ids=t).logits for t in (padded, unpadded)]
+    with torch.no_grad():
+        transformer.text_embedding.weight[300 + 5] += 1.0
+    after = [transformer(input_ids=t).logits for t in (padded, unpadded)]
+    assert not torch.allclose(before[0][:, 6:], after[0][:, 6:])
+    assert torch.equal(before[1], after[1])
+
+
+@pytest.mark.parametrize("attention_types", [None, ["row", "column"], ["conv", "full"]])
+def test_kv_cache_matches_full_recomputation(attention_types):
+    torch.manual_seed(0)
+    model = DalleForImageGeneration(tiny_dalle_config(attention_types=attention_types, conv_kernel_size=3)).eval()
+    text, image = batch()
+    full = model(input_ids=text, image_ids=image).logits  # (B, 25, V)
+    out = model(input_ids=text, image_ids=image[:, :3], use_cache=True)  # prefill text + 3 image tokens
+    assert isinstance(out.past_key_values, DalleKVCache) and out.past_key_values.length == 12
+    steps = [out.logits[:, -1]]
+    for i in range(3, 16):
+        out = model(image_ids=image[:, i : i + 1], past_key_values=out.past_key_values)
+        steps.append(out.logits[:, -1])
+    incremental = torch.stack(steps, dim=1)  # (B, 14, V)
+    assert torch.allclose(model.image_logits(incremental), model.image_logits(full[:, 11:25]), atol=1e-5)
+
+
+def test_sparse_layouts_restrict_image_attention():
+    config = tiny_dalle_config(n_layer=3, attention_types=["row", "column", "conv"], conv_kernel_size=3)
+    positions = torch.arange(config.total_seq_len)
+    text_end = 1 + config.text_seq_len
+    q = text_end + 2 * 4 + 3  # image token at row 2, col 3
+    row = attention_mask_for_layout("row", config, positions, config.total_seq_len)[q]
+    col = attention_mask_for_layout("column", config, positions, config.total_seq_len)[q]
+    conv = attention_mask_for_layout("conv", config, positions, config.total_seq_len)[q]
+    for mask in (row, col, conv):
+        assert mask[:text_end].all()  # all text, always
+        assert not mask[q + 1 :].any()  # causal
+    img = lambda m: m[text_end:].view(4, 4).int().tolist()  # noqa: E731
+    assert img(row) == [[0] * 4, [0] * 4, [1, 1, 1, 1], [0] * 4]
+    assert img(col) == [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1], [0] * 4]
+    assert img(conv) == [[0] * 4, [0, 0, 1, 1], [0, 0, 1, 1], [0] * 4]
+
+
+def test_residual_init_is_scaled(transformer):
+    std = transformer.h[0].attn.c_proj.weight.std().item()
+    config = transformer.config
+    assert std == pytest.approx(config.initializer_range / (2 * config.n_layer) ** 0.5, rel=0.2)
+
+
+def test_save_load_round_trip(tmp_path, transformer):
+    text, image = batch()
+    transformer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = DalleForImageGeneration.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(input_ids=text, image_ids=image).logits, transformer(input_ids=text, image_ids=image).logits)
+
+
+def test_auto_classes(tmp_path, transformer):
+    from transformers import AutoConfig, AutoModel
+
+    import dalle_hf  # noqa: F401  (registers the auto classes)
+
+    transformer.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), DalleConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), DalleForImageGeneration)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_embd=30, n_head=4), "multiple of n_head"),
+        (dict(attention_types=["full"]), "one layout per layer"),
+        (dict(attention_types=["full", "diagonal"]), "attention_types must be from"),
+        (dict(conv_kernel_size=4), "odd"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_dalle_config(**kwargs)
+
+
+def test_bad_inputs_raise(transformer):
+    text, image = batch()
+    with pytest.raises(ValueError, match="text_seq_len=8"):
+        transformer(input_ids=text[:, :5])
+    with pytest.raises(ValueError, match="dVAE codes"):
+        transformer(input_ids=text, image_ids=image + 100)
+    with pytest.raises(ValueError, match="input_ids"):
+        transformer(image_ids=image)
+    with pytest.raises(ValueError, match="total_seq_len"):
+        transformer(input_ids=text, image_ids=torch.zeros(2, 17, dtype=torch.long))
