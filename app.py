@@ -1,33 +1,589 @@
-"""dalle-hf Gradio app (minimal; the full app is tracked in its own issue)."""
+"""dalle-hf Gradio app: prompt -> CLIP-ranked grid, and image variations, on the models in `checkpoints/`.
+
+    python app.py [--checkpoints DIR] [--host 127.0.0.1] [--port 7860] [--concurrency 2] [--max-queue 24]
+
+Every sub-folder of the checkpoints folder with a `model_index.json` is a model (or the folder itself, if it has
+one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. Ready for a Hugging Face Space: the README
+front matter names this file, and the `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` that Spaces set are respected.
+Nothing happens at import: `build_demo()` makes the Blocks; pipelines load once per model, on first use or in
+`main()`, and are shared by all requests.
+"""
 
 import argparse
+import contextvars
+import ctypes
+import functools
+import html
+import json
+import logging
+import math
 import os
+import queue
+import random
+import threading
+import time
+import warnings
+from pathlib import Path
 
 import gradio as gr
+import numpy as np
+import PIL.Image
 import torch
+from PIL import ImageOps
 
 from dalle_hf.pipeline_dalle import DallePipeline
+from dalle_hf.pipeline_dalle_variation import DalleImageVariationPipeline
 
-CHECKPOINT = os.environ.get("DALLE_HF_CHECKPOINT", os.path.join(os.path.dirname(__file__), "checkpoints", "dalle-shapes"))
+logger = logging.getLogger("dalle_hf.app")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------------------------
+CHECKPOINTS_ENV = "DALLE_HF_CHECKPOINTS"
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # next to app.py, so it runs from any cwd
+DEFAULT_MODEL = "dalle-shapes"  # listed first when present
+EXAMPLES = [  # one per ShapesEval task: single_object, two_object, counting, colors, position, color_attr
+    "a circle",
+    "a square and a triangle",
+    "three diamonds",
+    "a red circle",
+    "a circle left of a square",
+    "a blue square and a yellow triangle",
+]
+DEFAULTS = dict(candidates=16, keep=4, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)  # the pipeline's
+MAX_CANDIDATES = 64  # N per request on a shared CPU server (the pipeline itself allows MAX_IMAGES_PER_PROMPT)
+MAX_KEEP = 16
+MAX_SEED = 2**31 - 1
+MAX_PROMPT_CHARS = 1000  # longer text is cut before tokenizing; the model reads text_seq_len tokens anyway
+MAX_UPLOAD_PIXELS = 50_000_000  # about 7000 x 7000: larger uploads are refused before decoding
+MAX_FILE_SIZE = "20mb"  # gradio refuses larger uploads itself
+PREVIEW_INTERVAL = 0.3  # seconds between streamed partial grids: decoding them costs dVAE passes
+PREVIEW_GRAY = 0.5  # pixels of rows not sampled yet
+CSS = "#gallery img, #var-gallery img, #var-image img { image-rendering: pixelated; }"  # 64 px images, shown large
 
 
-def build_demo(pipe: DallePipeline) -> gr.Blocks:
-    def generate(prompt, seed):
-        out = pipe(prompt, num_images_per_prompt=8, num_images_to_keep=4, generator=torch.Generator().manual_seed(int(seed)))
-        return out.images
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and the pipeline cache
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoints_root(checkpoints: str | os.PathLike | None = None) -> Path:
+    """`checkpoints`, else `$DALLE_HF_CHECKPOINTS`, else `checkpoints/` next to this file."""
+    return Path(checkpoints or os.environ.get(CHECKPOINTS_ENV) or DEFAULT_CHECKPOINTS)
 
-    with gr.Blocks(title="dalle-hf") as demo:
-        prompt = gr.Textbox(label="Prompt", value="a red circle")
-        seed = gr.Number(label="Seed", value=0, precision=0)
-        run = gr.Button("Run")
-        gallery = gr.Gallery(label="Best 4 of 8")
-        run.click(generate, [prompt, seed], gallery)
+
+def find_checkpoints(root: str | os.PathLike) -> dict[str, Path]:
+    """Model name -> folder: `root` itself if it holds a `model_index.json`, else its sub-folders that do
+    (`dalle-shapes` first, then by name)."""
+    root = Path(root)
+    if (root / "model_index.json").is_file():
+        return {root.resolve().name: root}
+    if not root.is_dir():
+        return {}
+    found = sorted(p for p in root.iterdir() if (p / "model_index.json").is_file())
+    found.sort(key=lambda p: p.name != DEFAULT_MODEL)
+    return {p.name: p for p in found}
+
+
+def no_checkpoint_message(root: Path | None = None) -> str:
+    return (
+        f"No model found in `{root or 'checkpoints/'}`: a model is a folder with a `model_index.json` (`pipe.save_pretrained(DIR)`). "
+        f"Train one (see the README), or point the app at one with `--checkpoints DIR` or `{CHECKPOINTS_ENV}=DIR`."
+    )
+
+
+def read_model_info(path: Path) -> dict:
+    """The numbers the UI shows, read from the saved configs without loading weights."""
+
+    def config(sub):
+        file = path / sub / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    transformer, vae = config("transformer"), config("vae")
+    return {
+        "grid": transformer.get("image_grid_size", 8),
+        "text_seq_len": transformer.get("text_seq_len"),
+        "n_layer": transformer.get("n_layer"),
+        "n_embd": transformer.get("n_embd"),
+        "image_vocab_size": transformer.get("image_vocab_size"),
+        "image_size": vae.get("image_size"),
+        "clip": (path / "clip_model").is_dir(),
+    }
+
+
+_PIPELINES: dict[Path, tuple[DallePipeline, DalleImageVariationPipeline]] = {}
+_PIPELINES_LOCK = threading.Lock()  # one load per model, however many requests arrive at once
+
+
+def load_pipelines(path: str | os.PathLike) -> tuple[DallePipeline, DalleImageVariationPipeline]:
+    """Load a saved pipeline once per process and share it (and a variation pipeline on the same modules).
+
+    Sampling only reads the weights (every request has its own KV cache and generator), so concurrent requests
+    can share one pipeline.
+    """
+    key = Path(path).resolve()
+    with _PIPELINES_LOCK:
+        if key not in _PIPELINES:
+            pipe = DallePipeline.from_pretrained(key)
+            pipe.set_progress_bar_config(desc="Sampling image tokens", leave=False)
+            variations = DalleImageVariationPipeline(**pipe.components)
+            variations.set_progress_bar_config(desc="Sampling image tokens", leave=False)
+            _PIPELINES[key] = (pipe, variations)
+        return _PIPELINES[key]
+
+
+def get_pipelines(models: dict[str, Path], name: str | None):
+    if not models:
+        raise gr.Error(no_checkpoint_message(), title="No model")
+    if name not in models:
+        name = next(iter(models)) if name in (None, "") else name
+        if name not in models:
+            raise gr.Error(f"Unknown model {name!r}; available: {', '.join(models)}.")
+    try:
+        return load_pipelines(models[name])
+    except Exception as e:  # a broken checkpoint must not take the app down
+        logger.exception("Loading %s failed", models[name])
+        raise gr.Error(f"Could not load the model {name!r}: {type(e).__name__}: {e}", title="Model error") from None
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_memory():
+    """Return freed sampling buffers to the OS after a request, so a long-running server's memory settles back
+    (glibc keeps freed memory in per-thread arenas otherwise). No `gc.collect()`: it costs most of a second here."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks: clear messages instead of stack traces
+# ----------------------------------------------------------------------------------------------------------------
+def check_number(name: str, value, low: float, high: float, integer: bool = False):
+    if value is None or isinstance(value, bool):
+        raise gr.Error(f"{name} is missing: expected a number in [{low}, {high}].")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {html.escape(repr(value))}.") from None
+    if not math.isfinite(x) or not low <= x <= high:
+        raise gr.Error(f"{name} must be in [{low}, {high}], got {value!r}.")
+    if integer:
+        if x != int(x):
+            raise gr.Error(f"{name} must be a whole number, got {value!r}.")
+        return int(x)
+    return x
+
+
+def check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed, randomize_seed):
+    """UI settings -> (pipeline kwargs, seed, notes). 0 top-k and 1.0 top-p mean "off"."""
+    notes = []
+    candidates = check_number("Candidates N", candidates, 1, MAX_CANDIDATES, integer=True)
+    keep = check_number("Images kept k", keep, 1, MAX_KEEP, integer=True)
+    if keep > candidates:
+        notes.append(f"Images kept k={keep} is more than the candidates N={candidates}: showing all {candidates}.")
+        keep = candidates
+    kwargs = dict(
+        num_images_per_prompt=candidates,
+        num_images_to_keep=keep,
+        temperature=check_number("Temperature", temperature, 0.01, 5.0),
+        top_k=check_number("Top-k", top_k, 0, 1_000_000, integer=True) or None,
+        top_p=check_number("Top-p", top_p, 0.01, 1.0),
+        guidance_scale=check_number("Guidance scale", guidance_scale, 1.0, 20.0),
+    )
+    if kwargs["top_p"] >= 1.0:
+        kwargs["top_p"] = None
+    if randomize_seed or seed is None or seed == "":
+        seed = random.randint(0, MAX_SEED)
+    else:
+        seed = check_number("Seed", seed, 0, MAX_SEED, integer=True)
+    return kwargs, seed, notes
+
+
+def check_prompt(pipe: DallePipeline, prompt) -> tuple[str, list[str]]:
+    """The prompt the model gets, and notes on what happens to it (empty, truncated, out of vocabulary)."""
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise gr.Error(f"The prompt must be text, got {type(prompt).__name__}.")
+    notes = []
+    if len(prompt) > MAX_PROMPT_CHARS:
+        prompt = prompt[:MAX_PROMPT_CHARS]
+    if not prompt.strip():
+        notes.append("Empty prompt: sampling **unconditionally** (all-padding text, as under caption dropout); "
+                     "the CLIP scores then compare with empty text.")
+        return "", notes
+    length, n_tokens = pipe.transformer.config.text_seq_len, pipe.prompt_token_count(prompt)
+    if n_tokens > length:
+        ids = pipe.tokenizer(prompt, truncation=True, max_length=length)["input_ids"]
+        kept = pipe.tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "").strip()  # no half characters
+        notes.append(f"The prompt is {n_tokens} tokens; the model reads {length}, so it was truncated to "
+                     f"“{html.escape(kept)}”.")
+    if not prompt.isascii():
+        notes.append("The prompt has non-Latin characters or emoji: the model was trained on short English "
+                     "captions, so they are encoded byte by byte and probably carry little meaning for it.")
+    return prompt, notes
+
+
+class ImageUpload(gr.Image):
+    """A `gr.Image` that reports an upload it cannot read (not an image, a decompression bomb) as a message."""
+
+    is_template = True  # drawn by the frontend's Image component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except PIL.Image.DecompressionBombError:
+            raise gr.Error("The image is too large to decode safely.", title="Image too large") from None
+        except (OSError, ValueError, SyntaxError):  # PIL.UnidentifiedImageError is an OSError
+            raise gr.Error("The upload is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or TIFF).",
+                           title="Not an image") from None
+
+
+def load_image(image, image_size: int) -> tuple[PIL.Image.Image, list[str]]:
+    """An upload (a path or PIL image) -> a bounded PIL image the pipeline converts, and notes on the conversion."""
+    if image is None:
+        raise gr.Error("Upload an image first (or pick a generated one with “Make variations of the selected image”).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            img = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
+        raise gr.Error(f"The image is too large: at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.") from None
+    except (OSError, ValueError, SyntaxError):
+        raise gr.Error("The upload is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or TIFF).") from None
+    width, height = img.size
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise gr.Error(f"The image is too large ({width} x {height}): at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.")
+    if width < 1 or height < 1:
+        raise gr.Error(f"The image is empty ({width} x {height}).")
+    notes, mode = [], img.mode
+    if getattr(img, "n_frames", 1) > 1:
+        notes.append("Animated image: the first frame is used.")
+    try:
+        img.draft(None, (4 * image_size, 4 * image_size))  # JPEG: decode at a reduced scale
+        img = ImageOps.exif_transpose(img)
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise gr.Error(f"The image could not be decoded ({e}); is the file complete?") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float: rescale to 8-bit gray
+        array = np.asarray(img, dtype=np.float32)
+        array = (array - array.min()) / max(float(array.max() - array.min()), 1e-8)
+        img = PIL.Image.fromarray((array * 255).round().astype(np.uint8), "L")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        notes.append("Transparent pixels were composited on white.")
+    elif mode not in ("RGB", "P"):
+        notes.append(f"{'Grayscale' if mode in ('L', '1') else mode} image converted to RGB.")
+    if max(img.size) > 4 * image_size:  # bound the memory of the float conversion; the pipeline resizes anyway
+        img.thumbnail((4 * image_size, 4 * image_size), PIL.Image.Resampling.LANCZOS)
+    if width != height:
+        notes.append(f"Center-cropped to a square ({width} x {height} -> {min(width, height)} x {min(width, height)}).")
+    if min(width, height) != image_size:
+        notes.append(f"Resized to the model's {image_size} x {image_size}.")
+    return img, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Handlers
+# ----------------------------------------------------------------------------------------------------------------
+class _Cancelled(Exception):
+    """Raised inside the sampling loop when the request went away (the browser closed or the user stopped)."""
+
+
+@torch.no_grad()
+def preview_images(pipe: DallePipeline, tokens: torch.LongTensor, count: int) -> list[PIL.Image.Image]:
+    """Decode the complete rows of the first `count` candidates; rows not sampled yet are gray.
+
+    `vae.decode_code` needs a full grid, so the last complete row is repeated below and then painted over.
+    """
+    g = pipe.transformer.config.image_grid_size
+    rows = tokens.shape[1] // g
+    done = tokens[:count, : rows * g].view(-1, rows, g)  # (count, rows, g)
+    grid = torch.cat([done, done[:, -1:].expand(-1, g - rows, -1)], dim=1)  # (count, g, g)
+    images = pipe.decode_image_tokens(grid.reshape(grid.shape[0], -1))  # (count, 3, H, W)
+    images[:, :, images.shape[2] * rows // g :] = PREVIEW_GRAY
+    return pipe.postprocess(images, "pil")
+
+
+def stream_sampling(pipe: DallePipeline, call, preview_count: int):
+    """Run `call(callback_on_step_end)` in a worker thread; yield partial images each time a row of tokens is
+    complete (at most every PREVIEW_INTERVAL s); return the pipeline output.
+
+    The worker runs in a copy of this context, so `gr.Progress(track_tqdm=True)` follows the pipeline's progress bar.
+    """
+    updates, cancelled = queue.Queue(), threading.Event()
+    g = pipe.transformer.config.image_grid_size
+    last_preview = [time.monotonic()]
+
+    def callback(_pipe, _step, index, tensors):
+        if cancelled.is_set():
+            raise _Cancelled
+        if (index + 1) % g == 0 and index + 1 < g * g and time.monotonic() - last_preview[0] > PREVIEW_INTERVAL:
+            updates.put(("preview", preview_images(pipe, tensors["image_tokens"], preview_count)))
+            last_preview[0] = time.monotonic()
+        return tensors
+
+    def work():
+        try:
+            updates.put(("done", call(callback)))
+        except BaseException as e:  # handed to the request's thread, which reports it
+            updates.put(("error", e))
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = updates.get()
+            if kind == "preview":
+                yield value
+            elif kind == "done":
+                return value
+            else:
+                raise value
+    finally:
+        cancelled.set()  # stops the worker if the request was cancelled mid-way
+
+
+def sample_with_previews(pipe, call, preview_count: int, label: str, seed: int, notes: list[str], running: str):
+    """`stream_sampling` as (gallery, seed, status) outputs with "sampling…" captions; returns the pipeline output.
+    The pipelines' errors become messages for the UI, and memory is released however the request ends."""
+    sampling = stream_sampling(pipe, call, preview_count)
+    try:
+        while True:
+            try:
+                partial = next(sampling)
+            except StopIteration as stop:
+                return stop.value
+            yield [(image, "sampling…") for image in partial], seed, format_status(notes, running)
+    except gr.Error:
+        raise
+    except ValueError as e:  # the pipelines' input checks
+        raise gr.Error(html.escape(str(e))) from None
+    except Exception as e:
+        logger.exception("%s failed", label)
+        raise gr.Error(f"{label} failed ({type(e).__name__}: {html.escape(str(e))}). The app is still running; "
+                       "try fewer candidates.", title="Generation failed") from None
+    finally:
+        sampling.close()
+        release_memory()
+
+
+def format_status(notes: list[str], summary: str) -> str:
+    return "\n".join([f"- {n}" for n in notes] + ([""] if notes else []) + [summary])
+
+
+def ranked_gallery(out, label: str) -> list[tuple[PIL.Image.Image, str]]:
+    scores = None if out.clip_scores is None else out.clip_scores.flatten().tolist()
+    return [(image, f"#{i + 1}" + ("" if scores is None else f" · {label} {scores[i]:.2f}"))
+            for i, image in enumerate(out.images)]
+
+
+def generate(models, model_name, prompt, candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
+             randomize_seed, progress=gr.Progress(track_tqdm=True)):
+    """Text -> the CLIP-best k of N candidates. Yields (gallery, seed used, status): partial rows, then the grid."""
+    kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed, randomize_seed)
+    progress(0, desc="Loading the model")
+    pipe, _ = get_pipelines(models, model_name)
+    prompt, prompt_notes = check_prompt(pipe, prompt)
+    notes += prompt_notes
+    for note in notes:
+        gr.Warning(note.replace("**", ""))
+    n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
+    running = f"Sampling {n} candidates (seed {seed})…"
+    yield [], seed, format_status(notes, running)
+
+    def call(callback):
+        return pipe(prompt, generator=torch.Generator().manual_seed(seed), callback_on_step_end=callback, **kwargs)
+
+    start = time.perf_counter()
+    out = yield from sample_with_previews(pipe, call, k, "Text to images", seed, notes, running)
+    ranked = "CLIP-ranked" if out.clip_scores is not None else "no CLIP model: the first"
+    summary = f"**{n} candidates -> best {k}** ({ranked}) in {time.perf_counter() - start:.1f} s · seed {seed}"
+    yield ranked_gallery(out, "CLIP"), seed, format_status(notes, summary)
+
+
+def vary(models, model_name, image, prompt, rows_to_keep, candidates, keep, temperature, top_k, top_p,
+         guidance_scale, seed, randomize_seed, progress=gr.Progress(track_tqdm=True)):
+    """Image -> variations: keep its top rows of dVAE codes, sample the rest, rank by CLIP similarity to it."""
+    kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed, randomize_seed)
+    progress(0, desc="Loading the model")
+    _, pipe = get_pipelines(models, model_name)
+    grid = pipe.transformer.config.image_grid_size
+    rows_to_keep = check_number("Rows kept", rows_to_keep, 0, grid - 1, integer=True)
+    image, image_notes = load_image(image, pipe.vae.config.image_size)
+    prompt, prompt_notes = check_prompt(pipe, prompt)
+    notes += image_notes + [n for n in prompt_notes if not n.startswith("Empty prompt")]
+    for note in notes:
+        gr.Warning(note)
+    n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
+    running = f"Keeping {rows_to_keep} of {grid} rows, sampling {n} candidates (seed {seed})…"
+    yield [], seed, format_status(notes, running)
+
+    def call(callback):
+        return pipe(image, prompt=prompt, num_rows_to_keep=rows_to_keep, generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=callback, **kwargs)
+
+    start = time.perf_counter()
+    out = yield from sample_with_previews(pipe, call, k, "Image variations", seed, notes, running)
+    ranked = "ranked by CLIP similarity to the input" if out.clip_scores is not None else "no CLIP model"
+    summary = (f"**{rows_to_keep}/{grid} rows kept, {n} candidates -> best {k}** ({ranked}) in "
+               f"{time.perf_counter() - start:.1f} s · seed {seed}")
+    yield ranked_gallery(out, "sim"), seed, format_status(notes, summary)
+
+
+def on_select(evt: gr.SelectData) -> int:
+    return evt.index
+
+
+def send_to_variations(gallery, index):
+    """The selected (else the best) generated image -> the variations tab."""
+    if not gallery:
+        gr.Warning("Generate some images first.")
+        return gr.skip(), gr.skip()
+    image = gallery[min(int(index or 0), len(gallery) - 1)][0]
+    return image, gr.Tabs(selected="variations")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------------
+def how_it_works(info: dict | None) -> str:
+    numbers = ""
+    if info:
+        numbers = (
+            f"\n\nThis model: {info['image_size']} px images as a {info['grid']}x{info['grid']} grid of "
+            f"{info['image_vocab_size']} codes; a {info['n_layer']}-layer, {info['n_embd']}-wide transformer reading "
+            f"{info['text_seq_len']} text tokens; {'a' if info['clip'] else 'no'} CLIP reranker."
+        )
+    return (
+        "DALL-E ([Ramesh et al. 2021](https://arxiv.org/abs/2102.12092)) in three models:\n\n"
+        "1. **dVAE**: a discrete VAE turns an image into a grid of codes (tokens) and back.\n"
+        "2. **Transformer**: a decoder-only transformer reads the prompt's BPE tokens and samples image tokens one at "
+        "a time, row by row (the partial images you see while it runs), with temperature, top-k / top-p and "
+        "optional classifier-free guidance.\n"
+        "3. **CLIP rerank**: the dVAE decodes all N candidates and CLIP keeps the k that match the prompt best "
+        "(variations: the k closest to the input image).\n\n"
+        "Variations keep the top rows of the input's codes and let the transformer complete the rest." + numbers
+    )
+
+
+def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
+    """The app's Blocks for the models in `checkpoints` (see `checkpoints_root`). Loads no weights."""
+    root = checkpoints_root(checkpoints)
+    models = find_checkpoints(root)
+    default = next(iter(models), None)
+    info = read_model_info(models[default]) if models else None
+    grid = info["grid"] if info else 8
+
+    with gr.Blocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# dalle-hf\nDALL-E (v1) rebuilt the Hugging Face way: a prompt becomes N sampled candidates, "
+                    "CLIP keeps the best k. Small enough to run on a CPU.")
+        if not models:
+            gr.Markdown(f"**{no_checkpoint_message(root)}**", elem_id="no-model")
+        model = gr.Dropdown(list(models), value=default, label="Model", visible=len(models) > 1)
+        selected = gr.State(0)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to images", id="text"):
+                with gr.Row(equal_height=True):
+                    prompt = gr.Textbox(label="Prompt", placeholder="a red circle left of a blue square", max_lines=1,
+                                        max_length=MAX_PROMPT_CHARS, scale=5, elem_id="prompt")
+                    run = gr.Button("Run", variant="primary", scale=1, elem_id="run")
+                gallery = gr.Gallery(label="Best k of N (CLIP score)", columns=4, height="auto", format="png",
+                                     object_fit="contain", buttons=["download", "download_all", "fullscreen"],
+                                     elem_id="gallery")
+                with gr.Row():
+                    seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
+                    send = gr.Button("Make variations of the selected image", size="sm")
+                status = gr.Markdown(elem_id="status")
+                gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples")
+            with gr.Tab("Image variations", id="variations"):
+                with gr.Row():
+                    with gr.Column():
+                        image = ImageUpload(label="Image", type="filepath", image_mode=None, height=256,
+                                            sources=["upload", "clipboard"], elem_id="var-image")
+                        var_prompt = gr.Textbox(label="Prompt (optional)", max_lines=1, max_length=MAX_PROMPT_CHARS)
+                        rows = gr.Slider(0, grid - 1, value=grid // 2, step=1, label=f"Rows of image tokens kept (of {grid})")
+                        var_run = gr.Button("Make variations", variant="primary", elem_id="var-run")
+                    with gr.Column():
+                        var_gallery = gr.Gallery(label="Variations (CLIP similarity to the input)", columns=4,
+                                                 height="auto", format="png", object_fit="contain",
+                                                 buttons=["download", "download_all", "fullscreen"], elem_id="var-gallery")
+                        var_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                        var_status = gr.Markdown()
+        with gr.Accordion("Advanced settings", open=False):
+            with gr.Row():
+                candidates = gr.Slider(1, MAX_CANDIDATES, value=DEFAULTS["candidates"], step=1, label="Candidates N")
+                keep = gr.Slider(1, MAX_KEEP, value=DEFAULTS["keep"], step=1, label="Images kept k")
+            with gr.Row():
+                temperature = gr.Slider(0.05, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature")
+                top_k = gr.Slider(0, 512, value=DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
+                top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.01, label="Top-p (1 = off)")
+                guidance = gr.Slider(1.0, 10.0, value=DEFAULTS["guidance_scale"], step=0.5,
+                                     label="Guidance scale (1 = off)")
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
+                randomize = gr.Checkbox(label="Randomize seed", value=True)
+        with gr.Accordion("How it works", open=False):
+            gr.Markdown(how_it_works(info))
+
+        settings = [candidates, keep, temperature, top_k, top_p, guidance, seed, randomize]
+        gr.on([run.click, prompt.submit], functools.partial(generate, models), [model, prompt, *settings],
+              [gallery, seed_used, status], api_name="generate", concurrency_id="sampling")
+        gr.on([var_run.click, var_prompt.submit], functools.partial(vary, models),
+              [model, image, var_prompt, rows, *settings], [var_gallery, var_seed, var_status],
+              api_name="variations", concurrency_id="sampling")
+        gallery.select(on_select, None, selected, queue=False, api_visibility="private")
+        send.click(send_to_variations, [gallery, selected], [image, tabs], queue=False, api_visibility="private")
     return demo
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# __main__
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="The dalle-hf Gradio app.")
+    parser.add_argument("--checkpoints", default=None,
+                        help=f"Folder of models, or one model folder (default: ${CHECKPOINTS_ENV} or checkpoints/).")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="Address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 to serve a network).")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                        help="Port (default: $GRADIO_SERVER_PORT or 7860).")
+    parser.add_argument("--concurrency", type=int, default=2, help="Requests sampled at once (they share the CPU).")
+    parser.add_argument("--max-queue", type=int, default=24, help="Requests waiting beyond that; more are refused.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.max_queue < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--concurrency, --max-queue and --threads must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = checkpoints_root(args.checkpoints)
+    models = find_checkpoints(root)
+    if not models:
+        logger.warning(no_checkpoint_message(root) + " Starting anyway.")
+    else:
+        name = next(iter(models))
+        logger.info("Models: %s; loading %s", ", ".join(models), name)
+        try:
+            load_pipelines(models[name])  # warm: the first request does not wait for it
+        except Exception:
+            logger.exception("Loading %s failed; the app starts and reports it on each request", name)
+    demo = build_demo(root)
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, theme=gr.themes.Soft(),
+                css=CSS, footer_links=["api", "gradio"])
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    args = parser.parse_args()
-    build_demo(DallePipeline.from_pretrained(CHECKPOINT)).queue().launch(server_name=args.host, server_port=args.port)
+    main()

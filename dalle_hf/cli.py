@@ -69,7 +69,7 @@ def cmd_eval_vae(args) -> int:
     from .eval.shapes import evaluate_vae_fidelity
     from .modeling_dvae import DalleVAE
 
-    subfolder = "vae" if os.path.isdir(os.path.join(args.pipeline, "vae")) else None
+    subfolder = "vae" if os.path.isdir(os.path.join(args.pipeline, "vae")) else ""
     vae = DalleVAE.from_pretrained(args.pipeline, subfolder=subfolder).eval()
     print(json.dumps(evaluate_vae_fidelity(vae, n_per_task=args.n_per_task, seed=args.seed), indent=2))
     return 0

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="NHWC memory format (about 2x faster convs on CPU).",
     )
     parser.add_argument(
-        "--eval_num_images", type=int, default=500, help="Shapes renders for the final fidelity check (0: skip)."
+        "--eval_n_per_task", type=int, default=100, help="Shapes scenes per task for the final fidelity check (0: skip)."
     )
     args = parser.parse_args(argv)
 
@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("Need 0 < --temperature_end <= --temperature_start.")
     if args.use_ema and not 0 < args.ema_decay < 1:
         raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
-    if args.eval_num_images < 0:
-        raise ValueError("--eval_num_images must be >= 0.")
+    if args.eval_n_per_task < 0:
+        raise ValueError("--eval_n_per_task must be >= 0.")
     return args
 
 
@@ -109,13 +109,32 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
-def evaluate_fidelity(vae: DalleVAE, args: argparse.Namespace) -> dict:
-    """Fraction of reconstructed shapes renders that still pass the exact shape/colour checker."""
-    if args.dataset != "shapes" or args.eval_num_images == 0 or vae.config.image_size != 64:
-        return {}
-    from .eval.shapes import evaluate_vae_fidelity
+@torch.no_grad()
+def count_codes_in_use(vae: DalleVAE, dataset, num_images: int = 1024, batch_size: int = 64) -> int:
+    """Distinct argmax codes over `num_images` images of `dataset`."""
+    used = torch.zeros(vae.config.vocab_size, dtype=torch.bool)
+    batches = infinite_batches(build_dataloader(dataset, batch_size, num_workers=0, seed=0))
+    for _ in range(max(num_images // batch_size, 1)):
+        pixel_values = next(batches)["pixel_values"].to(vae.device)  # (B, 3, H, W)
+        used[vae.get_codebook_indices(pixel_values).flatten().cpu()] = True
+    return int(used.sum())
 
-    return dict(evaluate_vae_fidelity(vae, n=args.eval_num_images, seed=args.seed + 10_000))
+
+def evaluate(vae: DalleVAE, args: argparse.Namespace) -> dict:
+    """Codes in use on held-out images and, on shapes, the fraction of reconstructions passing the checker."""
+    if args.eval_n_per_task == 0:
+        return {}
+    # A seed far from the training streams (which use seed + resumed step).
+    eval_seed = args.seed + 1_000_000
+    results = {"codes_in_use": count_codes_in_use(vae, build_train_dataset(args, vae.config.image_size, eval_seed))}
+    if args.dataset == "shapes" and vae.config.image_size == 64:
+        from .eval.shapes import evaluate_vae_fidelity
+
+        fidelity = evaluate_vae_fidelity(vae, n_per_task=args.eval_n_per_task, seed=eval_seed)
+        results["fidelity"] = fidelity["fidelity"]
+        results["reconstruction_mse"] = fidelity["mse"]
+        results.update({f"fidelity/{task}": value for task, value in fidelity["per_task"].items()})
+    return results
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -248,9 +267,7 @@ def main(args: argparse.Namespace) -> dict:
         vae_dir = os.path.join(args.output_dir, "vae")
         vae.save_pretrained(vae_dir, safe_serialization=True)
         wall_time = clock.seconds
-        results = evaluate_fidelity(vae, args)
-        if history:
-            results = {"codes_in_use (last log window)": history[-1]["codes_in_use"], **results}
+        results = evaluate(vae, args)
         hyperparameters = {
             k: getattr(args, k)
             for k in (

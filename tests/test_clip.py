@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import math
 import os
 
 import numpy as np
@@ -128,3 +129,135 @@ def test_score_functions_validate(model, processor):
         clip_text_image_scores(model, processor, images, torch.zeros(2, 8))
     with pytest.raises(ValueError, match="reference_images"):
         clip_image_image_scores(model, processor, images, torch.rand(3, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- train_clip
+
+
+def test_contrastive_loss_masks_false_negatives():
+    from dalle_hf.train_clip import contrastive_loss
+
+    logits = torch.tensor([[5.0, 5.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]])  # (B=2, B + B*K with K=1)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    unmasked = contrastive_loss(logits, mask)
+    mask[0, 1] = True  # caption 1 is also true of image 0: it leaves image 0's softmax (and caption 1's)
+    masked = contrastive_loss(logits, mask)
+    assert masked < unmasked
+    i2t = torch.nn.functional.cross_entropy(torch.tensor([[5.0, float("-inf"), 0, 0], [0, 5.0, 0, 0]]), torch.arange(2))
+    t2i = torch.nn.functional.cross_entropy(torch.tensor([[5.0, 0.0], [float("-inf"), 5.0]]), torch.arange(2))
+    torch.testing.assert_close(masked, (i2t + t2i) / 2)
+
+
+def test_collate_marks_captions_true_of_other_images(tokenizer):
+    from dalle_hf.data.shapes import ShapeObject
+    from dalle_hf.train_clip import collate_contrastive
+
+    red_circle = (ShapeObject("circle", "red", "large", 32.0, 32.0, 26),)
+    blue_square = (ShapeObject("square", "blue", "large", 32.0, 32.0, 26),)
+    examples = [
+        {"pixel_values": torch.zeros(3, 32, 32), "text": "a red circle", "negatives": ["a blue circle"], "objects": red_circle},
+        {"pixel_values": torch.zeros(3, 32, 32), "text": "a circle", "negatives": ["a square"], "objects": red_circle},
+        {"pixel_values": torch.zeros(3, 32, 32), "text": "a square", "negatives": ["a circle"], "objects": blue_square},
+    ]  # fmt: skip
+    batch = collate_contrastive(examples, tokenizer)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape == (6, 8)
+    # columns: a red circle, a circle, a square | a blue circle, a square, a circle
+    expected = torch.tensor(
+        [[0, 1, 0, 0, 0, 1], [1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 0]], dtype=torch.bool
+    )  # image 2's own negative "a circle" is false for it; "a square" (image 1's negative) is true of it
+    torch.testing.assert_close(batch["false_negative_mask"], expected)
+
+
+def test_caption_ranking_set_is_fixed_and_hard():
+    from dalle_hf.data.shapes import TASKS
+    from dalle_hf.train_clip import caption_ranking_set
+
+    pixels, candidates, tasks = caption_ranking_set(n_images=12, n_captions=32, seed=3)
+    again = caption_ranking_set(n_images=12, n_captions=32, seed=3)
+    assert pixels.shape == (12, 3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1
+    torch.testing.assert_close(pixels, again[0])
+    assert candidates == again[1] and tasks == list(TASKS) * 2
+    assert all(len(c) == 32 and len(set(c)) == 32 for c in candidates)
+
+
+def test_evaluate_clip_caption_ranking(tokenizer, model, processor):
+    from dalle_hf.train_clip import evaluate_clip_caption_ranking
+
+    # The tiny model sees 64x64 renders resized to 32x32; untrained it is near chance (1/8).
+    accuracy, per_task = evaluate_clip_caption_ranking(model, processor, n_images=12, n_captions=8, seed=0,
+                                                       return_per_task=True)  # fmt: skip
+    assert 0.0 <= accuracy <= 1.0 and set(per_task) == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"
+    }  # fmt: skip
+    assert model.training is False
+    assert evaluate_clip_caption_ranking(model, processor, n_images=12, n_captions=8, seed=0) == accuracy
+
+
+TRAIN_ARGS = [
+    "--max_train_steps", "4", "--train_batch_size", "4", "--num_hard_negatives", "2", "--image_size", "32",
+    "--vision_width", "32", "--text_width", "32", "--num_layers", "2", "--vocab_size", "300",
+    "--text_seq_len", "16", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--logging_steps", "2",
+    "--validation_steps", "2", "--num_validation_images", "6", "--lr_warmup_steps", "1",
+]  # fmt: skip
+
+
+def test_parse_args_validates():
+    from dalle_hf.train_clip import parse_args
+
+    with pytest.raises(ValueError, match="num_hard_negatives"):
+        parse_args(["--output_dir", "x", "--num_hard_negatives", "-1"])
+    with pytest.raises(ValueError, match="train_data_dir"):
+        parse_args(["--output_dir", "x", "--dataset", "imagefolder"])
+    args = parse_args(["--output_dir", "x"])
+    assert args.dataset == "shapes" and args.num_hard_negatives == 8 and args.train_batch_size == 64
+
+
+def test_train_clip_end_to_end_and_resume(tmp_path):
+    from dalle_hf import train_clip
+
+    out = str(tmp_path / "clip")
+    result = train_clip.main(train_clip.parse_args(["--output_dir", out, *TRAIN_ARGS]))
+    assert [h["step"] for h in result["history"]] == [2, 4] and all(math.isfinite(h["loss"]) for h in result["history"])
+    assert [v["step"] for v in result["validations"]] == [2, 4] and result["images_seen"] == 16
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "clip_model", "clip_processor", "tokenizer"]
+    model = CLIPModel.from_pretrained(os.path.join(out, "clip_model"))
+    processor = CLIPProcessor.from_pretrained(os.path.join(out, "clip_processor"))
+    assert model.config.text_config.eos_token_id == 1 and model.config.vision_config.image_size == 32
+    assert processor.tokenizer.model_max_length == 16 and processor.image_processor.crop_size["height"] == 32
+    card = open(os.path.join(out, "clip_model", "README.md")).read()
+    assert "python -m dalle_hf.train_clip" in card and "caption top-1" in card
+    scores = clip_text_image_scores(model, processor, torch.rand(2, 3, 64, 64), ["a red circle", "three squares"])
+    assert scores.shape == (2,)
+
+    # Resume from the step-2 checkpoint and train to step 6: the state and the tokenizer are reloaded.
+    args = train_clip.parse_args(["--output_dir", out, *TRAIN_ARGS, "--max_train_steps", "6",
+                                  "--resume_from_checkpoint", "latest"])  # fmt: skip
+    resumed = train_clip.main(args)
+    assert [h["step"] for h in resumed["history"]] == [4, 6] and resumed["images_seen"] == 24
+    with open(os.path.join(out, "checkpoint-4", "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == 4
+    assert not os.path.exists(os.path.join(out, "checkpoint-2"))  # rotated: --checkpoints_total_limit 1
+
+
+def test_train_clip_imagefolder(tmp_path):
+    from dalle_hf import train_clip
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i, (color, caption) in enumerate([((255, 0, 0), "a red square"), ((0, 0, 255), "a blue square")] * 3):
+        Image.new("RGB", (40, 48), color).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="num_hard_negatives"):
+        train_clip.parse_args(["--output_dir", "x", "--dataset", "imagefolder", "--train_data_dir", str(folder),
+                               "--num_hard_negatives", "2"])  # fmt: skip
+    argv = ["--output_dir", str(tmp_path / "clip"), "--dataset", "imagefolder", "--train_data_dir", str(folder)]
+    k = TRAIN_ARGS.index("--num_hard_negatives")
+    argv += TRAIN_ARGS[:k] + TRAIN_ARGS[k + 2 :]
+    args = train_clip.parse_args(argv)
+    assert args.num_hard_negatives == 0
+    result = train_clip.main(args)
+    assert result["validations"] == [] and result["eval"] == {} and len(result["history"]) == 2
+    tokenizer = CLIPProcessor.from_pretrained(str(tmp_path / "clip" / "clip_processor")).tokenizer
+    assert tokenizer.tokenize("a red square") == ["a", "Ġred", "Ġsquare"]  # trained on the folder's captions

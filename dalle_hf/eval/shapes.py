@@ -2,10 +2,11 @@
 
 The checker never sees the scene. It classifies every pixel by the palette color whose blend with
 white explains it best (anti-aliased and blurry edges are such blends), groups foreground pixels into
-connected components, drops specks, reads each component's color (majority vote), shape (best
-intersection-over-union against the four ideal shapes drawn in its bounding box), size and center, and
-then applies the task rule of `dalle_hf.data.shapes.caption_holds` to the objects it found. On clean
-renders it is exact (see `benchmarks/checker_accuracy.py`).
+connected components, drops specks, reads each component's color (majority vote), shape (3- and 4-fold
+harmonic moments of its ink, which an isotropic blur leaves unchanged), size (from its ink area) and
+bounding-box center, and then applies the task rule of `dalle_hf.data.shapes.caption_holds` to the
+objects it found. On clean renders it is exact; blurred and noisy renders mostly pass (see
+`benchmarks/checker_accuracy.py`).
 
 `evaluate_pipeline` runs a text-to-image pipeline on the fixed evaluation prompts of the six GenEval
 tasks (Ghosh et al. 2023) plus `novel` (held-out color/shape pairs) and writes `report.json` and sample
@@ -66,28 +67,36 @@ class DetectedObject:
     An object found in an image by the checker.
 
     Args:
-        shape (`str` or `None`): one of `SHAPES`, or `None` when no ideal shape fits the component.
+        shape (`str` or `None`): one of `SHAPES`, or `None` when the component fits no ideal shape.
         color (`str` or `None`): the majority palette color, or `None` when it is off the palette.
-        size_name (`str`): `"small"` when the bounding box side is below 20 px, else `"large"`.
+        size_name (`str`): `"small"` when `size_px` is below 20, else `"large"`.
+        size_px (`float`): bounding-box side of the ideal `shape` with the component's ink area (blur does
+            not change the ink area); the bounding box side when `shape` is `None`.
         cx (`float`): x of the bounding-box center in px (pixel `i` spans `[i, i + 1)`).
         cy (`float`): y of the bounding-box center in px.
         width (`int`): bounding box width in px.
         height (`int`): bounding box height in px.
-        area (`int`): pixels in the component.
+        area (`int`): pixels in the component (at least half ink).
         fill_ratio (`float`): area / bounding-box area (circle ~0.785, square ~1, triangle and diamond ~0.5).
-        shape_score (`float`): intersection-over-union with the ideal `shape` in the same bounding box.
+        harmonic3 (`float`): `|sum w z^3| / A^2.5`, the 3-fold moment of the ink `w` about its centroid
+            (`z = x + iy`): ~0.068 for a triangle, ~0 for the centrally symmetric shapes.
+        harmonic4 (`float`): `Re(sum w z^4) / A^3`: +1/60 for a diamond, -1/60 for a square, ~0 for a circle.
+        shape_score (`float`): intersection-over-union with the ideal `shape` drawn in the same bounding box.
         bbox (`tuple[int, int, int, int]`): `(x0, y0, x1, y1)`, exclusive `x1`, `y1`.
     """
 
     shape: str | None
     color: str | None
     size_name: str
+    size_px: float
     cx: float
     cy: float
     width: int
     height: int
     area: int
     fill_ratio: float
+    harmonic3: float
+    harmonic4: float
     shape_score: float
     bbox: tuple[int, int, int, int]
 
@@ -159,43 +168,84 @@ def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, len(component_of_root)
 
 
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Grow a boolean mask by `steps` px (8-neighborhood)."""
+    out = mask.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        vertical = grown.copy()
+        grown[:, 1:] |= vertical[:, :-1]
+        grown[:, :-1] |= vertical[:, 1:]
+        out = grown
+    return out
+
+
 @lru_cache(maxsize=4096)
 def _shape_templates(height: int, width: int) -> np.ndarray:
     """(4, height, width) boolean masks of the ideal shapes filling a bounding box, in `SHAPES` order."""
     v = (np.arange(height, dtype=np.float32)[:, None] + 0.5) / height  # pixel centers in [0, 1]
     u = (np.arange(width, dtype=np.float32)[None, :] + 0.5) / width
     du, dv = np.abs(u - 0.5), np.abs(v - 0.5)
-    circle = du**2 + dv**2 <= 0.25
-    square = np.ones((height, width), dtype=bool)
-    triangle = du <= v / 2  # apex at the top center, base at the bottom
-    diamond = du + dv <= 0.5
-    templates = {"circle": circle, "square": square, "triangle": triangle, "diamond": diamond}
+    templates = {
+        "circle": du**2 + dv**2 <= 0.25,
+        "square": np.ones((height, width), dtype=bool),
+        "triangle": du <= v / 2,  # apex at the top center, base at the bottom
+        "diamond": du + dv <= 0.5,
+    }
     return np.stack([templates[s] for s in SHAPES])
+
+
+# Area of each ideal shape relative to its square bounding box.
+_IDEAL_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}
 
 
 class ShapesEval:
     """
     The ShapesEval checker: finds the objects in an image and decides whether a caption holds.
 
+    Pixels: each pixel `p` is compared with every segment white -> palette color `c`; its ink weight is
+    `alpha = clip(<255 - p, 255 - c> / |255 - c|^2, 0, 1)` and its residual the distance to the blend
+    `255 - alpha * (255 - c)`. The color with the smallest residual labels the pixel, which is foreground
+    when `alpha >= min_coverage`. Anti-aliased and blurred edges are such blends, so they keep their color.
+
+    Shapes: from the harmonic moments of the ink (alpha) around each component, which an isotropic blur
+    leaves unchanged (mean value property): a triangle has a strong 3-fold moment; among the centrally
+    symmetric shapes the 4-fold moment is -1/60 (square), 0 (circle) or +1/60 (diamond).
+
     Args:
-        residual_threshold (`float`, *optional*, defaults to 60.0): largest RGB distance between a pixel
-            and the nearest color-white blend for it to take that color; farther (but dark enough) pixels
-            are foreground of unknown color. Generated images are off by ~20; two palette blends at half
-            coverage are >= 38 apart, so the nearest blend still decides.
+        residual_threshold (`float`, *optional*, defaults to 60.0): largest RGB distance between a pixel and
+            the nearest color-white blend for it to take that color; farther pixels with ink are of unknown
+            color. Generated colors are off by ~20; blends of two palette colors at half coverage lie >= 38
+            apart, and the nearest blend decides anyway.
         min_coverage (`float`, *optional*, defaults to 0.5): a pixel is foreground when at least this
-            fraction of it is ink (the blend weight); 0.5 keeps bounding boxes true to the drawn shape.
+            fraction of it is ink; 0.5 keeps bounding boxes true to the drawn shape.
         unknown_ink (`float`, *optional*, defaults to 100.0): RGB distance from white above which an
-            off-palette pixel still counts as foreground (about half the ink of a palette color).
-        min_area (`int`, *optional*, defaults to 22): components with fewer pixels are specks; the
-            smallest object (a 12 px diamond) covers ~70 px, so 22 px (0.15 * 12 ** 2) is well below it.
-        min_side (`int`, *optional*, defaults to 6): components with a bounding box side below this
-            (half the smallest object) are specks or streaks.
-        max_aspect (`float`, *optional*, defaults to 1.5): all shapes have a square bounding box;
-            components more elongated than this get shape `None`.
-        min_shape_score (`float`, *optional*, defaults to 0.6): components whose best IoU with an ideal
-            shape is below this get shape `None` (clean renders score >= 0.8, the runner-up <= 0.8).
-        min_split_fraction (`float`, *optional*, defaults to 0.2): a touching second color is split off
-            as its own object when it has at least this fraction (and `min_area`) of the component.
+            off-palette pixel is foreground (about half the ink of a palette color).
+        min_area (`int`, *optional*, defaults to 22): components with fewer pixels are specks; the smallest
+            object (a 12 px diamond) covers ~70 px, so 22 px (0.15 * 12 ** 2) is far below it.
+        min_side (`int`, *optional*, defaults to 6): components with a bounding box side below this (half
+            the smallest object) are specks or streaks.
+        max_aspect (`float`, *optional*, defaults to 1.5): every shape has a square bounding box; more
+            elongated components get shape `None`.
+        max_side (`int`, *optional*, defaults to 40): components with a longer bounding box side get shape
+            `None`; the largest object is 30 px and blur adds a few (a canvas of noise is no square).
+        max_unknown_spread (`float`, *optional*, defaults to 30.0): an off-palette component whose RGB
+            standard deviation exceeds this is texture or noise, not a flat object, and gets shape `None`.
+        min_shape_score (`float`, *optional*, defaults to 0.5): components whose IoU with their ideal shape
+            in the same bounding box is below this get shape `None` (clean renders score >= 0.85).
+        min_split_fraction (`float`, *optional*, defaults to 0.2): a component is split by color when a
+            second color has at least this fraction (and `min_area` px) of it: two touching objects.
+        halo_px (`int`, *optional*, defaults to 3): the ink of a component is summed over the component
+            grown by this many px, which holds the blurred edge of an object blurred by sigma <= 1.5 px.
+        min_halo_ink (`float`, *optional*, defaults to 0.2): ink weights below this are dropped as noise (the
+            4th moment weighs far pixels by r^4).
+        triangle_threshold (`float`, *optional*, defaults to 0.035): `harmonic3` above this is a triangle
+            (triangles ~0.068, other shapes < 0.015 even when blurred).
+        square_threshold (`float`, *optional*, defaults to -0.008): `harmonic4` below this is a square (-1/60).
+        diamond_threshold (`float`, *optional*, defaults to 0.006): `harmonic4` above this is a diamond
+            (+1/60); in between is a circle (0). Asymmetric because blur rounds a small diamond's tips first.
     """
 
     def __init__(
@@ -206,33 +256,42 @@ class ShapesEval:
         min_area: int = 22,
         min_side: int = 6,
         max_aspect: float = 1.5,
-        min_shape_score: float = 0.6,
+        max_side: int = 40,
+        max_unknown_spread: float = 30.0,
+        min_shape_score: float = 0.5,
         min_split_fraction: float = 0.2,
+        halo_px: int = 3,
+        min_halo_ink: float = 0.2,
+        triangle_threshold: float = 0.035,
+        square_threshold: float = -0.008,
+        diamond_threshold: float = 0.006,
     ):
         if not 0 < min_coverage < 1:
             raise ValueError(f"min_coverage must be in (0, 1), got {min_coverage}")
         if residual_threshold <= 0 or unknown_ink <= 0:
             raise ValueError("residual_threshold and unknown_ink must be positive")
-        if min_area < 1 or min_side < 1 or max_aspect < 1:
-            raise ValueError("min_area and min_side must be >= 1 and max_aspect >= 1")
+        if min_area < 1 or min_side < 1 or max_aspect < 1 or halo_px < 0:
+            raise ValueError("min_area and min_side must be >= 1, max_aspect >= 1 and halo_px >= 0")
+        if not square_threshold < 0 < diamond_threshold:
+            raise ValueError("square_threshold must be < 0 < diamond_threshold")
         self.residual_threshold = residual_threshold
         self.min_coverage = min_coverage
         self.unknown_ink = unknown_ink
         self.min_area = min_area
         self.min_side = min_side
         self.max_aspect = max_aspect
+        self.max_side = max_side
+        self.max_unknown_spread = max_unknown_spread
         self.min_shape_score = min_shape_score
         self.min_split_fraction = min_split_fraction
+        self.halo_px = halo_px
+        self.min_halo_ink = min_halo_ink
+        self.triangle_threshold = triangle_threshold
+        self.square_threshold = square_threshold
+        self.diamond_threshold = diamond_threshold
 
-    def classify_pixels(self, image) -> np.ndarray:
-        """
-        Label every pixel: -1 background, `i` for `COLOR_NAMES[i]`, `UNKNOWN` for off-palette foreground.
-
-        A pixel `p` is compared with each segment white -> color `c`: its blend weight is
-        `alpha = clip(<255 - p, 255 - c> / |255 - c|^2, 0, 1)` and its residual the distance to
-        `255 - alpha * (255 - c)`. The color with the smallest residual wins; the pixel is foreground when
-        that color's `alpha >= min_coverage`.
-        """
+    def _read_pixels(self, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-pixel labels (H, W), ink weight of every palette color (H, W, 8) and the RGB array (H, W, 3)."""
         rgb = _to_rgb_array(image)
         ink = (255.0 - rgb).reshape(-1, 3)  # (N, 3)
         dots = ink @ _INK.T  # (N, 8)
@@ -247,49 +306,94 @@ class ShapesEval:
         labels = np.full(len(best), _BACKGROUND, dtype=np.int64)
         labels[colored] = best[colored]
         labels[unknown] = UNKNOWN
-        return labels.reshape(rgb.shape[:2])
+        height, width = rgb.shape[:2]
+        return labels.reshape(height, width), alpha.reshape(height, width, len(COLOR_NAMES)), rgb
 
-    def _describe(self, mask: np.ndarray, x0: int, y0: int, color_label: int) -> DetectedObject | None:
-        """Measure one component given its mask cropped to its bounding box; None for specks."""
-        height, width = mask.shape
-        area = int(mask.sum())
+    def classify_pixels(self, image) -> np.ndarray:
+        """Label every pixel: -1 background, `i` for `COLOR_NAMES[i]`, `UNKNOWN` for off-palette ink."""
+        return self._read_pixels(image)[0]
+
+    def _classify_shape(self, weights: np.ndarray) -> tuple[str, float, float, float]:
+        """(shape, harmonic3, harmonic4, ink area) from the ink weights around one component."""
+        area = float(weights.sum())
+        ys, xs = np.mgrid[0 : weights.shape[0], 0 : weights.shape[1]]
+        z = (xs - (weights * xs).sum() / area) + 1j * (ys - (weights * ys).sum() / area)  # about the centroid
+        z2 = z * z
+        harmonic3 = float(abs((weights * z2 * z).sum())) / area**2.5
+        harmonic4 = float((weights * z2 * z2).sum().real) / area**3
+        if harmonic3 >= self.triangle_threshold:
+            shape = "triangle"
+        elif harmonic4 <= self.square_threshold:
+            shape = "square"
+        elif harmonic4 >= self.diamond_threshold:
+            shape = "diamond"
+        else:
+            shape = "circle"
+        return shape, harmonic3, harmonic4, area
+
+    def _describe(self, mask: np.ndarray, color_label: int, labels: np.ndarray, alpha: np.ndarray, rgb: np.ndarray):
+        """Measure one object given its full-size mask; None for specks."""
+        ys, xs = np.nonzero(mask)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        height, width, area = y1 - y0, x1 - x0, len(ys)
         if area < self.min_area or min(height, width) < self.min_side:
             return None
-        templates = _shape_templates(height, width)  # (4, h, w)
-        intersection = (templates & mask).sum(axis=(1, 2))
-        union = (templates | mask).sum(axis=(1, 2))
-        scores = intersection / union
-        best = int(scores.argmax())
-        fits = scores[best] >= self.min_shape_score and max(height, width) <= self.max_aspect * min(height, width)
+        # The ink around the object: its pixels plus the blurred edge (background-labeled pixels nearby).
+        wy0, wy1 = max(y0 - self.halo_px, 0), min(y1 + self.halo_px, mask.shape[0])
+        wx0, wx1 = max(x0 - self.halo_px, 0), min(x1 + self.halo_px, mask.shape[1])
+        window = mask[wy0:wy1, wx0:wx1]
+        if color_label == UNKNOWN:
+            weights = window.astype(np.float64)
+        else:
+            region = _dilate(window, self.halo_px) & (window | (labels[wy0:wy1, wx0:wx1] == _BACKGROUND))
+            ink = alpha[wy0:wy1, wx0:wx1, color_label]
+            weights = np.where(region & (ink >= self.min_halo_ink), ink, 0.0).astype(np.float64)
+        shape, harmonic3, harmonic4, ink_area = self._classify_shape(weights)
+        templates = _shape_templates(height, width)
+        crop = mask[y0:y1, x0:x1]
+        template = templates[SHAPES.index(shape)]
+        shape_score = float((template & crop).sum() / (template | crop).sum())
+        fits = (
+            shape_score >= self.min_shape_score
+            and max(height, width) <= self.max_aspect * min(height, width)
+            and max(height, width) <= self.max_side
+            and (color_label != UNKNOWN or float(rgb[mask].std(axis=0).mean()) <= self.max_unknown_spread)
+        )
+        size_px = math.sqrt(ink_area / _IDEAL_FILL[shape]) if fits else float(max(height, width))
         return DetectedObject(
-            shape=SHAPES[best] if fits else None,
+            shape=shape if fits else None,
             color=COLOR_NAMES[color_label] if color_label != UNKNOWN else None,
-            size_name="small" if max(height, width) < SIZE_THRESHOLD_PX else "large",
+            size_name="small" if size_px < SIZE_THRESHOLD_PX else "large",
+            size_px=size_px,
             cx=x0 + width / 2,
             cy=y0 + height / 2,
             width=width,
             height=height,
             area=area,
             fill_ratio=area / (height * width),
-            shape_score=float(scores[best]),
-            bbox=(x0, y0, x0 + width, y0 + height),
+            harmonic3=harmonic3,
+            harmonic4=harmonic4,
+            shape_score=shape_score,
+            bbox=(x0, y0, x1, y1),
         )
 
-    def _objects_in_component(self, colors: np.ndarray, mask: np.ndarray, x0: int, y0: int) -> list[DetectedObject]:
+    def _objects_in_component(self, mask: np.ndarray, labels: np.ndarray, alpha: np.ndarray, rgb: np.ndarray) -> list:
         """One object per component, or one per color when two solid colors touch (blurry generations)."""
-        counts = np.bincount(colors[mask], minlength=UNKNOWN + 1)
+        counts = np.bincount(labels[mask], minlength=UNKNOWN + 1)
         area = int(counts.sum())
-        major = [c for c in np.argsort(-counts) if counts[c] >= max(self.min_area, self.min_split_fraction * area)]
+        # Off-palette pixels never form an object of their own inside a component: they are noise in it.
+        major = [
+            int(c) for c in np.argsort(-counts[:UNKNOWN])
+            if counts[c] >= max(self.min_area, self.min_split_fraction * area)
+        ]
         if len(major) <= 1:
-            found = self._describe(mask, x0, y0, int(counts.argmax()))
+            found = self._describe(mask, int(counts.argmax()), labels, alpha, rgb)
             return [found] if found is not None else []
         objects = []
         for color_label in major:
-            sub_labels, n = _label_components(mask & (colors == color_label))
+            sub_labels, n = _label_components(mask & (labels == color_label))
             for k in range(1, n + 1):
-                ys, xs = np.nonzero(sub_labels == k)
-                sub_mask = sub_labels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == k
-                found = self._describe(sub_mask, x0 + int(xs.min()), y0 + int(ys.min()), int(color_label))
+                found = self._describe(sub_labels == k, color_label, labels, alpha, rgb)
                 if found is not None:
                     objects.append(found)
         return objects
@@ -305,17 +409,12 @@ class ShapesEval:
         Returns:
             `list[DetectedObject]`: the objects, sorted top to bottom then left to right.
         """
-        colors = self.classify_pixels(image)
-        labels, count = _label_components(colors != _BACKGROUND)
-        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        labels, alpha, rgb = self._read_pixels(image)
+        components, count = _label_components(labels != _BACKGROUND)
+        areas = np.bincount(components.ravel(), minlength=count + 1)
         objects = []
-        for k in np.flatnonzero(areas >= self.min_area):
-            if k == 0:
-                continue
-            ys, xs = np.nonzero(labels == k)
-            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            crop_colors = np.where(colors[y0:y1, x0:x1] >= 0, colors[y0:y1, x0:x1], 0)
-            objects += self._objects_in_component(crop_colors, labels[y0:y1, x0:x1] == k, x0, y0)
+        for k in np.flatnonzero(areas[1:] >= self.min_area) + 1:
+            objects += self._objects_in_component(components == k, labels, alpha, rgb)
         return sorted(objects, key=lambda o: (o.cy, o.cx))
 
     def check(self, image, prompt) -> bool:

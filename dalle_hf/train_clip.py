@@ -1,0 +1,530 @@
+"""Train the CLIP reranker (Radford et al. 2021) on captioned images with 🤗 Accelerate.
+
+    python -m dalle_hf.train_clip --dataset shapes --output_dir runs/clip-shapes --max_train_steps 3000 \
+        --mixed_precision bf16
+    accelerate launch -m dalle_hf.train_clip ...   (same flags)
+
+The loss is CLIP's symmetric InfoNCE over the batch. On the shapes world every image also brings
+`--num_hard_negatives` false captions of its own scene (a swapped colour, shape, count, size or relation,
+from `dalle_hf.data.shapes.captions_for_clip_negatives`) as extra columns of the image->text softmax, so the
+model must bind attributes to objects and read relations instead of matching bags of words. In-batch
+captions that happen to be true of another image ("a circle" for a red circle) are masked out rather than
+counted as negatives. The validation metric is the top-1 accuracy of picking an image's true caption among
+32 captions of the same world (`evaluate_clip_caption_ranking`).
+
+Outputs in `--output_dir`: `tokenizer/` (written first, so other scripts can reuse it while this one runs),
+`clip_model/` (safetensors + README.md model card), `clip_processor/`.
+"""
+
+import argparse
+import functools
+import logging
+import math
+import os
+import random
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import IterableDataset
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
+
+from .clip import clip_pixel_values, make_clip_config, make_clip_processor
+from .data.shapes import TASKS, caption_holds, captions_for_clip_negatives, parse_caption, sample_example
+from .tokenization import train_text_tokenizer
+from .training_utils import (
+    WallClock,
+    add_common_args,
+    add_dataset_args,
+    build_dataloader,
+    build_train_dataset,
+    check_common_args,
+    checkpoint_step,
+    command_line,
+    describe_dataset,
+    infinite_batches,
+    load_trainer_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    warmup_cosine_lr_lambda,
+    write_model_card,
+)
+
+logger = logging.getLogger(__name__)
+
+FINAL_LR_RATIO = 0.0  # CLIP (§2.5) decays the learning rate to zero with a cosine schedule
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP (§2.5) clips the learned temperature so logits scale by at most 100
+TOKENIZER_CAPTIONS = 10_000  # shapes captions the BPE is trained on: every word of the language appears
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the CLIP reranker (contrastive, with hard negatives).")
+    add_common_args(parser)
+    add_dataset_args(parser)
+    # Text tokenizer.
+    parser.add_argument(
+        "--tokenizer_name_or_path",
+        type=str,
+        default=None,
+        help="A saved tokenizer folder; default: train a BPE on the shapes captions (or reuse output_dir/tokenizer).",
+    )
+    parser.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary when training the tokenizer.")
+    parser.add_argument("--text_seq_len", type=int, default=16, help="Caption length in tokens (<eos> included).")
+    # Model (make_clip_config); the defaults are sized for one CPU core.
+    parser.add_argument("--image_size", type=int, default=64, help="Side of the square training images.")
+    parser.add_argument("--vision_width", type=int, default=192, help="Hidden size of the ViT image tower.")
+    parser.add_argument("--text_width", type=int, default=128, help="Hidden size of the text tower.")
+    parser.add_argument("--num_layers", type=int, default=4, help="Transformer blocks in each tower.")
+    # Objective and optimizer.
+    parser.add_argument(
+        "--num_hard_negatives",
+        type=int,
+        default=None,
+        help="False captions of each shapes scene added to its softmax (default: 8 for shapes, 0 for imagefolder).",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=200, help="Linear learning-rate warmup.")
+    parser.add_argument("--weight_decay", type=float, default=0.2, help="AdamW decay on matrices (CLIP used 0.2).")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
+    # Validation.
+    parser.add_argument("--validation_steps", type=int, default=250, help="Caption-ranking accuracy every N updates.")
+    parser.add_argument(
+        "--num_validation_images", type=int, default=300, help="Held-out shapes renders ranked against 32 captions."
+    )
+    parser.set_defaults(train_batch_size=64, learning_rate=5e-4, max_train_steps=3000, logging_steps=25)
+    args = parser.parse_args(argv)
+
+    check_common_args(args)
+    if args.num_hard_negatives is None:
+        args.num_hard_negatives = 8 if args.dataset == "shapes" else 0
+    if args.num_hard_negatives < 0:
+        raise ValueError(f"--num_hard_negatives must be >= 0, got {args.num_hard_negatives}.")
+    if args.dataset == "imagefolder" and args.num_hard_negatives > 0:
+        raise ValueError("--num_hard_negatives needs --dataset shapes (an imagefolder has no scenes to corrupt).")
+    if args.validation_steps < 1 or args.num_validation_images < 0:
+        raise ValueError("--validation_steps must be >= 1 and --num_validation_images >= 0.")
+    if args.text_seq_len < 2:
+        raise ValueError(f"--text_seq_len must leave room for a word and <eos>, got {args.text_seq_len}.")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ShapesCaptionsWithNegatives(IterableDataset):
+    """
+    An infinite stream of shapes renders, each with its caption, false captions of the same scene and the
+    scene's objects (to tell which other captions in a batch are true of it).
+
+    Args:
+        seed (`int`): seeds the stream; each dataloader worker and distributed rank draws its own.
+        num_negatives (`int`): hard negatives per image (`captions_for_clip_negatives`: single edits first).
+
+    Yields:
+        `dict`: `pixel_values` `(3, 64, 64)` in `[0, 1]`, `text`, `negatives` (`list[str]`), `objects`, `task`.
+    """
+
+    def __init__(self, seed: int, num_negatives: int):
+        super().__init__()
+        self.seed = seed
+        self.num_negatives = num_negatives
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        rng = random.Random(f"shapes-clip/{self.seed}/rank{rank}/worker{worker_id}")
+        while True:
+            task = rng.choice(TASKS)
+            image, caption, scene = sample_example(rng, task)
+            pixel_values = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
+            yield {
+                "pixel_values": pixel_values,
+                "text": caption,
+                "negatives": captions_for_clip_negatives(scene, rng, self.num_negatives),
+                "objects": scene.objects,
+                "task": task,
+            }
+
+
+def collate_contrastive(examples: list[dict], tokenizer) -> dict:
+    """
+    Batch images with their text columns: the B true captions first, then each image's hard negatives.
+
+    Returns:
+        `dict`: `pixel_values` `(B, 3, H, W)`, `input_ids` `(B * (1 + K), T)` and `false_negative_mask`
+        `(B, B * (1 + K))`, True where a column other than the image's own caption is also true of the image
+        (by the shapes world's `caption_holds` when scenes are known, by string equality otherwise).
+    """
+    texts = [e["text"] for e in examples] + [n for e in examples for n in e.get("negatives", ())]
+    input_ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    if all("objects" in e for e in examples):
+        specs = {text: parse_caption(text) for text in set(texts)}
+        holds = [[caption_holds(specs[text], e["objects"]) for text in texts] for e in examples]
+    else:
+        holds = [[text == e["text"] for text in texts] for e in examples]
+    mask = torch.tensor(holds, dtype=torch.bool)  # (B, B(1+K))
+    mask.fill_diagonal_(False)  # column i is image i's own caption: the positive
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": input_ids,
+            "false_negative_mask": mask}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def contrastive_loss(logits_per_image: torch.Tensor, false_negative_mask: torch.Tensor) -> torch.Tensor:
+    """
+    CLIP's symmetric cross-entropy with extra text columns.
+
+    Args:
+        logits_per_image (`torch.Tensor`): `(B, B + B * K)` scaled cosine similarities; column `i` is image
+            `i`'s caption, the remaining `B * K` columns are hard negatives (images have no extra rows).
+        false_negative_mask (`torch.Tensor`): `(B, B + B * K)` bool; masked columns leave the softmax.
+
+    Returns:
+        `torch.Tensor`: the mean of the image->text (all columns) and text->image (true captions) losses.
+    """
+    b = logits_per_image.shape[0]
+    labels = torch.arange(b, device=logits_per_image.device)
+    logits = logits_per_image.masked_fill(false_negative_mask, float("-inf"))
+    loss_image = F.cross_entropy(logits, labels)
+    loss_text = F.cross_entropy(logits[:, :b].t(), labels)  # (B texts, B images)
+    return (loss_image + loss_text) / 2
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def caption_ranking_set(n_images: int = 300, n_captions: int = 32, seed: int = 0, tasks=TASKS):
+    """
+    Fixed held-out shapes renders, each with `n_captions` candidates: the true caption first, then false
+    captions of the same scene (all single edits, shuffled, then random false captions of the world).
+
+    Returns:
+        `tuple`: `pixel_values` `(N, 3, 64, 64)` in `[0, 1]`, `candidates` (`list[list[str]]`), `tasks` (`list[str]`).
+    """
+    if n_images < 1 or n_captions < 2:
+        raise ValueError(f"need n_images >= 1 and n_captions >= 2, got {n_images} and {n_captions}")
+    # A string seed: these scenes come from their own stream, never the training streams ("shapes-clip/...").
+    rng = random.Random(f"clip-caption-ranking/{seed}")
+    images, candidates, image_tasks = [], [], []
+    for i in range(n_images):
+        task = tasks[i % len(tasks)]  # balanced over tasks
+        image, caption, scene = sample_example(rng, task)
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)  # (3, H, W)
+        candidates.append([caption] + captions_for_clip_negatives(scene, rng, n_captions - 1))
+        image_tasks.append(task)
+    return torch.stack(images), candidates, image_tasks
+
+
+@torch.no_grad()
+def caption_ranking_hits(clip_model: CLIPModel, clip_processor: CLIPProcessor, pixel_values, candidates) -> torch.Tensor:
+    """Bool `(N,)`: whether CLIP scores each image's first candidate caption above all the others."""
+    device, dtype = clip_model.device, clip_model.dtype
+    unique = sorted({c for cands in candidates for c in cands})
+    index = {c: k for k, c in enumerate(unique)}
+    text_embeds = []
+    for start in range(0, len(unique), 1024):
+        ids = clip_processor.tokenizer(
+            unique[start : start + 1024], padding="max_length", truncation=True, return_tensors="pt"
+        )["input_ids"].to(device)
+        text_embeds.append(F.normalize(clip_model.get_text_features(input_ids=ids).pooler_output.float(), dim=-1))
+    text_embeds = torch.cat(text_embeds)  # (U, D)
+    image_embeds = []
+    for start in range(0, len(pixel_values), 256):
+        images = clip_pixel_values(pixel_values[start : start + 256].to(device=device, dtype=dtype), clip_processor)
+        image_embeds.append(F.normalize(clip_model.get_image_features(pixel_values=images).pooler_output.float(), dim=-1))
+    image_embeds = torch.cat(image_embeds)  # (N, D)
+    columns = torch.tensor([[index[c] for c in cands] for cands in candidates], device=device)  # (N, C)
+    scores = torch.einsum("nd,ncd->nc", image_embeds, text_embeds[columns])  # (N, C)
+    return (scores[:, 1:] < scores[:, :1]).all(dim=1).cpu()
+
+
+def evaluate_clip_caption_ranking(
+    clip_model: CLIPModel,
+    clip_processor: CLIPProcessor,
+    n_images: int = 300,
+    n_captions: int = 32,
+    seed: int = 0,
+    return_per_task: bool = False,
+):
+    """
+    Top-1 accuracy of picking an image's true caption among `n_captions` captions of the shapes world.
+
+    The candidates are the true caption plus `n_captions - 1` false ones for the same scene: first every
+    single edit (a swapped colour, shape, size word, count or relation, or the two colours exchanged), then
+    random false captions of the world. Images are balanced over the six training tasks and deterministic for
+    a seed; chance level is `1 / n_captions`.
+
+    Args:
+        clip_model (`CLIPModel`): the model to evaluate (its device and dtype are used).
+        clip_processor (`CLIPProcessor`): its tokenizer and image normalization.
+        n_images (`int`, *optional*, defaults to 300): held-out renders to rank.
+        n_captions (`int`, *optional*, defaults to 32): candidates per image, the true one included.
+        seed (`int`, *optional*, defaults to 0): selects the renders and the negatives.
+        return_per_task (`bool`, *optional*, defaults to `False`): also return `{task: accuracy}`.
+
+    Returns:
+        `float` (or `(float, dict[str, float])` with `return_per_task=True`).
+
+    Example:
+
+    ```python
+    >>> from transformers import CLIPModel, CLIPProcessor
+    >>> model = CLIPModel.from_pretrained("runs/clip-shapes/clip_model")  # doctest: +SKIP
+    >>> processor = CLIPProcessor.from_pretrained("runs/clip-shapes/clip_processor")  # doctest: +SKIP
+    >>> evaluate_clip_caption_ranking(model, processor, n_images=300)  # doctest: +SKIP
+    0.9
+    ```
+    """
+    pixel_values, candidates, tasks = caption_ranking_set(n_images, n_captions, seed)
+    was_training = clip_model.training
+    clip_model.eval()
+    hits = caption_ranking_hits(clip_model, clip_processor, pixel_values, candidates)
+    clip_model.train(was_training)
+    accuracy = hits.float().mean().item()
+    if not return_per_task:
+        return accuracy
+    per_task = defaultdict(list)
+    for task, hit in zip(tasks, hits.tolist()):
+        per_task[task].append(hit)
+    return accuracy, {task: sum(h) / len(h) for task, h in per_task.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def load_or_train_tokenizer(args: argparse.Namespace, is_main_process: bool):
+    """
+    `--tokenizer_name_or_path`, else `output_dir/tokenizer` from an earlier start of this run, else a BPE trained
+    on the shapes language (`all_captions`) or on the imagefolder's captions. Saved to `output_dir/tokenizer`.
+    """
+    saved = os.path.join(args.output_dir, "tokenizer")
+    path = args.tokenizer_name_or_path or (saved if os.path.isfile(os.path.join(saved, "tokenizer.json")) else None)
+    if path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        if args.dataset == "shapes":
+            from .data.shapes import all_captions
+
+            captions = all_captions(TOKENIZER_CAPTIONS, seed=args.seed)
+        else:
+            from .data.imagefolder import ImageFolderCaptions
+
+            captions = [text for _, text in ImageFolderCaptions(args.train_data_dir, args.image_size).records]
+        tokenizer = train_text_tokenizer(captions, args.vocab_size, args.text_seq_len)
+    if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
+        raise ValueError(f"the tokenizer must have <pad> id 0 and <eos> id 1, got {tokenizer.pad_token_id}, "
+                         f"{tokenizer.eos_token_id} (train it with dalle_hf.train_text_tokenizer)")  # fmt: skip
+    if is_main_process:
+        tokenizer.save_pretrained(saved)  # first thing: the transformer run reuses this tokenizer
+    return tokenizer
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    # nanoGPT: weight decay only on matrices (dim >= 2); none on biases, LayerNorms and the logit scale.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # CLIP §2.5 / appendix F: Adam with decoupled weight decay, beta2 = 0.98 and eps = 1e-6 for stability.
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+
+
+def main(args: argparse.Namespace) -> dict:
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    first_step = checkpoint_step(resume_dir) if resume_dir else 0
+    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
+    set_seed(args.seed)
+
+    tokenizer = load_or_train_tokenizer(args, accelerator.is_main_process)
+    processor = make_clip_processor(tokenizer, image_size=args.image_size)
+    config = make_clip_config(
+        text_vocab_size=len(tokenizer),
+        text_seq_len=tokenizer.model_max_length,
+        image_size=args.image_size,
+        vision_width=args.vision_width,
+        vision_layers=args.num_layers,
+        text_width=args.text_width,
+        text_layers=args.num_layers,
+    )
+    model = CLIPModel(config)
+    optimizer = make_optimizer(model, args)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
+    )
+
+    # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
+    data_seed = args.seed + first_step
+    if args.dataset == "shapes":
+        dataset = ShapesCaptionsWithNegatives(seed=data_seed, num_negatives=args.num_hard_negatives)
+    else:
+        dataset = build_train_dataset(args, image_size=args.image_size, seed=data_seed)
+    collate_fn = functools.partial(collate_contrastive, tokenizer=tokenizer)
+    dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, collate_fn)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    if resume_dir:
+        logger.info(f"Resuming from {resume_dir} (step {first_step})")
+        accelerator.load_state(resume_dir)
+    clock = WallClock(trainer_state.get("wall_time_seconds", 0.0))
+    images_seen = trainer_state.get("images_seen", 0)
+
+    validation = None
+    if args.dataset == "shapes" and args.num_validation_images > 0:  # 64 px renders, resized to image_size
+        validation = caption_ranking_set(args.num_validation_images, n_captions=32, seed=args.seed)
+
+    def validate() -> tuple[float, dict]:
+        clip = accelerator.unwrap_model(model).eval()
+        hits = caption_ranking_hits(clip, processor, *validation[:2])
+        clip.train()
+        per_task = defaultdict(list)
+        for task, hit in zip(validation[2], hits.tolist()):
+            per_task[task].append(hit)
+        return hits.float().mean().item(), {t: round(sum(h) / len(h), 3) for t, h in per_task.items()}
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; {total_batch} images per update, "
+        f"{1 + args.num_hard_negatives} captions per image"
+    )
+
+    model.train()
+    progress = tqdm(
+        range(args.max_train_steps), initial=first_step, disable=not accelerator.is_local_main_process, desc="CLIP"
+    )
+    running = {"loss": 0.0, "train_top1": 0.0}
+    window_start, window_images, window_batches = clock.seconds, 0, 0
+    history, validations = [], []
+    step = first_step
+    batches = infinite_batches(dataloader)
+    while step < args.max_train_steps:
+        with accelerator.accumulate(model):
+            batch = next(batches)
+            pixel_values = batch["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [0, 1]
+            pixel_values = clip_pixel_values(pixel_values, processor)
+            outputs = model(input_ids=batch["input_ids"].to(accelerator.device), pixel_values=pixel_values)
+            # Logits in float32: under bf16 autocast the embeddings are bf16, and a scale of up to 100 would
+            # amplify their rounding.
+            logit_scale = accelerator.unwrap_model(model).logit_scale.exp()
+            logits_per_image = outputs.image_embeds.float() @ outputs.text_embeds.float().t() * logit_scale  # (B, B(1+K))
+            mask = batch["false_negative_mask"].to(accelerator.device)
+            loss = contrastive_loss(logits_per_image, mask)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+        b = pixel_values.shape[0]
+        images_seen += b * accelerator.num_processes
+        window_images += b * accelerator.num_processes
+        window_batches += 1
+        running["loss"] += loss.item()
+        with torch.no_grad():  # the true caption beats every unmasked column (own hard negatives included)
+            top = logits_per_image.masked_fill(mask, float("-inf")).argmax(dim=1)
+            running["train_top1"] += (top == torch.arange(b, device=top.device)).float().mean().item()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            elapsed = clock.seconds - window_start
+            log = {k: v / window_batches for k, v in running.items()}
+            log.update(
+                step=step,
+                logit_scale=round(logit_scale.item(), 2),
+                lr=lr_scheduler.get_last_lr()[0],
+                steps_per_second=round(window_batches / args.gradient_accumulation_steps / max(elapsed, 1e-9), 3),
+                images_per_second=round(window_images / max(elapsed, 1e-9), 1),
+            )
+            history.append(log)
+            progress.set_postfix(loss=f"{log['loss']:.4f}", top1=f"{log['train_top1']:.3f}")
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()))
+            running = dict.fromkeys(running, 0.0)
+            window_start, window_images, window_batches = clock.seconds, 0, 0
+
+        if validation is not None and accelerator.is_main_process and (
+            step % args.validation_steps == 0 or step == args.max_train_steps
+        ):
+            accuracy, per_task = validate()
+            validations.append({"step": step, "caption_top1": accuracy, **per_task})
+            logger.info(f"step={step} val caption_top1@32={accuracy:.4f} per task {per_task}")
+
+        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+            state = {"wall_time_seconds": clock.seconds, "images_seen": images_seen}
+            path = save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, state)
+            logger.info(f"Saved state to {path}")
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    results = {}
+    if accelerator.is_main_process:
+        clip = accelerator.unwrap_model(model).eval()
+        model_dir = os.path.join(args.output_dir, "clip_model")
+        clip.save_pretrained(model_dir, safe_serialization=True)
+        processor.save_pretrained(os.path.join(args.output_dir, "clip_processor"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+        wall_time = clock.seconds
+        if validation is not None:
+            if not validations or validations[-1]["step"] != step:
+                accuracy, per_task = validate()
+                validations.append({"step": step, "caption_top1": accuracy, **per_task})
+            final = validations[-1]
+            results = {
+                f"caption top-1 among 32 (true + 31 same-world false; {args.num_validation_images} held-out renders, "
+                f"seed {args.seed})": final["caption_top1"],
+                **{f"caption top-1, {task}": final[task] for task in TASKS if task in final},
+            }
+        hyperparameters = {
+            k: getattr(args, k)
+            for k in (
+                "train_batch_size", "gradient_accumulation_steps", "num_hard_negatives", "learning_rate",
+                "lr_warmup_steps", "weight_decay", "max_grad_norm", "mixed_precision", "vision_width", "text_width",
+                "num_layers", "text_seq_len",
+            )
+        }  # fmt: skip
+        hyperparameters["text vocabulary"] = len(tokenizer)
+        hyperparameters["images seen"] = images_seen
+        write_model_card(
+            os.path.join(model_dir, "README.md"),
+            title=f"CLIP reranker ({config.vision_config.image_size}px ViT/{config.vision_config.patch_size}, "
+            f"{sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters)",
+            description=(
+                "A small `transformers.CLIPModel` (Radford et al. 2021) that reranks DALL-E samples (Ramesh et al. "
+                "2021, §2.5). Trained with CLIP's symmetric contrastive loss plus, for every shapes image, "
+                f"{args.num_hard_negatives} false captions of its own scene (swapped colour, shape, size, count or "
+                "relation) in the image->text softmax. Load with `CLIPModel.from_pretrained(...)` and "
+                "`CLIPProcessor.from_pretrained(<output_dir>/clip_processor)`; score with "
+                "`dalle_hf.clip.clip_text_image_scores`."
+            ),
+            data=describe_dataset(args),
+            command=command_line("dalle_hf.train_clip"),
+            seed=args.seed,
+            steps=step,
+            wall_time_seconds=wall_time,
+            eval_results=results,
+            hyperparameters=hyperparameters,
+            tags=("dalle-hf", "clip", "reranker"),
+        )
+        logger.info(f"Saved {model_dir}; wall time {wall_time:.0f} s; eval {results}")
+    accelerator.end_training()
+    return {"history": history, "validations": validations, "eval": results, "images_seen": images_seen}
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,319 @@
+"""Train the DALL-E transformer (paper §2.2) on dVAE codes with 🤗 Accelerate.
+
+    python -m dalle_hf.train_dalle --dataset shapes --vae_name_or_path runs/dvae-shapes/vae \
+        --tokenizer_name_or_path runs/clip-shapes/tokenizer --clip_name_or_path runs/clip-shapes \
+        --output_dir runs/dalle-shapes --n_layer 8 --n_embd 256 --mixed_precision bf16 --max_train_steps 20000
+    accelerate launch -m dalle_hf.train_dalle ...   (same flags; DDP/FSDP/DeepSpeed from the accelerate config)
+
+The frozen dVAE tokenizes images on the fly (an infinite stream such as the shapes world never repeats); a finite
+image folder is tokenized once and cached. Captions are dropped to all-padding with `--caption_dropout` so the
+same model serves as the unconditional branch of classifier-free guidance. The whole `DallePipeline` (tokenizer,
+transformer, vae and, if given, CLIP) is saved to `--output_dir` with a README.md model card.
+"""
+
+import argparse
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .configuration_dalle import ATTENTION_TYPES, DalleConfig
+from .modeling_dalle import DalleForImageGeneration
+from .modeling_dvae import DalleVAE
+from .training_utils import (
+    WallClock,
+    add_common_args,
+    add_dataset_args,
+    build_dataloader,
+    build_train_dataset,
+    check_common_args,
+    checkpoint_step,
+    command_line,
+    describe_dataset,
+    infinite_batches,
+    load_trainer_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    warmup_cosine_lr_lambda,
+    write_model_card,
+)
+
+logger = logging.getLogger(__name__)
+
+# Prompts rendered at every validation, one per ShapesEval task (shapes world) or the first captions otherwise.
+VALIDATION_PROMPTS = (
+    "a circle",
+    "a square and a triangle",
+    "three diamonds",
+    "a red circle",
+    "a circle left of a square",
+    "a blue square and a yellow triangle",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the DALL-E transformer.")
+    add_common_args(parser)
+    add_dataset_args(parser)
+    parser.add_argument("--vae_name_or_path", required=True, help="A trained DalleVAE (folder, vae/ of a pipeline, hub id).")
+    parser.add_argument(
+        "--tokenizer_name_or_path", default=None, help="A saved tokenizer; default: train a BPE on the shapes captions."
+    )
+    parser.add_argument("--clip_name_or_path", default=None, help="A folder with clip_model/ and clip_processor/ to ship.")
+    parser.add_argument("--text_seq_len", type=int, default=16, help="Text tokens per caption (paper: 256).")
+    parser.add_argument("--text_vocab_size", type=int, default=512, help="BPE vocabulary when training a tokenizer.")
+    parser.add_argument("--n_layer", type=int, default=8)
+    parser.add_argument("--n_head", type=int, default=8)
+    parser.add_argument("--n_embd", type=int, default=256)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--attention_types", default=None, help=f"Comma-separated per-layer layouts from {ATTENTION_TYPES}; default full."
+    )
+    parser.add_argument("--caption_dropout", type=float, default=0.1, help="P(caption -> all padding), for guidance.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=500)
+    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices only (nanoGPT).")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--validation_steps", type=int, default=1000, help="Sample the validation prompts every N steps.")
+    parser.add_argument("--eval_prompts_per_task", type=int, default=0, help="ShapesEval prompts per task at the end (0: skip).")
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    if not 0 <= args.caption_dropout < 1:
+        raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+    if args.attention_types is not None:
+        args.attention_types = args.attention_types.split(",")
+        if len(args.attention_types) != args.n_layer:
+            raise ValueError(f"--attention_types needs {args.n_layer} comma-separated layouts, got {len(args.attention_types)}.")
+    if args.validation_steps < 1:
+        raise ValueError("--validation_steps must be at least 1.")
+    return args
+
+
+def load_vae(path: str) -> DalleVAE:
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else ""
+    return DalleVAE.from_pretrained(path, subfolder=subfolder).eval().requires_grad_(False)
+
+
+def load_or_train_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    if args.tokenizer_name_or_path:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
+    if args.dataset != "shapes":
+        raise ValueError("--dataset imagefolder needs --tokenizer_name_or_path (or train one on your captions first).")
+    from .data.shapes import all_captions
+    from .tokenization import train_text_tokenizer
+
+    return train_text_tokenizer(all_captions(50_000, seed=args.seed), args.text_vocab_size, args.text_seq_len)
+
+
+@torch.no_grad()
+def tokenize_dataset(dataset, vae, tokenizer, text_seq_len: int, batch_size: int = 64) -> TensorDataset:
+    """Encode a finite dataset once: -> TensorDataset(input_ids (n, L), image_ids (n, N))."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda ex: ex)
+    text_ids, image_ids = [], []
+    for examples in tqdm(loader, desc="tokenizing images"):
+        pixels = torch.stack([e["pixel_values"] for e in examples])
+        image_ids.append(vae.get_codebook_indices(pixels).flatten(1))
+        texts = [e["text"] for e in examples]
+        text_ids.append(tokenizer(texts, padding="max_length", truncation=True, max_length=text_seq_len, return_tensors="pt")["input_ids"])
+    return TensorDataset(torch.cat(text_ids), torch.cat(image_ids))
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+def build_pipeline(tokenizer, transformer, vae, args):
+    from .pipeline_dalle import DallePipeline
+
+    clip_model = clip_processor = None
+    if args.clip_name_or_path:
+        from transformers import CLIPModel, CLIPProcessor
+
+        clip_model = CLIPModel.from_pretrained(args.clip_name_or_path, subfolder="clip_model").eval()
+        clip_processor = CLIPProcessor.from_pretrained(args.clip_name_or_path, subfolder="clip_processor")
+    pipe = DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model, clip_processor=clip_processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def validate(pipe, output_dir: str, step: int, seed: int) -> str:
+    """Sample 4 images for each validation prompt through the real pipeline; save one PNG sheet."""
+    from PIL import Image
+
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    out = pipe(list(VALIDATION_PROMPTS), num_images_per_prompt=4, generator=torch.Generator().manual_seed(seed))
+    pipe.transformer.train(was_training)
+    size = out.images[0].size[0]
+    sheet = Image.new("RGB", (4 * size, len(VALIDATION_PROMPTS) * size), "white")
+    for i, image in enumerate(out.images):
+        sheet.paste(image, ((i % 4) * size, (i // 4) * size))
+    path = os.path.join(output_dir, "samples", f"step-{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def main(args: argparse.Namespace) -> dict:
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    first_step = checkpoint_step(resume_dir) if resume_dir else 0
+    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
+    set_seed(args.seed)
+
+    # 1. Frozen dVAE and tokenizer; the tokenizer is saved at once so other runs (CLIP) can share it
+    vae = load_vae(args.vae_name_or_path).to(accelerator.device)
+    tokenizer = load_or_train_tokenizer(args)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+
+    # 2. The transformer
+    config = DalleConfig(
+        text_vocab_size=len(tokenizer),
+        text_seq_len=args.text_seq_len,
+        image_vocab_size=vae.config.vocab_size,
+        image_grid_size=vae.config.grid_size,
+        pad_token_id=tokenizer.pad_token_id,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=args.dropout,
+        attention_types=args.attention_types,
+    )
+    model = DalleForImageGeneration(config)
+    optimizer = make_optimizer(model, args)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, 0.1))
+
+    # 3. Data: a stream is tokenized on the fly, a finite dataset once
+    dataset = build_train_dataset(args, image_size=vae.config.image_size, seed=args.seed + first_step)
+    if isinstance(dataset, IterableDataset):
+        dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step)
+    else:
+        cached = tokenize_dataset(dataset, vae, tokenizer, args.text_seq_len)
+        dataloader = DataLoader(cached, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+                                generator=torch.Generator().manual_seed(args.seed + first_step))
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if resume_dir:
+        logger.info(f"Resuming from {resume_dir} (step {first_step})")
+        accelerator.load_state(resume_dir)
+        set_seed(args.seed + first_step)
+    clock = WallClock(trainer_state.get("wall_time_seconds", 0.0))
+    images_seen = trainer_state.get("images_seen", 0)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"{n_params:,} parameters; {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} captions per update")
+
+    def to_tokens(batch):
+        """-> input_ids (B, L), image_ids (B, N) on the device, with caption dropout."""
+        if isinstance(batch, dict):
+            with torch.no_grad():
+                image_ids = vae.get_codebook_indices(batch["pixel_values"].to(accelerator.device)).flatten(1)
+            input_ids = tokenizer(batch["text"], padding="max_length", truncation=True, max_length=args.text_seq_len, return_tensors="pt")["input_ids"]
+        else:
+            input_ids, image_ids = batch
+        input_ids = input_ids.to(accelerator.device).clone()
+        drop = torch.rand(input_ids.shape[0], device=input_ids.device) < args.caption_dropout
+        input_ids[drop] = tokenizer.pad_token_id
+        return input_ids, image_ids.to(accelerator.device)
+
+    # 4. Train
+    model.train()
+    progress = tqdm(range(args.max_train_steps), initial=first_step, disable=not accelerator.is_local_main_process, desc="transformer")
+    running, window_batches = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+    window_start, window_tokens = clock.seconds, 0
+    history, step = [], first_step
+    batches = infinite_batches(dataloader)
+    while step < args.max_train_steps:
+        with accelerator.accumulate(model):
+            input_ids, image_ids = to_tokens(next(batches))
+            outputs = model(input_ids=input_ids, image_ids=image_ids, return_loss=True)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        images_seen += input_ids.shape[0] * accelerator.num_processes
+        window_tokens += input_ids.numel() + image_ids.numel()
+        window_batches += 1
+        for key in running:
+            running[key] += outputs[key].item()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            elapsed = clock.seconds - window_start
+            log = {k: v / window_batches for k, v in running.items()}
+            log.update(step=step, lr=lr_scheduler.get_last_lr()[0], tokens_per_second=round(window_tokens * accelerator.num_processes / max(elapsed, 1e-9)))
+            history.append(log)
+            progress.set_postfix(loss=f"{log['loss']:.4f}", img=f"{log['image_loss']:.3f}")
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()))
+            running, window_batches = dict.fromkeys(running, 0.0), 0
+            window_start, window_tokens = clock.seconds, 0
+        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+            path = save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit,
+                                   {"wall_time_seconds": clock.seconds, "images_seen": images_seen})
+            logger.info(f"Saved state to {path}")
+        if step % args.validation_steps == 0 and accelerator.is_main_process:
+            pipe = build_pipeline(tokenizer, accelerator.unwrap_model(model), vae, args)
+            logger.info(f"Validation samples: {validate(pipe, args.output_dir, step, args.seed)}")
+    progress.close()
+
+    # 5. Save the whole pipeline and its model card
+    accelerator.wait_for_everyone()
+    results = {}
+    if accelerator.is_main_process:
+        transformer = accelerator.unwrap_model(model).eval()
+        pipe = build_pipeline(tokenizer, transformer, vae, args)
+        pipe.save_pretrained(args.output_dir, safe_serialization=True)
+        wall_time = clock.seconds
+        validate(pipe, args.output_dir, step, args.seed)
+        if args.eval_prompts_per_task and args.dataset == "shapes":
+            from .eval.shapes import evaluate_pipeline
+
+            report = evaluate_pipeline(pipe, os.path.join(args.output_dir, "eval"), images_per_prompt=1,
+                                       prompts_per_task=args.eval_prompts_per_task, progress=False)
+            results = {"ShapesEval (best-of-1)": report["shapes_eval"], "novel": report["novel"]}
+        if history:
+            results = {"final image loss": history[-1]["image_loss"], "final text loss": history[-1]["text_loss"], **results}
+        hyperparameters = {k: getattr(args, k) for k in (
+            "n_layer", "n_head", "n_embd", "text_seq_len", "train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_warmup_steps", "weight_decay", "caption_dropout", "mixed_precision")}
+        hyperparameters.update({"parameters": f"{n_params:,}", "captions seen": images_seen})
+        write_model_card(
+            os.path.join(args.output_dir, "README.md"),
+            title=f"dalle-hf pipeline ({config.n_layer} layers x {config.n_embd}, {config.image_grid_size}x{config.image_grid_size} image tokens)",
+            description=(
+                "A DALL-E (Ramesh et al. 2021) pipeline: BPE tokenizer, dVAE, decoder-only transformer"
+                + (" and a CLIP reranker" if args.clip_name_or_path else "")
+                + ". Load with `dalle_hf.DallePipeline.from_pretrained(...)`."
+            ),
+            data=describe_dataset(args),
+            command=command_line("dalle_hf.train_dalle"),
+            seed=args.seed,
+            steps=step,
+            wall_time_seconds=wall_time,
+            eval_results=results,
+            hyperparameters=hyperparameters,
+            tags=("dalle-hf", "text-to-image"),
+        )
+        logger.info(f"Saved the pipeline to {args.output_dir}; wall time {wall_time:.0f} s; eval {results}")
+    accelerator.end_training()
+    return {"history": history, "eval": results, "images_seen": images_seen}
+
+
+if __name__ == "__main__":
+    main(parse_args())

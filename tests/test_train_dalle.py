@@ -1,0 +1,77 @@
+import json
+import os
+
+import pytest
+import torch
+
+from dalle_hf.configuration_dvae import DalleVAEConfig
+from dalle_hf.modeling_dvae import DalleVAE
+from dalle_hf.pipeline_dalle import DallePipeline
+from dalle_hf.train_dalle import main, parse_args
+
+
+@pytest.fixture
+def tiny_vae_dir(tmp_path):
+    torch.manual_seed(0)
+    vae = DalleVAE(DalleVAEConfig(image_size=64, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32))
+    vae.save_pretrained(tmp_path / "vae")
+    return str(tmp_path / "vae")
+
+
+def tiny_args(vae_dir, out, *extra):
+    return parse_args([
+        "--vae_name_or_path", vae_dir, "--output_dir", str(out), "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+        "--text_seq_len", "8", "--text_vocab_size", "300", "--train_batch_size", "4", "--max_train_steps", "4",
+        "--checkpointing_steps", "2", "--validation_steps", "4", "--logging_steps", "1", "--lr_warmup_steps", "1",
+        "--learning_rate", "1e-3", *extra,
+    ])
+
+
+def test_train_dalle_end_to_end_and_resume(tiny_vae_dir, tmp_path):
+    out = tmp_path / "run"
+    result = main(tiny_args(tiny_vae_dir, out))
+    assert [h["step"] for h in result["history"]] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert os.path.isdir(out / "checkpoint-2") and (out / "samples").is_dir()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["dalle_hf.modeling_dalle", "DalleForImageGeneration"]
+    card = (out / "README.md").read_text()
+    assert "python -m dalle_hf.train_dalle" in card and "Seed: 0" in card
+    pipe = DallePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 2 and images[0].size == (64, 64)
+
+    # resume: continue the same run to 6 steps from checkpoint-2's successor state
+    resumed = main(tiny_args(tiny_vae_dir, out, "--resume_from_checkpoint", "latest", "--max_train_steps", "6"))
+    assert [h["step"] for h in resumed["history"]] == [3, 4, 5, 6]  # latest checkpoint was step 2
+
+
+def test_imagefolder_is_tokenized_once(tiny_vae_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(8):
+            Image.new("RGB", (80, 64), (30 * i, 100, 200)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
+    # an imagefolder needs a tokenizer trained on its own captions
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        main(tiny_args(tiny_vae_dir, tmp_path / "run0", "--dataset", "imagefolder", "--train_data_dir", str(folder)))
+    from dalle_hf.tokenization import train_text_tokenizer
+
+    train_text_tokenizer([f"a picture number {i}" for i in range(8)] * 5, 300, 8).save_pretrained(tmp_path / "tok")
+    result = main(tiny_args(tiny_vae_dir, tmp_path / "run", "--dataset", "imagefolder", "--train_data_dir", str(folder),
+                            "--tokenizer_name_or_path", str(tmp_path / "tok")))
+    assert len(result["history"]) == 4
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--caption_dropout", "1.0"], "caption_dropout"),
+    (["--attention_types", "full"], "attention_types"),
+    (["--max_train_steps", "0"], "max_train_steps"),
+])
+def test_bad_flags(tiny_vae_dir, tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_args(tiny_vae_dir, tmp_path, *flags)

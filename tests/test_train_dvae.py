@@ -1,0 +1,85 @@
+import json
+import os
+
+import pytest
+import torch
+
+from dalle_hf import training_utils
+from dalle_hf.modeling_dvae import DalleVAE
+from dalle_hf.train_dvae import main, parse_args
+
+TINY = [
+    "--dataset", "shapes", "--image_size", "16", "--num_groups", "3", "--n_hid", "8", "--n_blk_per_group", "1",
+    "--vocab_size", "32", "--train_batch_size", "4", "--logging_steps", "2", "--checkpointing_steps", "2",
+    "--eval_n_per_task", "0", "--seed", "0",
+]
+
+
+def test_train_save_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    result = main(parse_args(TINY + ["--output_dir", out, "--max_train_steps", "4", "--checkpoints_total_limit", "1"]))
+    assert [h["step"] for h in result["history"]] == [2, 4]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert training_utils.list_checkpoints(out) == [os.path.join(out, "checkpoint-2")]  # 4 is the final step
+    vae = DalleVAE.from_pretrained(os.path.join(out, "vae"))
+    assert vae.config.vocab_size == 32 and vae.config.grid_size == 4
+    assert os.path.isfile(os.path.join(out, "vae", "model.safetensors"))
+    card = open(os.path.join(out, "vae", "README.md")).read()
+    assert "python -m dalle_hf.train_dvae" in card and "Seed: 0" in card and "Optimizer steps: 4" in card
+
+    # Resume: the same command with a longer run picks up checkpoint-2 and continues to 6.
+    resumed = main(
+        parse_args(TINY + ["--output_dir", out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    )
+    assert [h["step"] for h in resumed["history"]] == [4, 6]
+    assert resumed["images_seen"] == 2 * 4 + 4 * 4
+    state = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))
+    assert state["global_step"] == 4 and state["images_seen"] == 16
+
+
+def test_resume_restores_weights(tmp_path):
+    """Resuming at the checkpoint's own step trains nothing: the saved model is the checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    main(parse_args(TINY + ["--output_dir", out, "--max_train_steps", "3"]))
+    main(parse_args(TINY + ["--output_dir", out, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-2"]))
+    checkpoint = load_file(os.path.join(out, "checkpoint-2", "model.safetensors"))
+    saved = DalleVAE.from_pretrained(os.path.join(out, "vae")).state_dict()
+    assert checkpoint.keys() == saved.keys() and all(torch.equal(checkpoint[k], saved[k]) for k in saved)
+
+
+def test_parse_args_validation(tmp_path):
+    with pytest.raises(ValueError, match="train_data_dir"):
+        parse_args(["--output_dir", str(tmp_path), "--dataset", "imagefolder"])
+    with pytest.raises(ValueError, match="temperature"):
+        parse_args(["--output_dir", str(tmp_path), "--temperature_end", "2"])
+    with pytest.raises(ValueError, match="max_train_steps"):
+        parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "0"])
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        training_utils.resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
+    assert training_utils.resolve_resume_checkpoint(str(tmp_path), "latest") is None
+
+
+def test_imagefolder_training(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i in range(5):
+            Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(data / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) + "\n")
+    args = TINY + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "3"]
+    args[args.index("shapes")] = "imagefolder"
+    result = main(parse_args(args + ["--train_data_dir", str(data)]))  # 5 images, batch 4: a new epoch each step
+    assert result["images_seen"] == 12
+
+
+def test_schedules():
+    assert training_utils.cosine_anneal(0, 10, 1.0, 1 / 16) == 1.0
+    assert training_utils.cosine_anneal(10, 10, 1.0, 1 / 16) == 1 / 16
+    assert training_utils.cosine_anneal(5, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert training_utils.cosine_warmup(0, 10, 6.6) == 0.0 and training_utils.cosine_warmup(20, 10, 6.6) == 6.6
+    lr = training_utils.warmup_cosine_lr_lambda(2, 10, 0.01)
+    assert [lr(0), lr(1), lr(2)] == [0.5, 1.0, 1.0] and lr(10) == 0.01
