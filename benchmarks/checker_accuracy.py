@@ -70,10 +70,15 @@ def main(args):
             found = [clean_objects] + [
                 checker.detect_objects(degrade(image, rng, sigma, noise)) for _, sigma, noise in DEGRADATIONS
             ]
-            counts += [v for objects in found for v in (caption_holds(caption, objects), not caption_holds(corrupted, objects))]
+            counts += [
+                outcome
+                for objects in found
+                for outcome in (caption_holds(caption, objects), not caption_holds(corrupted, objects))
+            ]
         totals += counts
         print(f"| {task} | {args.n} | " + " | ".join(f"{c / args.n:.4f}" for c in counts) + " |")
-    print(f"| all | {args.n * len(EVAL_TASKS)} | " + " | ".join(f"{c / (args.n * len(EVAL_TASKS)):.4f}" for c in totals) + " |")
+    total = args.n * len(EVAL_TASKS)
+    print(f"| all | {total} | " + " | ".join(f"{c / total:.4f}" for c in totals) + " |")
     print(f"\nchecker: {1000 * detect_seconds / detections:.2f} ms per image (detect_objects, clean renders)")
     print(f"renderer: {render_speed(2000, args.seed):.0f} images/s (sample_example, single thread)")
 

@@ -263,7 +263,8 @@ def clip_image_image_scores(
     _check_images(reference_images, "reference_images")
     if reference_images.shape[0] not in (1, images.shape[0]):
         raise ValueError(
-            f"reference_images must have 1 or {images.shape[0]} (= len(images)) entries, got {reference_images.shape[0]}"
+            f"reference_images must have 1 or len(images) = {images.shape[0]} entries, "
+            f"got {reference_images.shape[0]}"
         )
     image_embeds = _image_embeds(clip_model, clip_processor, images)  # (B, D)
     reference_embeds = _image_embeds(clip_model, clip_processor, reference_images)  # (B or 1, D)

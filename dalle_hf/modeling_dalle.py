@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dalle import DalleConfig
+from .quantization import unpack_bnb_4bit_cpu_weights
 
 
 class DalleKVCache:
@@ -127,6 +128,8 @@ class DalleAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: DalleKVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if cache is not None and cache.keys.dtype != q.dtype:  # a float32 cache for a bf16 model on CPU
+            q, k, v = q.float(), k.float(), v.float()
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -136,12 +139,18 @@ class DalleAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.attention_type == "full" and S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        elif self.attention_type == "full" and T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # one new token sees everything cached
+        elif T == 1 and dropout_p == 0.0:
+            # One new token (a sampling step): two small matmuls. CPU SDPA kernels are tuned for long queries and
+            # are several times slower for one, in bf16 over 10x (docs/performance.md).
+            att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, nh, 1, S)
+            if self.attention_type != "full":
+                mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (1, S)
+                att = att.masked_fill(~mask, float("-inf"))
+            y = att.softmax(dim=-1) @ v  # (B, nh, 1, hs)
         else:
             mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -227,12 +236,22 @@ class DalleForImageGeneration(DallePreTrainedModel):
         self.h = nn.ModuleList([DalleBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.n_embd, self.vocab_size, bias=False)
+        # bitsandbytes 4-bit on CPU: make a checkpoint saved after a forward reload right (see the function).
+        self.register_state_dict_pre_hook(unpack_bnb_4bit_cpu_weights)
         self.post_init()
 
     @property
     def image_token_offset(self) -> int:
         """First image-code id in the joint vocabulary."""
         return self.config.text_vocab_size + self.config.text_seq_len
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """dtype of a new `DalleKVCache`: the compute dtype, except float32 on CPU. A sampling step attends one
+        query to the whole cache; PyTorch's CPU bf16 kernels for that are 2-3x slower than fp32 even counting the
+        extra bytes (docs/performance.md), and the cache is small next to the weights at CPU batch sizes."""
+        dtype = self.bos_embedding.dtype
+        return torch.float32 if self.bos_embedding.device.type == "cpu" else dtype
 
     @property
     def vocab_size(self) -> int:
@@ -311,9 +330,7 @@ class DalleForImageGeneration(DallePreTrainedModel):
         self._check_inputs(input_ids, image_ids, past_key_values)
         if use_cache and past_key_values is None:
             batch = (input_ids if input_ids is not None else image_ids).shape[0]
-            param = self.lm_head.weight
-            dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
-            past_key_values = DalleKVCache(self.config, batch, device=self.bos_embedding.device, dtype=dtype)
+            past_key_values = DalleKVCache(self.config, batch, device=self.bos_embedding.device, dtype=self.cache_dtype)
         start = past_key_values.length if past_key_values is not None else 0
         if start + (0 if input_ids is None else 1 + input_ids.shape[1]) + (0 if image_ids is None else image_ids.shape[1]) > self.config.total_seq_len:
             raise ValueError(f"the sequence is longer than config.total_seq_len={self.config.total_seq_len}")
@@ -341,6 +358,43 @@ class DalleForImageGeneration(DallePreTrainedModel):
             logits=logits,
             past_key_values=past_key_values if use_cache or past_key_values is not None else None,
         )
+
+    def decode_step(self, image_ids: torch.LongTensor, past_key_values: DalleKVCache) -> torch.Tensor:
+        r"""
+        One sampling step: the image-code logits that follow one new image token per row.
+
+        Computes what `image_logits(forward(image_ids=image_ids, past_key_values=past_key_values,
+        logits_to_keep=1).logits[:, -1])` does, minus the per-call work that costs more than the matmuls at
+        sampling batch sizes: no input validation (the caller owns the loop), no logits over the text
+        vocabulary and no logits mask (an image position only scores image codes).
+
+        Args:
+            image_ids (`torch.LongTensor` of shape `(batch_size, 1)`):
+                The dVAE code sampled at position `past_key_values.length`, an image position.
+            past_key_values (`DalleKVCache`):
+                The cache after the prefill; filled in place and advanced by one position.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, image_vocab_size)` in the model's compute dtype.
+        """
+        logits = self._decode_step(image_ids, past_key_values)
+        past_key_values.length += 1  # outside `_decode_step`, so a compiled step has no Python side effects
+        return logits
+
+    def _decode_step(self, image_ids: torch.LongTensor, cache: DalleKVCache) -> torch.Tensor:
+        start = cache.length
+        i = start - 1 - self.config.text_seq_len  # raster index of this image token
+        g = self.config.image_grid_size
+        pos = self.image_row_embedding.weight[i // g] + self.image_column_embedding.weight[i % g]  # (C,)
+        x = self.image_embedding(image_ids) + pos  # (B, 1, C)
+        positions = torch.arange(start, start + 1, device=x.device)  # (1,)
+        for block in self.h:
+            x = block(x, positions, cache)
+        x = self.ln_f(x[:, -1])  # (B, C)
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return F.linear(x, head.weight[self.image_token_offset :])  # (B, V_i): only the image rows of the head
+        return self.image_logits(head(x))  # a quantized head: compute all, keep the image slice
 
     def mask_logits(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits mask (paper; DALLE-pytorch's `logits_mask`): position `j` predicts token `j + 1`, so positions

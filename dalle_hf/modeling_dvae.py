@@ -182,6 +182,18 @@ class DalleVAEDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.blocks(z)
 
+    def forward_codes(self, ids: torch.LongTensor) -> torch.Tensor:
+        """Hard codes `(B, h, w)` -> statistics `(B, 6, H, W)`, the same as `forward(one_hot(ids))`: a 1x1 conv of a
+        one-hot picks one column of its weight, so the input layer is a lookup and the `(B, vocab, h, w)` one-hot
+        is never built. The activations stay channels-last (as the permuted one-hot was): about 2x faster convs
+        on CPU than NCHW, in bf16 too (docs/performance.md)."""
+        conv = self.blocks.input
+        x = conv.w[:, :, 0, 0].t()[ids] + conv.b  # (B, h, w, n_init)
+        x = x.permute(0, 3, 1, 2)  # (B, n_init, h, w), channels-last in memory
+        for layer in list(self.blocks)[1:]:
+            x = layer(x)
+        return x
+
 
 class DalleVAEPreTrainedModel(PreTrainedModel):
     config_class = DalleVAEConfig
@@ -301,9 +313,8 @@ class DalleVAE(DalleVAEPreTrainedModel):
             raise ValueError(f"`ids` must have shape (batch, {g}, {g}) or (batch, {g * g}), got {tuple(ids.shape)}.")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
             raise ValueError(f"`ids` must be in [0, {v}), got values in [{int(ids.min())}, {int(ids.max())}].")
-        z = F.one_hot(ids.long(), v).permute(0, 3, 1, 2).to(self.dtype)  # (B, h, w, V) -> (B, V, h, w)
-        mu, _ = self._decode_stats(z)
-        return self._mean_image(mu)
+        stats = self.decoder.forward_codes(ids.long()).float()  # (B, 6, H, W)
+        return self._mean_image(stats[:, : self.config.num_channels])
 
     def _reconstruction_loss(self, pixel_values, mu, log_scale) -> torch.Tensor:
         eps = self.config.logit_laplace_eps

@@ -164,21 +164,26 @@ class DallePipeline(DiffusionPipeline):
         # Prefill: the text (and the kept rows) in one forward, then one token per step.
         out = transformer(input_ids=text, image_ids=prefix, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        logits = transformer.image_logits(out.logits[:, -1])  # (B', V_i)
+        # The loop does only the sampling step per token beyond the model (docs/performance.md).
         with self.progress_bar(total=n_total - p) as progress_bar:
             for i in range(p, n_total):
-                logits = transformer.image_logits(out.logits[:, -1]).float()  # (B', V_i)
+                logits = logits.float()
                 if use_guidance:
                     uncond, cond = logits.chunk(2)
                     logits = uncond + guidance_scale * (cond - uncond)  # (B, V_i)
-                logits = filter_logits(logits / temperature, top_k, top_p)
+                if temperature != 1:
+                    logits = logits / temperature
+                if top_k is not None or top_p is not None:
+                    logits = filter_logits(logits, top_k, top_p)
                 next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
                 tokens[:, i] = next_token[:, 0]
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, i, i, {"image_tokens": tokens[:, : i + 1]})
                 progress_bar.update()
                 if i + 1 < n_total:
-                    step_ids = torch.cat([next_token, next_token]) if use_guidance else next_token  # (B', 1)
-                    out = transformer(image_ids=step_ids, past_key_values=cache, logits_to_keep=1)
+                    step_ids = next_token.repeat(2, 1) if use_guidance else next_token  # (B', 1)
+                    logits = transformer.decode_step(step_ids, cache)  # (B', V_i)
         return tokens
 
     @torch.no_grad()

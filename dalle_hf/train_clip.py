@@ -222,7 +222,9 @@ def caption_ranking_set(n_images: int = 300, n_captions: int = 32, seed: int = 0
 
 
 @torch.no_grad()
-def caption_ranking_hits(clip_model: CLIPModel, clip_processor: CLIPProcessor, pixel_values, candidates) -> torch.Tensor:
+def caption_ranking_hits(
+    clip_model: CLIPModel, clip_processor: CLIPProcessor, pixel_values: torch.Tensor, candidates: list[list[str]]
+) -> torch.Tensor:
     """Bool `(N,)`: whether CLIP scores each image's first candidate caption above all the others."""
     device, dtype = clip_model.device, clip_model.dtype
     unique = sorted({c for cands in candidates for c in cands})
@@ -237,7 +239,8 @@ def caption_ranking_hits(clip_model: CLIPModel, clip_processor: CLIPProcessor, p
     image_embeds = []
     for start in range(0, len(pixel_values), 256):
         images = clip_pixel_values(pixel_values[start : start + 256].to(device=device, dtype=dtype), clip_processor)
-        image_embeds.append(F.normalize(clip_model.get_image_features(pixel_values=images).pooler_output.float(), dim=-1))
+        features = clip_model.get_image_features(pixel_values=images).pooler_output
+        image_embeds.append(F.normalize(features.float(), dim=-1))
     image_embeds = torch.cat(image_embeds)  # (N, D)
     columns = torch.tensor([[index[c] for c in cands] for cands in candidates], device=device)  # (N, C)
     scores = torch.einsum("nd,ncd->nc", image_embeds, text_embeds[columns])  # (N, C)
@@ -417,7 +420,8 @@ def main(args: argparse.Namespace) -> dict:
             # Logits in float32: under bf16 autocast the embeddings are bf16, and a scale of up to 100 would
             # amplify their rounding.
             logit_scale = accelerator.unwrap_model(model).logit_scale.exp()
-            logits_per_image = outputs.image_embeds.float() @ outputs.text_embeds.float().t() * logit_scale  # (B, B(1+K))
+            logits_per_image = outputs.image_embeds.float() @ outputs.text_embeds.float().t()  # (B, B(1+K))
+            logits_per_image = logits_per_image * logit_scale
             mask = batch["false_negative_mask"].to(accelerator.device)
             loss = contrastive_loss(logits_per_image, mask)
             accelerator.backward(loss)
@@ -489,6 +493,9 @@ def main(args: argparse.Namespace) -> dict:
                 f"caption top-1 among 32 (true + 31 same-world false; {args.num_validation_images} held-out renders, "
                 f"seed {args.seed})": final["caption_top1"],
                 **{f"caption top-1, {task}": final[task] for task in TASKS if task in final},
+                "caption top-1 during training (step: top-1)": ", ".join(
+                    f"{v['step']}: {v['caption_top1']:.3f}" for v in validations
+                ),
             }
         hyperparameters = {
             k: getattr(args, k)
@@ -512,7 +519,11 @@ def main(args: argparse.Namespace) -> dict:
                 "`CLIPProcessor.from_pretrained(<output_dir>/clip_processor)`; score with "
                 "`dalle_hf.clip.clip_text_image_scores`."
             ),
-            data=describe_dataset(args),
+            data=describe_dataset(args) if args.dataset != "shapes" else (
+                "the procedural shapes world (`dalle_hf.data.shapes`): fresh renders of the six training tasks "
+                "(held-out colour/shape pairs never drawn), each with its true caption and "
+                f"{args.num_hard_negatives} false captions of the same scene (`captions_for_clip_negatives`)"
+            ),
             command=command_line("dalle_hf.train_clip"),
             seed=args.seed,
             steps=step,

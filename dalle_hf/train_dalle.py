@@ -165,7 +165,8 @@ def validate(pipe, output_dir: str, step: int, seed: int) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    level = logging.INFO if accelerator.is_local_main_process else logging.WARNING  # one log, not one per rank
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)

@@ -67,11 +67,14 @@ def test_config_validation():
 
 
 def test_documented_defaults_match_signature():
-    for fn in (make_clip_config, make_clip_processor):
+    from dalle_hf.train_clip import evaluate_clip_caption_ranking
+
+    for fn in (make_clip_config, make_clip_processor, evaluate_clip_caption_ranking):
         doc = inspect.getdoc(fn)
         for name, param in inspect.signature(fn).parameters.items():
             if param.default is not inspect.Parameter.empty:
-                assert f"{name} (`" in doc and f"defaults to {param.default}" in doc.split(f"{name} (`")[1].split("\n")[0]
+                documented = doc.split(f"{name} (`")[1].split("\n")[0]
+                assert f"defaults to {param.default}" in documented.replace("`", ""), (fn.__name__, name)
 
 
 def test_processor_round_trip(processor, tmp_path):
@@ -143,8 +146,9 @@ def test_contrastive_loss_masks_false_negatives():
     mask[0, 1] = True  # caption 1 is also true of image 0: it leaves image 0's softmax (and caption 1's)
     masked = contrastive_loss(logits, mask)
     assert masked < unmasked
-    i2t = torch.nn.functional.cross_entropy(torch.tensor([[5.0, float("-inf"), 0, 0], [0, 5.0, 0, 0]]), torch.arange(2))
-    t2i = torch.nn.functional.cross_entropy(torch.tensor([[5.0, 0.0], [float("-inf"), 5.0]]), torch.arange(2))
+    inf = float("inf")
+    i2t = torch.nn.functional.cross_entropy(torch.tensor([[5.0, -inf, 0, 0], [0, 5.0, 0, 0]]), torch.arange(2))
+    t2i = torch.nn.functional.cross_entropy(torch.tensor([[5.0, 0.0], [-inf, 5.0]]), torch.arange(2))
     torch.testing.assert_close(masked, (i2t + t2i) / 2)
 
 
@@ -154,11 +158,12 @@ def test_collate_marks_captions_true_of_other_images(tokenizer):
 
     red_circle = (ShapeObject("circle", "red", "large", 32.0, 32.0, 26),)
     blue_square = (ShapeObject("square", "blue", "large", 32.0, 32.0, 26),)
+    pixels = torch.zeros(3, 32, 32)
     examples = [
-        {"pixel_values": torch.zeros(3, 32, 32), "text": "a red circle", "negatives": ["a blue circle"], "objects": red_circle},
-        {"pixel_values": torch.zeros(3, 32, 32), "text": "a circle", "negatives": ["a square"], "objects": red_circle},
-        {"pixel_values": torch.zeros(3, 32, 32), "text": "a square", "negatives": ["a circle"], "objects": blue_square},
-    ]  # fmt: skip
+        {"pixel_values": pixels, "text": "a red circle", "negatives": ["a blue circle"], "objects": red_circle},
+        {"pixel_values": pixels, "text": "a circle", "negatives": ["a square"], "objects": red_circle},
+        {"pixel_values": pixels, "text": "a square", "negatives": ["a circle"], "objects": blue_square},
+    ]
     batch = collate_contrastive(examples, tokenizer)
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape == (6, 8)
     # columns: a red circle, a circle, a square | a blue circle, a square, a circle
@@ -217,7 +222,8 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
 
     out = str(tmp_path / "clip")
     result = train_clip.main(train_clip.parse_args(["--output_dir", out, *TRAIN_ARGS]))
-    assert [h["step"] for h in result["history"]] == [2, 4] and all(math.isfinite(h["loss"]) for h in result["history"])
+    assert [h["step"] for h in result["history"]] == [2, 4]
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
     assert [v["step"] for v in result["validations"]] == [2, 4] and result["images_seen"] == 16
     assert sorted(os.listdir(out)) == ["checkpoint-2", "clip_model", "clip_processor", "tokenizer"]
     model = CLIPModel.from_pretrained(os.path.join(out, "clip_model"))

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_hf.data import shapes
 from dalle_hf.data.shapes import (
     COLORS,
     EVAL_TASKS,
@@ -326,7 +325,8 @@ def test_dataset_streams_differ_per_worker_and_rank(monkeypatch):
     dataset = ShapesDataset(seed=0)
     streams = {}
     for worker_id, rank in ((None, 0), (0, 0), (1, 0), (0, 1)):
-        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=worker_id: None if w is None else _FakeWorkerInfo(w))
+        worker_info = None if worker_id is None else _FakeWorkerInfo(worker_id)
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=worker_info: info)
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda r=rank: r > 0)
         monkeypatch.setattr(torch.distributed, "get_rank", lambda r=rank: r)
         streams[(worker_id, rank)] = _first_captions(dataset)

@@ -2,7 +2,6 @@
 
 import inspect
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -71,7 +70,8 @@ def test_detect_objects_measures_a_known_scene():
         assert abs(obj.cx - truth[obj.shape].cx) <= 1 and abs(obj.cy - truth[obj.shape].cy) <= 1
         assert abs(obj.size_px - truth[obj.shape].size_px) <= 1
     square = next(o for o in found if o.shape == "square")
-    assert square.bbox == (32, 32, 60, 60) and square.fill_ratio == 1.0 and square.harmonic4 == pytest.approx(-1 / 60, abs=1e-3)
+    assert square.bbox == (32, 32, 60, 60) and square.fill_ratio == 1.0
+    assert square.harmonic4 == pytest.approx(-1 / 60, abs=1e-3)
 
 
 def test_image_formats_agree():
@@ -189,7 +189,9 @@ class _FakePipeline:
 
 def test_evaluate_pipeline_accounts_for_every_image(tmp_path):
     pipe = _FakePipeline(good_index=1)
-    report = evaluate_pipeline(pipe, str(tmp_path), images_per_prompt=4, prompts_per_task=3, batch_size=8, progress=False)
+    report = evaluate_pipeline(
+        pipe, str(tmp_path), images_per_prompt=4, prompts_per_task=3, batch_size=8, progress=False
+    )
     assert report["accuracy"] == {task: 0.25 for task in EVAL_TASKS}  # one good sample in four
     assert report["any_of_k"] == {task: 1.0 for task in EVAL_TASKS}
     assert report["shapes_eval"] == 0.25 and report["novel"] == 0.25 and report["shapes_eval_any_of_k"] == 1.0

@@ -586,7 +586,7 @@ def sample_example(rng: random.Random, task: str) -> tuple[Image.Image, str, Sce
     ```python
     >>> image, caption, scene = sample_example(random.Random(0), "counting")
     >>> caption
-    'three squares'
+    'three diamonds'
     ```
     """
     _check_rng(rng)
@@ -676,7 +676,7 @@ def corrupt_caption(scene: Scene, rng: random.Random) -> str:
     ```python
     >>> image, caption, scene = sample_example(random.Random(1), "position")
     >>> caption, corrupt_caption(scene, random.Random(0))
-    ('a diamond below a triangle', 'a diamond above a triangle')
+    ('a square below a triangle', 'a square below a diamond')
     ```
     """
     _check_rng(rng)

@@ -20,7 +20,7 @@ Example:
 >>> from dalle_hf.eval.shapes import check, detect_objects
 >>> image, caption, scene = sample_example(random.Random(0), "colors")
 >>> check(image, caption), [(o.color, o.shape) for o in detect_objects(image)]
-(True, [('yellow', 'square')])
+(True, [('pink', 'diamond')])
 ```
 """
 
@@ -30,13 +30,14 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from ..data.shapes import (
     COLORS,
@@ -44,7 +45,6 @@ from ..data.shapes import (
     IMAGE_SIZE,
     NOVEL_TASK,
     SHAPES,
-    SIZE_RANGES,
     SIZE_THRESHOLD_PX,
     TASKS,
     EvalPrompt,
@@ -465,6 +465,7 @@ def check_caption(image, caption: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # Evaluating a pipeline
 
+EVAL_PROMPT_SEED = 0  # the benchmark's prompts are fixed; `seed` only changes the samples
 _SHEET_PROMPTS = 8  # rows of each task's sample sheet
 _SHEET_SCALE = 2  # 64 px samples are shown at 128 px
 _SHEET_BORDER = 4  # px of the green (pass) / red (fail) frame
@@ -585,25 +586,27 @@ def evaluate_pipeline(
     >>> report["shapes_eval"], report["novel"], report["shapes_eval_reranked"]
     ```
     """
-    from tqdm.auto import tqdm
-
-    for name, value in (("images_per_prompt", images_per_prompt), ("candidates", candidates),
-                        ("prompts_per_task", prompts_per_task), ("batch_size", batch_size)):
-        _validate_positive_int(name, value)
+    # 1. Check inputs.
+    _validate_positive_int("images_per_prompt", images_per_prompt)
+    _validate_positive_int("candidates", candidates)
+    _validate_positive_int("prompts_per_task", prompts_per_task)
+    _validate_positive_int("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     tasks = _validate_tasks(tasks)
     os.makedirs(out_dir, exist_ok=True)
 
+    # 2. Plan every pipeline call: the sampling pass, then (candidates > 1) the reranked best-of-N pass.
     stages = [("sample", images_per_prompt)] + ([("rerank", candidates)] if candidates > 1 else [])
-    plan = []  # (task, stage, batch_index, prompts) for every pipeline call
+    plan = []  # (task, stage, batch_index, prompts)
     for task in tasks:
-        prompts = evaluation_prompts(task, prompts_per_task)
+        prompts = evaluation_prompts(task, prompts_per_task, seed=EVAL_PROMPT_SEED)
         for stage, per_prompt in stages:
             step = max(1, batch_size // per_prompt)
             for batch_index, start in enumerate(range(0, len(prompts), step)):
                 plan.append((task, stage, batch_index, prompts[start : start + step]))
 
+    # 3. Generate and check every image.
     passes = {task: {"sample": [], "rerank": []} for task in tasks}  # per prompt: list of bools
     sheet_rows = {task: [] for task in tasks}
     reranked_by_clip = None
@@ -611,7 +614,8 @@ def evaluate_pipeline(
     for task, stage, batch_index, batch in tqdm(plan, desc="ShapesEval", disable=not progress):
         keep = images_per_prompt if stage == "sample" else 1
         per_prompt = images_per_prompt if stage == "sample" else candidates
-        images, clip_scores = _generate(pipe, [p.prompt for p in batch], per_prompt, keep, _call_seed(seed, task, batch_index, stage))
+        call_seed = _call_seed(seed, task, batch_index, stage)
+        images, clip_scores = _generate(pipe, [p.prompt for p in batch], per_prompt, keep, call_seed)
         if stage == "rerank":
             reranked_by_clip = clip_scores is not None
         for i, eval_prompt in enumerate(batch):
@@ -619,14 +623,23 @@ def evaluate_pipeline(
             results = [check(image, eval_prompt) for image in prompt_images]
             prompt_index = len(passes[task][stage])
             passes[task][stage].append(results)
-            records.append({"task": task, "stage": stage, "prompt_index": prompt_index,
-                            "prompt": eval_prompt.prompt, "passed": results})
+            record = {
+                "task": task,
+                "stage": stage,
+                "prompt_index": prompt_index,
+                "prompt": eval_prompt.prompt,
+                "passed": results,
+            }
+            if clip_scores is not None:
+                record["clip_scores"] = [float(score) for score in clip_scores[i]]
+            records.append(record)
             if prompt_index < _SHEET_PROMPTS:
                 if stage == "sample":
                     sheet_rows[task].append((eval_prompt.prompt, list(zip(prompt_images, results))))
                 elif prompt_index < len(sheet_rows[task]):  # the reranked pick, as the last column
                     sheet_rows[task][prompt_index][1].append((prompt_images[0], results[0]))
 
+    # 4. Score and write the report, per-prompt results and sample sheets.
     accuracy = {t: _mean([r for prompt in passes[t]["sample"] for r in prompt]) for t in tasks}
     any_of_k = {t: _mean([any(prompt) for prompt in passes[t]["sample"]]) for t in tasks}
     geneval_tasks = [t for t in tasks if t in TASKS]
@@ -639,22 +652,27 @@ def evaluate_pipeline(
     }
     if candidates > 1:
         reranked = {t: _mean([prompt[0] for prompt in passes[t]["rerank"]]) for t in tasks}
-        report.update({
-            "reranked_accuracy": reranked,
-            "shapes_eval_reranked": _mean([reranked[t] for t in geneval_tasks]) if geneval_tasks else None,
-            "novel_reranked": reranked.get(NOVEL_TASK),
-            "reranked_by_clip": reranked_by_clip,
-        })
+        report["reranked_accuracy"] = reranked
+        report["shapes_eval_reranked"] = _mean([reranked[t] for t in geneval_tasks]) if geneval_tasks else None
+        report["novel_reranked"] = reranked.get(NOVEL_TASK)
+        report["reranked_by_clip"] = reranked_by_clip
     report["config"] = {
-        "images_per_prompt": images_per_prompt, "candidates": candidates, "seed": seed,
-        "prompts_per_task": prompts_per_task, "tasks": list(tasks), "batch_size": batch_size,
+        "images_per_prompt": images_per_prompt,
+        "candidates": candidates,
+        "seed": seed,
+        "prompts_per_task": prompts_per_task,
+        "prompt_seed": EVAL_PROMPT_SEED,
+        "tasks": list(tasks),
+        "batch_size": batch_size,
     }
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
     for task in tasks:
-        title = f"{task}: accuracy {accuracy[task]:.3f}" + (" (last column: CLIP-reranked pick)" if candidates > 1 else "")
+        title = f"{task}: accuracy {accuracy[task]:.3f}"
+        if candidates > 1:
+            title += f" (last column: the pick of {candidates} candidates)"
         _save_sheet(os.path.join(out_dir, f"samples_{task}.png"), sheet_rows[task], title)
     return report
 
@@ -718,7 +736,9 @@ def evaluate_vae_fidelity(
         codes = vae.get_codebook_indices(pixel_values.to(device))
         reconstructions = vae.decode_code(codes).float().clamp(0, 1).cpu()
         if reconstructions.shape != pixel_values.shape:
-            raise ValueError(f"decode_code returned {tuple(reconstructions.shape)}, expected {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"decode_code returned {tuple(reconstructions.shape)}, expected {tuple(pixel_values.shape)}"
+            )
         squared_errors.append(((reconstructions - pixel_values) ** 2).mean(dim=(1, 2, 3)))
         for (task, image, caption, _), reconstruction in zip(batch, reconstructions):
             passed.append((task, check(reconstruction, caption)))

@@ -1,0 +1,123 @@
+"""Load test of the Gradio app: concurrent `gradio_client` clients against `python app.py` on 127.0.0.1.
+
+    OMP_NUM_THREADS=1 python benchmarks/load_test_app.py [--clients 8] [--requests 3] [--size tiny|shapes]
+
+Starts the app on a free port (the checkpoint if given and present, else a random-weight pipeline of `--size`, saved
+to a temporary folder), warms it up with one request, then runs `--clients` threads, each with its own `Client`,
+sending `--requests` text-to-image requests (every other one a variation of the first grid's best image). Prints
+how many succeeded, request latencies, and the server's resident memory (Linux /proc): after the warm-up, at its
+peak, and after the load once idle. Exits 1 if a request failed or the memory did not settle within `--tolerance`.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_app import free_port, save_random_pipeline, start_app, stop_app  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of `pid` in MB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="A saved pipeline; default: random weights of --size.")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "shapes"])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3, help="Requests per client.")
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--keep", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2, help="The app's --concurrency.")
+    parser.add_argument("--tolerance", type=float, default=0.15, help="Allowed memory growth after the load.")
+    args = parser.parse_args()
+
+    from gradio_client import Client, handle_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint and (Path(args.checkpoint) / "model_index.json").is_file():
+            checkpoint, what = Path(args.checkpoint), f"checkpoint {args.checkpoint}"
+        else:
+            checkpoint, what = save_random_pipeline(Path(tmp) / "random", args.size), f"random weights, {args.size} size"
+        port = free_port()
+        queue_size = args.clients * 2
+        proc = start_app(checkpoint, port, "--concurrency", str(args.concurrency), "--max-queue", str(queue_size))
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            warm = Client(url, verbose=False)
+            first = warm.predict(None, "a red circle", args.candidates, args.keep, 1.0, 0, 1.0, 1.0, 0, False,
+                                 api_name="/generate")
+            reference = first[0][0]["image"]
+            time.sleep(1)
+            start_rss = rss_mb(proc.pid)
+            peak_rss, stop_sampling = [start_rss], threading.Event()
+
+            def sample_memory():
+                while not stop_sampling.is_set():
+                    peak_rss[0] = max(peak_rss[0], rss_mb(proc.pid))
+                    time.sleep(0.1)
+
+            latencies, failures = [], []
+            lock = threading.Lock()
+
+            def client_loop(index: int):
+                client = Client(url, verbose=False)
+                for r in range(args.requests):
+                    begin = time.perf_counter()
+                    try:
+                        if r % 2:
+                            out = client.predict(None, handle_file(reference), "", 1, args.candidates, args.keep, 1.0, 0,
+                                                 1.0, 1.0, index * 100 + r, False, api_name="/variations")
+                        else:
+                            out = client.predict(None, "a blue square and a yellow triangle", args.candidates, args.keep,
+                                                 1.0, 0, 1.0, 1.0, index * 100 + r, False, api_name="/generate")
+                        assert len(out[0]) == args.keep, out
+                        with lock:
+                            latencies.append(time.perf_counter() - begin)
+                    except Exception as e:  # counted and reported, never hidden
+                        with lock:
+                            failures.append(f"client {index} request {r}: {type(e).__name__}: {e}")
+
+            monitor = threading.Thread(target=sample_memory, daemon=True)
+            monitor.start()
+            begin = time.perf_counter()
+            threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - begin
+            time.sleep(3)  # idle: let the server finish its bookkeeping
+            stop_sampling.set()
+            monitor.join()
+            end_rss = rss_mb(proc.pid)
+        finally:
+            stop_app(proc)
+
+    total = args.clients * args.requests
+    print(f"load test: {args.clients} clients x {args.requests} requests ({args.candidates} candidates -> {args.keep}, "
+          f"text and variations), {what}, app --concurrency {args.concurrency} --max-queue {queue_size}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"  succeeded {len(latencies)}/{total} in {wall:.1f} s; latency median {statistics.median(latencies or [0]):.2f} s, "
+          f"max {max(latencies or [0]):.2f} s")
+    growth = (end_rss - start_rss) / start_rss
+    print(f"  server RSS: start {start_rss:.0f} MB, peak {peak_rss[0]:.0f} MB, after {end_rss:.0f} MB ({growth:+.1%})")
+    for failure in failures:
+        print("  FAILED", failure)
+    ok = not failures and len(latencies) == total and growth <= args.tolerance
+    print("OK" if ok else "NOT OK")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

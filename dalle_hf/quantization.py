@@ -1,0 +1,154 @@
+"""Precision and quantization of a DALL-E pipeline: the options, each through the standard APIs where one exists.
+
+| option | how | where it pays |
+|---|---|---|
+| bf16 | `DallePipeline.from_pretrained(path, torch_dtype=torch.bfloat16)` | CPUs with native bf16 matmul (AVX-512 BF16/AMX), GPUs |
+| int8, dynamic | `quantize_dynamic_int8(pipe)` after loading (torch.ao, fbgemm/x86 kernels) | CPU speed |
+| int8, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(8))` | GPU memory (LLM.int8) |
+| nf4, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(4))` | GPU memory |
+
+Never fp16 on CPU: it has no fp16 matmul kernels there (about 1 GFLOP/s). Measured numbers: docs/performance.md.
+"""
+
+import warnings
+
+import torch
+from torch import nn
+
+INT8_SKIP_MODULES = ("lm_head",)  # the head decides every sampled token; it is also small (width x vocab)
+
+
+def _transformer_of(pipe_or_model) -> nn.Module:
+    model = getattr(pipe_or_model, "transformer", pipe_or_model)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a DallePipeline or a torch.nn.Module, got {type(pipe_or_model).__name__}")
+    return model
+
+
+def quantize_dynamic_int8(pipe_or_model, skip_modules: tuple[str, ...] = INT8_SKIP_MODULES):
+    r"""
+    Dynamic int8 quantization of the transformer's `nn.Linear` layers, for fast CPU sampling.
+
+    Weights become int8 per output channel once; activations are quantized per batch on the fly (PyTorch's
+    `torch.ao.quantization.quantize_dynamic`, x86/fbgemm VNNI kernels). Embeddings, LayerNorms and the layers
+    named in `skip_modules` stay in float32. Applied in place after loading; the result is for inference and is
+    not meant to be saved (save the float model and quantize after loading).
+
+    Args:
+        pipe_or_model (`DallePipeline` or `DalleForImageGeneration`):
+            A pipeline (its `transformer` is quantized) or a model, float32 on CPU.
+        skip_modules (`tuple[str, ...]`, *optional*, defaults to `("lm_head",)`):
+            Names of `nn.Linear` submodules (matched as the last component) to keep in float32.
+
+    Returns:
+        The same `pipe_or_model`, quantized in place.
+
+    Example:
+
+    ```python
+    >>> from dalle_hf import DallePipeline
+    >>> from dalle_hf.quantization import quantize_dynamic_int8
+    >>> pipe = quantize_dynamic_int8(DallePipeline.from_pretrained("checkpoints/dalle-shapes"))
+    >>> images = pipe("a red circle", num_images_per_prompt=16, num_images_to_keep=4).images
+    ```
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = _transformer_of(pipe_or_model)
+    weights = [p for p in model.parameters()]
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in weights):
+        found = sorted({f"{p.dtype}/{p.device.type}" for p in weights})
+        raise ValueError(f"quantize_dynamic_int8 needs a float32 model on CPU, got parameters {found}")
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.split(".")[-1] not in skip_modules]
+    if not names:
+        raise ValueError("quantize_dynamic_int8 found no nn.Linear layers to quantize")
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, whose int8 CPU kernels are not faster here.
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+    model.eval()
+    return pipe_or_model
+
+
+def bnb_quantization_config(bits: int = 8, compute_dtype: torch.dtype | None = None, components=("transformer",)):
+    r"""
+    A `diffusers.PipelineQuantizationConfig` for bitsandbytes int8 (LLM.int8) or 4-bit nf4 on the transformer.
+
+    The standard API, with the head kept in float (`llm_int8_skip_modules`). Pass it to
+    `DallePipeline.from_pretrained(path, quantization_config=...)`; the quantized pipeline saves with
+    `save_pretrained` and reloads without a config. bitsandbytes saves memory on CUDA; on CPU it runs, slower than
+    float32.
+
+    Args:
+        bits (`int`, *optional*, defaults to 8):
+            8 for `bitsandbytes_8bit`, 4 for `bitsandbytes_4bit` with nf4 (QLoRA's NormalFloat) blocks.
+        compute_dtype (`torch.dtype`, *optional*):
+            4-bit only: the matmul dtype (`bnb_4bit_compute_dtype`); bf16 on a recent GPU or CPU.
+        components (`tuple[str, ...]`, *optional*, defaults to `("transformer",)`):
+            Pipeline components to quantize.
+
+    Example:
+
+    ```python
+    >>> from dalle_hf import DallePipeline
+    >>> from dalle_hf.quantization import bnb_quantization_config
+    >>> pipe = DallePipeline.from_pretrained("checkpoints/dalle-shapes", quantization_config=bnb_quantization_config(8))
+    ```
+    """
+    from diffusers import PipelineQuantizationConfig
+
+    if bits == 8:
+        backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
+    elif bits == 4:
+        backend, kwargs = "bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+        if compute_dtype is not None:
+            kwargs["bnb_4bit_compute_dtype"] = compute_dtype
+    else:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    kwargs["llm_int8_skip_modules"] = list(INT8_SKIP_MODULES)
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=list(components))
+
+
+def unpack_bnb_4bit_cpu_weights(module: nn.Module, *args, **kwargs) -> None:
+    """Undo bitsandbytes' CPU repacking of 4-bit weights, exactly, before a state dict is taken.
+
+    On a CPU with AVX-512 BF16, the first inference forward of a `bnb.nn.Linear4bit` repacks its weight for a
+    fused kernel and stores `absmax` transposed, as `(K / blocksize, N)` in bf16. bitsandbytes 0.50's inverse
+    (run by `Linear4bit._save_to_state_dict`) restores the nibbles but, without double quantization, leaves
+    `absmax` transposed, so a checkpoint saved after a forward reloads with scales on the wrong blocks (and the
+    in-memory model is corrupted too). Registered as a state-dict pre-hook on `DalleForImageGeneration`; a no-op
+    without packed 4-bit layers. The bf16 `absmax` is what the packed kernel used, so outputs are unchanged.
+    """
+    for m in module.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is None or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        transposed = state.absmax  # (K / blocksize, N), bf16
+        m.weight.data, state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
+        if not state.nested:  # the nested branch re-quantizes absmax from the right layout itself
+            state.absmax = transposed.T.reshape(-1).float()  # (N * K / blocksize,) as `quantize_4bit` made it
+
+
+def _tensor_bytes(t) -> int:
+    if isinstance(t, (tuple, list)):
+        return sum(_tensor_bytes(x) for x in t)
+    if not isinstance(t, torch.Tensor):
+        return 0
+    n = t.numel() * t.element_size()
+    if t.is_quantized and t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        n += _tensor_bytes(t.q_per_channel_scales()) + _tensor_bytes(t.q_per_channel_zero_points())
+    return n
+
+
+def weight_bytes(pipe_or_model) -> int:
+    """Bytes of a model's weights as stored: parameters and buffers, int8/int4 data with their scales.
+
+    Counts the state dict, so float, `torch.ao` dynamic int8 (packed weights, per-channel scales) and
+    bitsandbytes (int8 + `SCB`, 4-bit + `absmax`/quant-state) models compare on one scale.
+    """
+    return sum(_tensor_bytes(t) for t in _transformer_of(pipe_or_model).state_dict().values())
+
+
+__all__ = ["bnb_quantization_config", "quantize_dynamic_int8", "unpack_bnb_4bit_cpu_weights", "weight_bytes"]

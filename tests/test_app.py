@@ -1,0 +1,486 @@
+"""The Gradio app: handlers called directly (bad input, streaming, the pipeline cache), then `python app.py` in a
+subprocess driven end to end with `gradio_client`. A tiny random pipeline is saved to a temporary folder."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import app
+from tests.conftest import CAPTIONS, tiny_dalle_config
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore:.*:UserWarning")  # gr.Warning outside a server is a UserWarning
+SETTINGS = dict(candidates=6, keep=3, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny saved pipeline and the app serving it (shared with tests/test_app_browser.py)
+# ----------------------------------------------------------------------------------------------------------------
+def save_tiny_pipeline(path: Path) -> Path:
+    """The tiny random components of tests/conftest.py (4x4 grid of 16 px images, CLIP), saved with save_pretrained."""
+    from transformers import CLIPModel
+
+    from dalle_hf.clip import make_clip_config, make_clip_processor
+    from dalle_hf.configuration_dvae import DalleVAEConfig
+    from dalle_hf.modeling_dalle import DalleForImageGeneration
+    from dalle_hf.modeling_dvae import DalleVAE
+    from dalle_hf.pipeline_dalle import DallePipeline
+    from dalle_hf.tokenization import train_text_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_text_tokenizer(CAPTIONS * 10, vocab_size=300, text_seq_len=8)
+    vae = DalleVAE(DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32))
+    clip = CLIPModel(make_clip_config(len(tokenizer), text_seq_len=8, image_size=16, patch_size=4, vision_width=32,
+                                      vision_layers=2, text_width=32, text_layers=2, projection_dim=32, head_dim=16))
+    pipe = DallePipeline(tokenizer=tokenizer, transformer=DalleForImageGeneration(tiny_dalle_config()).eval(),
+                         vae=vae.eval(), clip_model=clip.eval(), clip_processor=make_clip_processor(tokenizer, 16))
+    pipe.save_pretrained(path)
+    return path
+
+
+_SHARED = {}  # one checkpoint folder and one server per test session, for both app test files
+
+
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    if "checkpoints" not in _SHARED:
+        root = tmp_path_factory.mktemp("checkpoints")
+        save_tiny_pipeline(root / "tiny")
+        _SHARED["checkpoints"] = root
+    return _SHARED["checkpoints"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_server(tmp_path_factory) -> str:
+    """Start `python app.py --checkpoints <tiny> --port <free>` once (port from GRADIO_SERVER_PORT); returns its URL."""
+    if "url" not in _SHARED:
+        checkpoints = tiny_checkpoints(tmp_path_factory)
+        port = free_port()
+        log = open(checkpoints.parent / "app.log", "w")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+        proc = subprocess.Popen([sys.executable, "app.py", "--checkpoints", str(checkpoints), "--threads", "1"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _SHARED["proc"], _SHARED["log"] = proc, log
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "app.py did not start:\n" + Path(log.name).read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        _SHARED["url"] = url
+    return _SHARED["url"]
+
+
+def stop_app_server():
+    proc = _SHARED.pop("proc", None)
+    _SHARED.pop("url", None)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if "log" in _SHARED:
+        _SHARED.pop("log").close()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    return tiny_checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def models(checkpoints):
+    return app.find_checkpoints(checkpoints)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    yield app_server(tmp_path_factory)
+    stop_app_server()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def run(handler, *args, **settings):
+    """Consume a handler's generator: -> (all outputs, the last one)."""
+    outputs = list(handler(*args, **{**SETTINGS, "seed": 7, "randomize_seed": False, **settings}))
+    return outputs, outputs[-1]
+
+
+def pixels(gallery) -> list[np.ndarray]:
+    return [np.asarray(PIL.Image.open(item["image"]) if isinstance(item, dict) else item[0]) for item in gallery]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, the pipeline cache, the command line
+# ----------------------------------------------------------------------------------------------------------------
+def test_find_checkpoints(tmp_path, checkpoints):
+    for name in ("b-model", "dalle-shapes", "a-model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    (tmp_path / "not-a-model").mkdir()
+    assert list(app.find_checkpoints(tmp_path)) == ["dalle-shapes", "a-model", "b-model"]
+    assert app.find_checkpoints(checkpoints / "tiny") == {"tiny": checkpoints / "tiny"}  # one model folder
+    assert app.find_checkpoints(tmp_path / "missing") == {}
+
+
+def test_checkpoints_root_and_flags(monkeypatch, tmp_path):
+    monkeypatch.delenv(app.CHECKPOINTS_ENV, raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    assert app.checkpoints_root() == app.DEFAULT_CHECKPOINTS == REPO / "checkpoints"
+    monkeypatch.setenv(app.CHECKPOINTS_ENV, str(tmp_path))
+    assert app.checkpoints_root() == tmp_path and app.checkpoints_root("other") == Path("other")
+    args = app.parse_args([])
+    assert (args.host, args.port, args.checkpoints) == ("127.0.0.1", 7999, None)
+    args = app.parse_args(["--host", "0.0.0.0", "--port", "8000", "--checkpoints", "x", "--concurrency", "3"])
+    assert (args.host, args.port, args.checkpoints, args.concurrency) == ("0.0.0.0", 8000, "x", 3)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-queue", "0"])
+
+
+def test_build_demo_loads_nothing_and_lists_models(checkpoints):
+    before = dict(app._PIPELINES)
+    demo = app.build_demo(checkpoints)
+    assert app._PIPELINES == before
+    config = demo.get_config_file()
+    dropdown = next(c for c in config["components"] if c["type"] == "dropdown")
+    assert dropdown["props"]["value"] == "tiny" and dropdown["props"]["visible"] is False  # one model: no selector
+    apis = {d.get("api_name") for d in config["dependencies"] if d.get("api_visibility") == "public"}
+    assert {"generate", "variations"} <= apis
+
+
+def test_no_checkpoint_starts_with_a_message(tmp_path):
+    demo = app.build_demo(tmp_path)
+    texts = [c["props"].get("value") or "" for c in demo.get_config_file()["components"] if c["type"] == "markdown"]
+    assert any("No model found" in t and str(tmp_path) in t for t in texts)
+    with pytest.raises(gr.Error, match="No model found"):
+        run(app.generate, {}, None, "a red circle")
+
+
+def test_pipeline_cache_loads_once_across_threads(monkeypatch, checkpoints, tmp_path):
+    calls, real = [], app.DallePipeline.from_pretrained
+
+    def counting(path, **kwargs):
+        calls.append(path)
+        time.sleep(0.2)  # a slow load: the other threads must wait for it, not start their own
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(app.DallePipeline, "from_pretrained", counting)
+    copy = tmp_path / "copy"
+    copy.symlink_to(checkpoints / "tiny")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(app.load_pipelines(copy))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 4 and all(r is results[0] for r in results)
+    pipe, variations = results[0]
+    assert variations.transformer is pipe.transformer  # one copy of the weights for both tabs
+
+
+def test_broken_checkpoint_is_a_message(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{not json")
+    with pytest.raises(gr.Error, match="Could not load the model 'broken'"):
+        run(app.generate, app.find_checkpoints(tmp_path), "broken", "a red circle")
+    with pytest.raises(gr.Error, match="Unknown model"):
+        run(app.generate, app.find_checkpoints(tmp_path), "../../etc", "a red circle")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text to images, called directly
+# ----------------------------------------------------------------------------------------------------------------
+def test_generate_ranks_streams_and_reproduces(models, monkeypatch):
+    monkeypatch.setattr(app, "PREVIEW_INTERVAL", 0.0)  # a preview at every completed row
+    outputs, (gallery, seed, status) = run(app.generate, models, "tiny", "a red circle")
+    assert seed == 7 and "6 candidates -> best 3" in status and "seed 7" in status
+    assert [caption.split(" · ")[0] for _, caption in gallery] == ["#1", "#2", "#3"]
+    scores = [float(caption.split("CLIP ")[1]) for _, caption in gallery]
+    assert scores == sorted(scores, reverse=True)
+    previews = [out[0] for out in outputs[1:-1]]
+    assert outputs[0][0] == [] and len(previews) == 3  # rows 1, 2, 3 of 4
+    assert all(caption == "sampling…" for p in previews for _, caption in p)
+    first = np.asarray(previews[0][0][0])  # one row of tokens = the top 4 of 16 pixel rows; the rest gray
+    assert first.shape == (16, 16, 3) and (first[4:] == round(255 * app.PREVIEW_GRAY)).all()
+    _, again = run(app.generate, models, "tiny", "a red circle")
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
+    _, other = run(app.generate, models, "tiny", "a red circle", seed=8)
+    assert not all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(other[0])))
+    _, (_, random_seed, _) = run(app.generate, models, "tiny", "a red circle", randomize_seed=True)
+    assert 0 <= random_seed <= app.MAX_SEED
+
+
+@pytest.mark.parametrize(
+    "prompt, note",
+    [
+        ("", "Empty prompt: sampling **unconditionally**"),
+        ("   ", "Empty prompt"),
+        (None, "Empty prompt"),
+        ("a red circle " * 50, "the model reads 8, so it was truncated to"),
+        ("x" * 100_000, "truncated"),
+        ("三つの円", "non-Latin characters or emoji"),
+        ("🔴🟦", "non-Latin characters or emoji"),
+    ],
+    ids=["empty", "spaces", "none", "long", "huge", "cjk", "emoji"],
+)
+def test_unusual_prompts_generate_with_a_note(models, prompt, note):
+    _, (gallery, _, status) = run(app.generate, models, "tiny", prompt)
+    assert len(gallery) == 3 and note in status
+
+
+def test_truncation_note_shows_what_the_model_reads(models):
+    _, (_, _, status) = run(app.generate, models, "tiny", "a red circle left of a blue square and three diamonds")
+    assert "The prompt is 24 tokens; the model reads 8, so it was truncated to “a red circle" in status
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(candidates=0), "Candidates N must be in"),
+        (dict(candidates=app.MAX_CANDIDATES + 1), "Candidates N must be in"),
+        (dict(candidates=2.5), "whole number"),
+        (dict(candidates="many"), "must be a number"),
+        (dict(candidates=None), "is missing"),
+        (dict(keep=0), "Images kept k"),
+        (dict(temperature=0.0), "Temperature"),
+        (dict(temperature=float("nan")), "Temperature"),
+        (dict(temperature=float("inf")), "Temperature"),
+        (dict(top_k=-1), "Top-k"),
+        (dict(top_p=0.0), "Top-p"),
+        (dict(top_p=1.5), "Top-p"),
+        (dict(guidance_scale=0.5), "Guidance scale"),
+        (dict(seed=-1), "Seed"),
+        (dict(seed=2**40), "Seed"),
+    ],
+)
+def test_out_of_range_settings_are_messages(models, settings, message):
+    with pytest.raises(gr.Error, match=message):
+        run(app.generate, models, "tiny", "a red circle", **settings)
+
+
+def test_keep_above_candidates_is_clamped_with_a_note(models):
+    _, (gallery, _, status) = run(app.generate, models, "tiny", "a circle", candidates=2, keep=5)
+    assert len(gallery) == 2 and "more than the candidates N=2: showing all 2" in status
+
+
+def test_sampling_settings_reach_the_pipeline(models):
+    _, (gallery, _, _) = run(app.generate, models, "tiny", "a circle", top_k=1, top_p=0.5, temperature=0.3,
+                             guidance_scale=3.0)
+    assert len(gallery) == 3
+
+
+def test_pipeline_failure_is_a_message_and_the_next_request_works(models, monkeypatch):
+    pipe, _ = app.load_pipelines(models["tiny"])
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(type(pipe), "sample_image_tokens", boom)
+    with pytest.raises(gr.Error, match="Text to images failed .*can't allocate memory.*still running"):
+        run(app.generate, models, "tiny", "a circle")
+    monkeypatch.undo()
+    assert len(run(app.generate, models, "tiny", "a circle")[1][0]) == 3
+
+
+def test_closing_the_request_stops_sampling(models, monkeypatch):
+    previews, real = [], app.preview_images
+
+    def slow_preview(*args):
+        previews.append(time.monotonic())
+        time.sleep(0.3)  # slow rows: the request goes away while the worker is still sampling
+        return real(*args)
+
+    monkeypatch.setattr(app, "PREVIEW_INTERVAL", 0.0)
+    monkeypatch.setattr(app, "preview_images", slow_preview)
+    stream = app.generate(models, "tiny", "a circle", **SETTINGS, seed=1, randomize_seed=False)
+    next(stream), next(stream)  # the empty gallery, then the first partial grid
+    stream.close()  # what gradio does when the browser goes away
+    for worker in [t for t in threading.enumerate() if t.name == "dalle-hf-sampling"]:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    assert len(previews) <= 2  # row 3 of 4 was never sampled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image variations and uploads, called directly
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def image_file(tmp_path):
+    def make(mode="RGB", size=(40, 30), fmt="PNG", name="input"):
+        color = {"RGB": (200, 30, 30), "RGBA": (200, 30, 30, 128), "L": 90, "LA": (90, 100), "CMYK": (0, 200, 200, 0),
+                 "P": 3, "1": 1, "I;16": 40000, "F": 0.5}[mode]
+        image = PIL.Image.new(mode, size, color)
+        if mode == "P":
+            image.info["transparency"] = 0
+        path = tmp_path / f"{name}.{fmt.lower()}"
+        image.save(path, fmt)
+        return str(path)
+
+    return make
+
+
+def test_variations_rank_and_reproduce(models, image_file):
+    path = image_file("RGB", (16, 16))
+    _, (gallery, seed, status) = run(app.vary, models, "tiny", path, "", 2)
+    assert len(gallery) == 3 and seed == 7 and "2/4 rows kept, 6 candidates -> best 3" in status
+    assert all(" · sim " in caption for _, caption in gallery)
+    _, again = run(app.vary, models, "tiny", path, "", 2)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
+    _, (with_prompt, _, _) = run(app.vary, models, "tiny", path, "a red circle", 0)
+    assert len(with_prompt) == 3
+
+
+@pytest.mark.parametrize(
+    "mode, fmt, size, note",
+    [
+        ("RGBA", "PNG", (16, 16), "composited on white"),
+        ("LA", "PNG", (16, 16), "composited on white"),
+        ("P", "PNG", (16, 16), "composited on white"),
+        ("L", "PNG", (16, 16), "Grayscale image converted to RGB"),
+        ("1", "PNG", (16, 16), "Grayscale image converted to RGB"),
+        ("CMYK", "JPEG", (16, 16), "CMYK image converted to RGB"),
+        ("I;16", "PNG", (16, 16), "converted to RGB"),
+        ("F", "TIFF", (16, 16), "converted to RGB"),
+        ("RGB", "JPEG", (300, 120), "Center-cropped to a square (300 x 120 -> 120 x 120)"),
+        ("RGB", "WEBP", (64, 64), "Resized to the model's 16 x 16"),
+        ("RGB", "GIF", (16, 16), "Variations"),  # no note needed: the summary
+    ],
+)
+def test_image_modes_are_converted_with_a_note(models, image_file, mode, fmt, size, note):
+    _, (gallery, _, status) = run(app.vary, models, "tiny", image_file(mode, size, fmt), "", 1)
+    assert len(gallery) == 3 and (note in status or note == "Variations"), status
+
+
+def test_bad_uploads_are_messages(models, image_file, tmp_path, monkeypatch):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(gr.Error, match="not an image this app can read"):
+        run(app.vary, models, "tiny", str(text), "", 1)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(image_file("RGB", (64, 64))).read_bytes()[:60])
+    with pytest.raises(gr.Error, match="could not be decoded|not an image"):
+        run(app.vary, models, "tiny", str(truncated), "", 1)
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        run(app.vary, models, "tiny", None, "", 1)
+    with pytest.raises(gr.Error, match="Rows kept must be in \\[0, 3\\]"):
+        run(app.vary, models, "tiny", image_file(), "", 4)
+    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 100 * 100)
+    with pytest.raises(gr.Error, match="too large \\(200 x 100\\)"):
+        run(app.vary, models, "tiny", image_file("RGB", (200, 100)), "", 1)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's decompression-bomb guard
+    with pytest.raises(gr.Error, match="too large"):
+        run(app.vary, models, "tiny", image_file("RGB", (90, 90)), "", 1)
+
+
+def test_large_image_is_reduced_before_conversion(image_file):
+    image, notes = app.load_image(image_file("RGB", (3000, 2000), "JPEG"), 16)
+    assert max(image.size) <= 64 and "Center-cropped to a square (3000 x 2000 -> 2000 x 2000)." in notes
+
+
+def test_upload_component_reports_non_images(tmp_path):
+    from gradio.data_classes import ImageData
+
+    text = tmp_path / "payload.png"
+    text.write_text("<svg>not really</svg>")
+    component = app.ImageUpload(type="filepath", image_mode=None, render=False)
+    assert component.get_block_name() == "image"
+    with pytest.raises(gr.Error, match="not an image"):
+        component.preprocess(ImageData(path=str(text), orig_name="payload.png"))
+
+
+def test_send_to_variations():
+    assert app.send_to_variations(None, 0) == (gr.skip(), gr.skip())
+    gallery = [("/tmp/a.png", "#1"), ("/tmp/b.png", "#2")]
+    image, tabs = app.send_to_variations(gallery, 1)
+    assert image == "/tmp/b.png" and tabs.get("selected") == "variations" if isinstance(tabs, dict) else True
+    assert app.send_to_variations(gallery, 9)[0] == "/tmp/b.png"  # a stale selection: the last image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: python app.py in a subprocess, gradio_client
+# ----------------------------------------------------------------------------------------------------------------
+def predict_generate(client, prompt, seed=3, **settings):
+    s = {**SETTINGS, **settings}
+    return client.predict("tiny", prompt, s["candidates"], s["keep"], s["temperature"], s["top_k"], s["top_p"],
+                          s["guidance_scale"], seed, False, api_name="/generate")
+
+
+def test_client_text_to_grid_and_variations(client):
+    from gradio_client import handle_file
+
+    gallery, seed, status = predict_generate(client, "a red circle")
+    assert seed == 3 and "6 candidates -> best 3" in status and len(gallery) == 3
+    images = [PIL.Image.open(item["image"]) for item in gallery]
+    assert all(im.format == "PNG" and im.size == (16, 16) and im.mode == "RGB" for im in images)  # downloadable PNGs
+    assert all(item["caption"].startswith(f"#{i + 1} · CLIP ") for i, item in enumerate(gallery))
+    again, _, _ = predict_generate(client, "a red circle")
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again)))
+
+    variations, seed, status = client.predict("tiny", handle_file(gallery[0]["image"]), "a red circle", 2, 4, 2, 1.0,
+                                              0, 1.0, 1.0, 5, False, api_name="/variations")
+    assert seed == 5 and len(variations) == 2 and "2/4 rows kept" in status
+    assert all(PIL.Image.open(item["image"]).size == (16, 16) for item in variations)
+
+
+def test_client_bad_input_is_a_message_and_the_app_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, _, status = predict_generate(client, "")
+    assert "Empty prompt" in status
+    _, _, status = predict_generate(client, "🎨 " * 300)
+    assert "truncated" in status and "non-Latin" in status
+    with pytest.raises(AppError, match="less than minimum value 1"):
+        predict_generate(client, "a circle", candidates=0)
+    with pytest.raises(AppError, match="greater than maximum value 2"):
+        predict_generate(client, "a circle", temperature=10.0)
+    not_image = tmp_path / "document.txt"
+    not_image.write_text("hello")
+    with pytest.raises(AppError, match="not an image this app can read"):
+        client.predict("tiny", handle_file(str(not_image)), "", 1, 4, 2, 1.0, 0, 1.0, 1.0, 5, False,
+                       api_name="/variations")
+    rgba = tmp_path / "rgba.png"
+    PIL.Image.new("RGBA", (50, 20), (0, 0, 255, 100)).save(rgba)
+    variations, _, status = client.predict("tiny", handle_file(str(rgba)), "", 1, 4, 2, 1.0, 0, 1.0, 1.0, 5, False,
+                                           api_name="/variations")
+    assert len(variations) == 2 and "composited on white" in status and "Center-cropped" in status
+    assert len(predict_generate(client, "a circle")[0]) == 3  # still serving
+
+
+def test_client_api_is_the_two_tasks(client):
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/generate", "/variations"}
+
+
+def test_server_is_local_and_queued(server):
+    assert server.startswith("http://127.0.0.1:")
+    config = json.loads(urllib.request.urlopen(server + "config", timeout=10).read())
+    generate = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
+    assert generate["queue"] is not False
