@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenizer_name_or_path", default=None, help="A saved tokenizer; default: train a BPE on the shapes captions."
     )
     parser.add_argument("--clip_name_or_path", default=None, help="A folder with clip_model/ and clip_processor/ to ship.")
+    parser.add_argument(
+        "--transformer_name_or_path",
+        default=None,
+        help="Start from these transformer weights (a pipeline folder or transformer/ folder) instead of a random init; "
+        "the model flags must match its config.",
+    )
     parser.add_argument("--text_seq_len", type=int, default=16, help="Text tokens per caption (paper: 256).")
     parser.add_argument("--text_vocab_size", type=int, default=512, help="BPE vocabulary when training a tokenizer.")
     parser.add_argument("--n_layer", type=int, default=8)
@@ -193,7 +199,17 @@ def main(args: argparse.Namespace) -> dict:
         dropout=args.dropout,
         attention_types=args.attention_types,
     )
-    model = DalleForImageGeneration(config)
+    if args.transformer_name_or_path:
+        path = args.transformer_name_or_path
+        subfolder = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else ""
+        model = DalleForImageGeneration.from_pretrained(path, subfolder=subfolder)
+        mismatched = {k: (v, getattr(model.config, k)) for k, v in config.to_diff_dict().items()
+                      if k in ("text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size", "n_layer", "n_head", "n_embd")
+                      and getattr(model.config, k) != v}
+        if mismatched:
+            raise ValueError(f"--transformer_name_or_path has a different config (flag value, checkpoint value): {mismatched}")
+    else:
+        model = DalleForImageGeneration(config)
     optimizer = make_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, 0.1))
 
