@@ -89,9 +89,8 @@ class DalleImageVariationPipeline(DallePipeline):
             return None
         from .clip import clip_image_image_scores
 
-        return lambda images: clip_image_image_scores(
-            self.clip_model, self.clip_processor, images, reference.expand(images.shape[0], -1, -1, -1)
-        )
+        # one reference (1, 3, H, W) for all candidates: its embedding is computed once
+        return lambda images: clip_image_image_scores(self.clip_model, self.clip_processor, images, reference)
 
     @torch.no_grad()
     def __call__(
