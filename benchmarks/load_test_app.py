@@ -11,6 +11,7 @@ peak, and after the load once idle. Exits 1 if a request failed or the memory di
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,7 @@ def main():
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--keep", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2, help="The app's --concurrency.")
+    parser.add_argument("--rounds", type=int, default=1, help="Repeat the load; RSS is printed after each round.")
     parser.add_argument("--tolerance", type=float, default=0.15, help="Allowed memory growth after the load.")
     args = parser.parse_args()
 
@@ -51,13 +53,22 @@ def main():
             checkpoint, what = save_random_pipeline(Path(tmp) / "random", args.size), f"random weights, {args.size} size"
         port = free_port()
         queue_size = args.clients * 2
-        proc = start_app(checkpoint, port, "--concurrency", str(args.concurrency), "--max-queue", str(queue_size))
+        log = open(Path(tmp) / "app.log", "w")
+        proc = start_app(checkpoint, port, "--concurrency", str(args.concurrency), "--max-queue", str(queue_size),
+                         log=log)
         url = f"http://127.0.0.1:{port}/"
         try:
             warm = Client(url, verbose=False)
             first = warm.predict(None, "a red circle", args.candidates, args.keep, 1.0, 0, 1.0, 1.0, 0, False,
                                  api_name="/generate")
-            reference = first[0][0]["image"]
+            reference = shutil.copy(first[0][0]["image"], Path(tmp) / "reference.png")  # the client rewrites its
+            # downloads in place when a later result has the same content
+            # Warm-up: both tasks, as many at once as the app runs, so the starting level is a warmed server's.
+            warm_jobs = [warm.submit(None, handle_file(reference), "", 1, args.candidates, args.keep, 1.0, 0, 1.0, 1.0,
+                                     0, False, api_name="/variations") for _ in range(args.concurrency)]
+            warm_jobs += [warm.submit(None, "a red circle", args.candidates, args.keep, 1.0, 0, 1.0, 1.0, 0, False,
+                                      api_name="/generate") for _ in range(args.concurrency)]
+            [job.result() for job in warm_jobs]
             time.sleep(1)
             start_rss = rss_mb(proc.pid)
             peak_rss, stop_sampling = [start_rss], threading.Event()
@@ -90,30 +101,38 @@ def main():
 
             monitor = threading.Thread(target=sample_memory, daemon=True)
             monitor.start()
-            begin = time.perf_counter()
-            threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            begin, after_rounds = time.perf_counter(), []
+            for _ in range(args.rounds):
+                threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                time.sleep(3)  # idle: let the server finish its bookkeeping
+                after_rounds.append(rss_mb(proc.pid))
             wall = time.perf_counter() - begin
-            time.sleep(3)  # idle: let the server finish its bookkeeping
             stop_sampling.set()
             monitor.join()
-            end_rss = rss_mb(proc.pid)
+            end_rss = after_rounds[-1]
         finally:
             stop_app(proc)
+            log.close()
+            server_log = (Path(tmp) / "app.log").read_text()
 
-    total = args.clients * args.requests
-    print(f"load test: {args.clients} clients x {args.requests} requests ({args.candidates} candidates -> {args.keep}, "
+    total = args.clients * args.requests * args.rounds
+    print(f"load test: {args.rounds} x {args.clients} clients x {args.requests} requests ({args.candidates} candidates -> {args.keep}, "
           f"text and variations), {what}, app --concurrency {args.concurrency} --max-queue {queue_size}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"  succeeded {len(latencies)}/{total} in {wall:.1f} s; latency median {statistics.median(latencies or [0]):.2f} s, "
           f"max {max(latencies or [0]):.2f} s")
     growth = (end_rss - start_rss) / start_rss
-    print(f"  server RSS: start {start_rss:.0f} MB, peak {peak_rss[0]:.0f} MB, after {end_rss:.0f} MB ({growth:+.1%})")
+    rounds = ", ".join(f"{r:.0f}" for r in after_rounds)
+    print(f"  server RSS: start {start_rss:.0f} MB, peak {peak_rss[0]:.0f} MB, after each round {rounds} MB "
+          f"({growth:+.1%} at the end)")
     for failure in failures:
         print("  FAILED", failure)
+    if failures or "Traceback" in server_log:
+        print("  server log (tail):\n" + server_log[-4000:])
     ok = not failures and len(latencies) == total and growth <= args.tolerance
     print("OK" if ok else "NOT OK")
     sys.exit(0 if ok else 1)

@@ -3,6 +3,7 @@ subprocess driven end to end with `gradio_client`. A tiny random pipeline is sav
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,6 +166,15 @@ def test_checkpoints_root_and_flags(monkeypatch, tmp_path):
         app.parse_args(["--max-queue", "0"])
 
 
+def test_model_selector_only_with_several_models(tmp_path):
+    for name in ("dalle-shapes", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    dropdown = next(c for c in app.build_demo(tmp_path).get_config_file()["components"] if c["type"] == "dropdown")
+    assert dropdown["props"]["visible"] is True and dropdown["props"]["value"] == "dalle-shapes"
+    assert [choice[0] for choice in dropdown["props"]["choices"]] == ["dalle-shapes", "other"]
+
+
 def test_build_demo_loads_nothing_and_lists_models(checkpoints):
     before = dict(app._PIPELINES)
     demo = app.build_demo(checkpoints)
@@ -176,12 +186,41 @@ def test_build_demo_loads_nothing_and_lists_models(checkpoints):
     assert {"generate", "variations"} <= apis
 
 
+def test_model_change_updates_rows_and_how_it_works(checkpoints):
+    models = app.find_checkpoints(checkpoints)
+    rows, how = app.on_model_change(models, "tiny")
+    assert rows.maximum == 3 and rows.value == 2 and "4x4 grid of 32 codes" in how
+    assert app.on_model_change(models, "gone") == (gr.skip(), gr.skip())
+
+
 def test_no_checkpoint_starts_with_a_message(tmp_path):
     demo = app.build_demo(tmp_path)
     texts = [c["props"].get("value") or "" for c in demo.get_config_file()["components"] if c["type"] == "markdown"]
     assert any("No model found" in t and str(tmp_path) in t for t in texts)
     with pytest.raises(gr.Error, match="No model found"):
         run(app.generate, {}, None, "a red circle")
+
+
+def test_app_starts_without_a_checkpoint(tmp_path):
+    """`python app.py` before any model exists: it serves a page that says so, and logs it."""
+    port, log = free_port(), tmp_path / "app.log"
+    env = {**os.environ, app.CHECKPOINTS_ENV: str(tmp_path / "none"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                config = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert "No model found" in config and "No model found" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def test_pipeline_cache_loads_once_across_threads(monkeypatch, checkpoints, tmp_path):
@@ -193,8 +232,7 @@ def test_pipeline_cache_loads_once_across_threads(monkeypatch, checkpoints, tmp_
         return real(path, **kwargs)
 
     monkeypatch.setattr(app.DallePipeline, "from_pretrained", counting)
-    copy = tmp_path / "copy"
-    copy.symlink_to(checkpoints / "tiny")
+    copy = shutil.copytree(checkpoints / "tiny", tmp_path / "copy")  # a path no other test has loaded
     results = []
     threads = [threading.Thread(target=lambda: results.append(app.load_pipelines(copy))) for _ in range(4)]
     for t in threads:
@@ -400,6 +438,12 @@ def test_bad_uploads_are_messages(models, image_file, tmp_path, monkeypatch):
         run(app.vary, models, "tiny", image_file("RGB", (90, 90)), "", 1)
 
 
+def test_high_bit_depth_gray_keeps_its_level():
+    assert app.to_uint8(np.full((2, 2), 32768.0), "I;16").max() == 128
+    assert app.to_uint8(np.full((2, 2), 0.5), "F").max() == 128
+    assert app.to_uint8(np.array([[-1.0, 3.0]]), "F").tolist() == [[0, 255]]  # out of range: min-max
+
+
 def test_large_image_is_reduced_before_conversion(image_file):
     image, notes = app.load_image(image_file("RGB", (3000, 2000), "JPEG"), 16)
     assert max(image.size) <= 64 and "Center-cropped to a square (3000 x 2000 -> 2000 x 2000)." in notes
@@ -420,7 +464,7 @@ def test_send_to_variations():
     assert app.send_to_variations(None, 0) == (gr.skip(), gr.skip())
     gallery = [("/tmp/a.png", "#1"), ("/tmp/b.png", "#2")]
     image, tabs = app.send_to_variations(gallery, 1)
-    assert image == "/tmp/b.png" and tabs.get("selected") == "variations" if isinstance(tabs, dict) else True
+    assert image == "/tmp/b.png" and isinstance(tabs, gr.Tabs) and tabs.selected == "variations"
     assert app.send_to_variations(gallery, 9)[0] == "/tmp/b.png"  # a stale selection: the last image
 
 
@@ -441,8 +485,13 @@ def test_client_text_to_grid_and_variations(client):
     images = [PIL.Image.open(item["image"]) for item in gallery]
     assert all(im.format == "PNG" and im.size == (16, 16) and im.mode == "RGB" for im in images)  # downloadable PNGs
     assert all(item["caption"].startswith(f"#{i + 1} · CLIP ") for i, item in enumerate(gallery))
+    info = json.loads(images[0].info["dalle-hf"])  # the PNG says how it was made
+    assert (info["prompt"], info["seed"], info["rank"], info["model"]) == ("a red circle", 3, 1, "tiny")
+    assert info["num_images_per_prompt"] == 6
+    assert info["score"] == pytest.approx(float(gallery[0]["caption"].split("CLIP ")[1]), abs=0.01)
     again, _, _ = predict_generate(client, "a red circle")
     assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again)))
+    assert again[0]["image"] != gallery[0]["image"]  # one file per request: gradio rewrites equal files in place
 
     variations, seed, status = client.predict("tiny", handle_file(gallery[0]["image"]), "a red circle", 2, 4, 2, 1.0,
                                               0, 1.0, 1.0, 5, False, api_name="/variations")
@@ -467,6 +516,10 @@ def test_client_bad_input_is_a_message_and_the_app_keeps_serving(client, tmp_pat
     with pytest.raises(AppError, match="not an image this app can read"):
         client.predict("tiny", handle_file(str(not_image)), "", 1, 4, 2, 1.0, 0, 1.0, 1.0, 5, False,
                        api_name="/variations")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + os.urandom(21 * 1024 * 1024))  # over the app's 20 MB upload limit
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):  # checked before upload
+        client.predict("tiny", handle_file(str(big)), "", 1, 4, 2, 1.0, 0, 1.0, 1.0, 5, False, api_name="/variations")
     rgba = tmp_path / "rgba.png"
     PIL.Image.new("RGBA", (50, 20), (0, 0, 255, 100)).save(rgba)
     variations, _, status = client.predict("tiny", handle_file(str(rgba)), "", 1, 4, 2, 1.0, 0, 1.0, 1.0, 5, False,
