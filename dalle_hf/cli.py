@@ -14,19 +14,27 @@ import sys
 TRAINERS = {"dvae": "dalle_hf.train_dvae", "dalle": "dalle_hf.train_dalle", "clip": "dalle_hf.train_clip"}
 
 
-def load_pipeline(path: str, dtype: str = "float32"):
+QUANTIZATIONS = ("none", "int8-dynamic", "bnb-int8", "bnb-nf4")  # docs/performance.md compares them
+
+
+def load_pipeline(path: str, dtype: str = "float32", quantization: str = "none"):
     import torch
 
     from .pipeline_dalle import DallePipeline
+    from .quantization import bnb_quantization_config, quantize_dynamic_int8
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    return DallePipeline.from_pretrained(path, torch_dtype=torch_dtype)
+    if quantization == "int8-dynamic" and dtype != "float32":
+        raise ValueError("--quantization int8-dynamic quantizes a float32 model: use --dtype float32")
+    config = {"bnb-int8": lambda: bnb_quantization_config(8), "bnb-nf4": lambda: bnb_quantization_config(4)}.get(quantization)
+    pipe = DallePipeline.from_pretrained(path, dtype=torch_dtype, quantization_config=config() if config else None)
+    return quantize_dynamic_int8(pipe) if quantization == "int8-dynamic" else pipe
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    pipe = load_pipeline(args.pipeline, args.dtype)
+    pipe = load_pipeline(args.pipeline, args.dtype, args.quantization)
     generator = torch.Generator().manual_seed(args.seed)
     out = pipe(
         args.prompt,
@@ -50,7 +58,7 @@ def cmd_generate(args) -> int:
 def cmd_eval_shapes(args) -> int:
     from .eval.shapes import evaluate_pipeline
 
-    pipe = load_pipeline(args.pipeline, args.dtype)
+    pipe = load_pipeline(args.pipeline, args.dtype, args.quantization)
     report = evaluate_pipeline(
         pipe,
         args.out,
@@ -89,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=None)
     gen.add_argument("--guidance_scale", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
+    gen.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")
     gen.add_argument("--out", default="outputs", help="folder for the PNGs")
     gen.set_defaults(func=cmd_generate)
 
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--prompts-per-task", dest="prompts_per_task", type=int, default=100)
     shapes.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts per pipeline call")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    shapes.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
+    shapes.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")
     shapes.add_argument("--out", required=True, help="folder for report.json and the sample sheets")
     shapes.set_defaults(func=cmd_eval_shapes)
     vae = ev.add_parser("vae", help="dVAE fidelity: reconstructions that still pass the ShapesEval checker")

@@ -25,7 +25,8 @@ class DalleKVCache:
     """Preallocated keys and values for incremental decoding (as in min-dalle).
 
     Holds `(n_layer, B, n_head, max_len, head_dim)` tensors for keys and values; each forward writes its new
-    positions in place, so a sampling step allocates nothing.
+    positions in place, so a sampling step allocates nothing. A one-token step reads the keys in windows of
+    `window_size` positions (see `DalleAttention.attend_one`).
 
     Args:
         config (`DalleConfig`): the model's config (layer count, heads, width, maximum length).
@@ -41,6 +42,7 @@ class DalleKVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far; advanced by the model after all layers have written
+        self.window_size = 32  # a sampling step reads keys in multiples of this many positions (see `window`)
 
     @property
     def batch_size(self) -> int:
@@ -54,6 +56,10 @@ class DalleKVCache:
         self.keys[layer_idx, :, :, self.length : end] = k
         self.values[layer_idx, :, :, self.length : end] = v
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def window(self, end: int) -> int:
+        """Positions a one-token step reads to see `[0, end)`: `end` rounded up to a multiple of `window_size`."""
+        return min(self.max_length, -(-end // self.window_size) * self.window_size)
 
     def reorder(self, index: torch.LongTensor) -> "DalleKVCache":
         """Keep and reorder batch rows in place (`index` of shape (B',))."""
@@ -133,25 +139,43 @@ class DalleAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
-        S = k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
-        if self.attention_type == "full" and S == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        elif T == 1 and dropout_p == 0.0:
-            # One new token (a sampling step): two small matmuls. CPU SDPA kernels are tuned for long queries and
-            # are several times slower for one, in bf16 over 10x (docs/performance.md).
-            att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, nh, 1, S)
-            if self.attention_type != "full":
-                mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (1, S)
-                att = att.masked_fill(~mask, float("-inf"))
-            y = att.softmax(dim=-1) @ v  # (B, nh, 1, hs)
+        if cache is not None and T == 1 and dropout_p == 0.0:
+            y = self.attend_one(q, k, v, cache)  # a sampling step
         else:
-            mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
+            S = k.shape[2]
+            if self.attention_type == "full" and S == T:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            else:
+                mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (T, S)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DalleKVCache) -> torch.Tensor:
+        """Attention of one new token (B, nh, 1, hs) to the cache, with two small matmuls: CPU SDPA kernels are
+        tuned for long queries and are several times slower for one (in bf16 over 10x). The keys are read in
+        windows of `cache.window_size` positions, masked past the new token, so the matmul shapes repeat: CPU
+        kernels are set up per shape, which costs more than the matmul when the shape changes every token."""
+        position = cache.length  # of the new token
+        cache.update(self.layer_idx, k, v)
+        W = cache.window(position + 1)
+        keys, values = cache.keys[self.layer_idx, :, :, :W], cache.values[self.layer_idx, :, :, :W]  # (B, nh, W, hs)
+        att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ keys.transpose(-2, -1)  # (B, nh, 1, W)
+        att = att.masked_fill_(self.blocked_positions(q.device)[position, :W], float("-inf"))
+        return att.softmax(dim=-1) @ values  # (B, nh, 1, hs)
+
+    def blocked_positions(self, device) -> torch.Tensor:
+        """(total_seq_len, total_seq_len) bool, True where a query may not attend: the layout's mask, inverted,
+        built once per device (1 MB at 32 x 32 image tokens)."""
+        table = getattr(self, "_blocked", None)
+        if table is None or table.device != device:
+            positions = torch.arange(self.config.total_seq_len, device=device)
+            table = ~attention_mask_for_layout(self.attention_type, self.config, positions, len(positions))
+            self._blocked = table
+        return table
 
 
 class DalleMLP(nn.Module):
@@ -248,8 +272,8 @@ class DalleForImageGeneration(DallePreTrainedModel):
     @property
     def cache_dtype(self) -> torch.dtype:
         """dtype of a new `DalleKVCache`: the compute dtype, except float32 on CPU. A sampling step attends one
-        query to the whole cache; PyTorch's CPU bf16 kernels for that are 2-3x slower than fp32 even counting the
-        extra bytes (docs/performance.md), and the cache is small next to the weights at CPU batch sizes."""
+        query to the whole cache, and PyTorch's CPU kernels for that are 2-3x slower in bf16 than in fp32 though
+        they read half the bytes; the price is twice the cache memory (docs/performance.md)."""
         dtype = self.bos_embedding.dtype
         return torch.float32 if self.bos_embedding.device.type == "cpu" else dtype
 
@@ -377,11 +401,7 @@ class DalleForImageGeneration(DallePreTrainedModel):
         Returns:
             `torch.Tensor` of shape `(batch_size, image_vocab_size)` in the model's compute dtype.
         """
-        logits = self._decode_step(image_ids, past_key_values)
-        past_key_values.length += 1  # outside `_decode_step`, so a compiled step has no Python side effects
-        return logits
-
-    def _decode_step(self, image_ids: torch.LongTensor, cache: DalleKVCache) -> torch.Tensor:
+        cache = past_key_values
         start = cache.length
         i = start - 1 - self.config.text_seq_len  # raster index of this image token
         g = self.config.image_grid_size
@@ -390,6 +410,7 @@ class DalleForImageGeneration(DallePreTrainedModel):
         positions = torch.arange(start, start + 1, device=x.device)  # (1,)
         for block in self.h:
             x = block(x, positions, cache)
+        cache.length += 1
         x = self.ln_f(x[:, -1])  # (B, C)
         head = self.lm_head
         if type(head) is nn.Linear and head.bias is None:

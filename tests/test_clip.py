@@ -173,6 +173,36 @@ def test_collate_marks_captions_true_of_other_images(tokenizer):
     torch.testing.assert_close(batch["false_negative_mask"], expected)
 
 
+def test_structure_negatives():
+    from dalle_hf.data.shapes import Scene, ShapeObject, caption_holds
+    from dalle_hf.train_clip import structure_negatives
+
+    left = ShapeObject("circle", "red", "large", 16.0, 32.0, 20)
+    right = ShapeObject("square", "blue", "large", 48.0, 32.0, 20)
+    scene = Scene((left, right), "a red circle left of a blue square", "position", "left of")
+    negatives = structure_negatives(scene)
+    assert negatives == [
+        "a red circle right of a blue square", "a red circle above a blue square", "a red circle below a blue square",
+        "a blue square left of a red circle", "a blue circle left of a red square",
+    ]  # fmt: skip
+    assert not any(caption_holds(n, scene.objects) for n in negatives)
+    # A colour swap that would name a held-out pair (purple triangle) is left out.
+    triangle = ShapeObject("triangle", "red", "large", 16.0, 32.0, 20)
+    circle = ShapeObject("circle", "purple", "large", 48.0, 32.0, 20)
+    scene = Scene((triangle, circle), "a red triangle and a purple circle", "color_attr")
+    assert structure_negatives(scene) == []
+    assert structure_negatives(Scene((circle,), "a purple circle", "colors")) == []
+
+
+def test_optimizer_decays_only_matrices(model):
+    from dalle_hf.train_clip import make_optimizer, parse_args
+
+    optimizer = make_optimizer(model, parse_args(["--output_dir", "x"]))
+    decay, no_decay = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    assert id(model.visual_projection.weight) in decay and id(model.logit_scale) in no_decay
+    assert optimizer.param_groups[0]["weight_decay"] == 0.2 and optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_caption_ranking_set_is_fixed_and_hard():
     from dalle_hf.data.shapes import TASKS
     from dalle_hf.train_clip import caption_ranking_set

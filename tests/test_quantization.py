@@ -56,13 +56,13 @@ def logits(model, seed=0):
 def test_dynamic_int8_quantizes_the_blocks_and_keeps_the_head(saved_pipeline):
     pipe = load(saved_pipeline)
     reference = logits(pipe.transformer)
-    fp32_bytes = weight_bytes(pipe)
+    fp32_block_bytes = weight_bytes(pipe.transformer.h)
     assert quantize_dynamic_int8(pipe) is pipe
     model = pipe.transformer
     assert type(model.lm_head) is nn.Linear
-    quantized = [n for n, m in model.named_modules() if type(m).__name__ == "DynamicQuantizedLinear"]
+    quantized = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert len(quantized) == 4 * model.config.n_layer and not [m for m in model.modules() if type(m) is nn.Linear][1:]
-    assert weight_bytes(pipe) <= 0.35 * fp32_bytes
+    assert weight_bytes(model.h) <= 0.3 * fp32_block_bytes  # int8 + per-channel scales; whole models in the benchmark
     error = (logits(model) - reference).abs().max() / reference.abs().max()
     assert error < 0.05
 
@@ -103,7 +103,7 @@ def test_bnb_int8_pipeline_loads_generates_saves_and_reloads(saved_pipeline, tmp
     pipe = load(saved_pipeline, quantization_config=bnb_quantization_config(8))
     model = pipe.transformer
     assert isinstance(model.h[0].attn.c_attn, bnb.nn.Linear8bitLt) and type(model.lm_head) is nn.Linear
-    assert weight_bytes(pipe) <= 0.35 * weight_bytes(fp32)
+    assert weight_bytes(model.h) <= 0.3 * weight_bytes(fp32.transformer.h)
     error = (logits(model) - logits(fp32.transformer)).abs().max() / logits(fp32.transformer).abs().max()
     assert error < 0.05
     before = sample(pipe)
@@ -132,4 +132,16 @@ def test_bnb_nf4_saved_after_a_forward_on_cpu_reloads_right(saved_pipeline, tmp_
     assert isinstance(reloaded.transformer.h[0].mlp.c_proj, bnb.nn.Linear4bit)
     assert torch.equal(logits(reloaded.transformer), reference)
     assert torch.equal(sample(reloaded).image_tokens, before.image_tokens)
-    assert weight_bytes(reloaded) < weight_bytes(load(tmp_path.parent / saved_pipeline.name)) * 0.35
+    assert weight_bytes(reloaded.transformer.h) <= 0.2 * weight_bytes(fp32.transformer.h)
+
+
+def test_cli_loads_each_precision(saved_pipeline):
+    from dalle_hf.cli import build_parser, load_pipeline
+
+    pipe = load_pipeline(str(saved_pipeline), "float32", "int8-dynamic")
+    assert isinstance(pipe.transformer.h[0].mlp.c_fc, torch.ao.nn.quantized.dynamic.Linear)
+    assert load_pipeline(str(saved_pipeline), "bfloat16").transformer.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="int8-dynamic quantizes a float32 model"):
+        load_pipeline(str(saved_pipeline), "bfloat16", "int8-dynamic")
+    args = build_parser().parse_args(["eval", "shapes", "--pipeline", "p", "--out", "o", "--quantization", "bnb-nf4"])
+    assert args.quantization == "bnb-nf4" and args.dtype == "float32"
