@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # Paper appendix A.2: the learning rate is annealed from 1e-4 to 1.25e-6, a ratio of 1/80.
 FINAL_LR_RATIO = 1.25e-6 / 1e-4
+RECONSTRUCTION_LOSS_NAMES = {"logit_laplace": "logit-Laplace (paper appendix A.3)", "mse": "mean squared error"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -294,8 +295,9 @@ def main(args: argparse.Namespace) -> dict:
             f"{config.vocab_size} codes)",
             description=(
                 "A discrete VAE in the layout of OpenAI's `dall_e` encoder/decoder (Ramesh et al. 2021, §2.1), "
-                "trained with the Gumbel-softmax relaxation, a logit-Laplace likelihood and a KL term to the "
-                "uniform prior. Load with `dalle_hf.DalleVAE.from_pretrained(...)`."
+                f"trained with the Gumbel-softmax relaxation, a {RECONSTRUCTION_LOSS_NAMES[config.reconstruction_loss]} "
+                "reconstruction loss and a KL term to the uniform prior. "
+                "Load with `dalle_hf.DalleVAE.from_pretrained(...)`."
             ),
             data=describe_dataset(args),
             command=command_line("dalle_hf.train_dvae"),

@@ -90,8 +90,10 @@ def check_common_args(args: argparse.Namespace) -> None:
 
 
 def command_line(module: str) -> str:
-    """The command that started this process, as a copy-pasteable `python -m module ...` string."""
-    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    """The command that started this process, as a copy-pasteable `python -m module ...` string (with the
+    thread-count variables that change speed and, through kernel choice, results)."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
+    return shlex.join([*env, "python", "-m", module, *sys.argv[1:]])
 
 
 # ----------------------------------------------------------------------------- data
