@@ -34,7 +34,7 @@ import time
 import torch
 
 PRECISIONS = ("fp32", "bf16", "int8-dynamic", "bnb-int8")
-SHIPPED = dict(text_vocab_size=512, text_seq_len=16, image_vocab_size=512, image_grid_size=16, n_layer=8, n_head=8, n_embd=256)
+SHIPPED = dict(text_vocab_size=512, text_seq_len=16, image_vocab_size=512, image_grid_size=16, n_layer=6, n_head=4, n_embd=256)
 LARGE = dict(SHIPPED, n_layer=24, n_head=16, n_embd=1024)
 VAE = dict(image_size=64, num_groups=3, n_hid=32, n_blk_per_group=2, vocab_size=512)  # the shipped dVAE's size
 PROMPT = "a red circle left of a blue square"
