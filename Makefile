@@ -19,3 +19,4 @@ app: install
 
 bench:
 	$(PYTHON) benchmarks/bench_kv_cache.py
+	$(PYTHON) benchmarks/bench_app.py

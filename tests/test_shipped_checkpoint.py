@@ -1,0 +1,33 @@
+"""The checkpoint shipped in checkpoints/dalle-shapes loads on a fresh clone and generates."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from dalle_hf.pipeline_dalle import DallePipeline
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "dalle-shapes"
+
+
+def test_checkpoint_is_complete_and_small():
+    index = json.loads((CHECKPOINT / "model_index.json").read_text())
+    assert index["_class_name"] == "DallePipeline"
+    for component in ("tokenizer", "transformer", "vae", "clip_model", "clip_processor"):
+        assert index[component][0] is not None and (CHECKPOINT / component).is_dir(), component
+    files = [p for p in CHECKPOINT.parent.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # safetensors only
+    assert sum(p.stat().st_size for p in files) < 60 * 2**20
+    assert "python -m dalle_hf.train_dalle" in (CHECKPOINT / "README.md").read_text()
+
+
+def test_shipped_pipeline_generates():
+    pipe = DallePipeline.from_pretrained(CHECKPOINT)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 1 and out.images[0].size == (64, 64)
+    assert out.clip_scores.shape == (1, 1)
+    assert out.image_tokens.shape == (1, 16, 16)
+    # the same seed gives the same image
+    again = pipe("a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.image_tokens, again.image_tokens)
