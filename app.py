@@ -32,6 +32,7 @@ import PIL.Image
 import torch
 from PIL import ImageOps
 
+from dalle_hf.data.shapes import SHOWCASE_PROMPTS
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_variation import DalleImageVariationPipeline
 
@@ -43,14 +44,7 @@ logger = logging.getLogger("dalle_hf.app")
 CHECKPOINTS_ENV = "DALLE_HF_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # next to app.py, so it runs from any cwd
 DEFAULT_MODEL = "dalle-shapes"  # listed first when present
-EXAMPLES = [  # one per ShapesEval task: single_object, two_object, counting, colors, position, color_attr
-    "a circle",
-    "a square and a triangle",
-    "three diamonds",
-    "a red circle",
-    "a circle left of a square",
-    "a blue square and a yellow triangle",
-]
+EXAMPLES = list(SHOWCASE_PROMPTS)  # one per ShapesEval task: single_object, two_object, ..., color_attr
 DEFAULTS = dict(candidates=16, keep=4, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)  # the pipeline's
 MAX_CANDIDATES = 64  # N per request on a shared CPU server (the pipeline itself allows MAX_IMAGES_PER_PROMPT)
 MAX_KEEP = 16

@@ -2,7 +2,7 @@
 
 | option | how | where it pays |
 |---|---|---|
-| bf16 | `DallePipeline.from_pretrained(path, torch_dtype=torch.bfloat16)` | CPUs with native bf16 matmul (AVX-512 BF16/AMX), GPUs |
+| bf16 | `DallePipeline.from_pretrained(path, dtype=torch.bfloat16)` | CPUs with native bf16 matmul (AVX-512 BF16/AMX), GPUs |
 | int8, dynamic | `quantize_dynamic_int8(pipe)` after loading (torch.ao, fbgemm/x86 kernels) | CPU speed |
 | int8, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(8))` | GPU memory (LLM.int8) |
 | nf4, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(4))` | GPU memory |
@@ -63,7 +63,7 @@ def quantize_dynamic_int8(pipe_or_model, skip_modules: tuple[str, ...] = INT8_SK
     if not names:
         raise ValueError("quantize_dynamic_int8 found no nn.Linear layers to quantize")
     with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao, whose int8 CPU kernels are not faster here.
+        # torch.ao.quantization warns that it will move to torchao; it is built in, torchao is not a dependency.
         warnings.simplefilter("ignore")
         quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
     model.eval()

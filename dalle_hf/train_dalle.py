@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .configuration_dalle import ATTENTION_TYPES, DalleConfig
+from .data.shapes import SHOWCASE_PROMPTS
 from .modeling_dalle import DalleForImageGeneration
 from .modeling_dvae import DalleVAE
 from .training_utils import (
@@ -43,17 +44,6 @@ from .training_utils import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Prompts rendered at every validation, one per ShapesEval task (shapes world) or the first captions otherwise.
-VALIDATION_PROMPTS = (
-    "a circle",
-    "a square and a triangle",
-    "three diamonds",
-    "a red circle",
-    "a circle left of a square",
-    "a blue square and a yellow triangle",
-)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the DALL-E transformer.")
@@ -157,10 +147,10 @@ def validate(pipe, output_dir: str, step: int, seed: int) -> str:
 
     was_training = pipe.transformer.training
     pipe.transformer.eval()
-    out = pipe(list(VALIDATION_PROMPTS), num_images_per_prompt=4, generator=torch.Generator().manual_seed(seed))
+    out = pipe(list(SHOWCASE_PROMPTS), num_images_per_prompt=4, generator=torch.Generator().manual_seed(seed))
     pipe.transformer.train(was_training)
     size = out.images[0].size[0]
-    sheet = Image.new("RGB", (4 * size, len(VALIDATION_PROMPTS) * size), "white")
+    sheet = Image.new("RGB", (4 * size, len(SHOWCASE_PROMPTS) * size), "white")
     for i, image in enumerate(out.images):
         sheet.paste(image, ((i % 4) * size, (i // 4) * size))
     path = os.path.join(output_dir, "samples", f"step-{step:07d}.png")

@@ -61,6 +61,15 @@ HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NOVEL_TASK = "novel"
 EVAL_TASKS: tuple[str, ...] = TASKS + (NOVEL_TASK,)
+# One showcase prompt per task, in TASKS order: validation sheets during training and the app's examples.
+SHOWCASE_PROMPTS: tuple[str, ...] = (
+    "a circle",
+    "a square and a triangle",
+    "three diamonds",
+    "a red circle",
+    "a circle left of a square",
+    "a blue square and a yellow triangle",
+)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 
