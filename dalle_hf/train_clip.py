@@ -27,8 +27,6 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
@@ -46,18 +44,17 @@ from .data.shapes import (
 )
 from .tokenization import train_text_tokenizer
 from .training_utils import (
+    start_run,
+    weight_decay_groups,
     WallClock,
     add_common_args,
     add_dataset_args,
     build_dataloader,
     build_train_dataset,
     check_common_args,
-    checkpoint_step,
     command_line,
     describe_dataset,
     infinite_batches,
-    load_trainer_state,
-    resolve_resume_checkpoint,
     save_checkpoint,
     warmup_cosine_lr_lambda,
     write_model_card,
@@ -370,25 +367,13 @@ def load_or_train_tokenizer(args: argparse.Namespace, is_main_process: bool):
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # nanoGPT: weight decay only on matrices (dim >= 2); none on biases, LayerNorms and the logit scale.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, args.weight_decay)
     # CLIP §2.5 / appendix F: Adam with decoupled weight decay, beta2 = 0.98 and eps = 1e-6 for stability.
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
 
 
 def main(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    first_step = checkpoint_step(resume_dir) if resume_dir else 0
-    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
-    set_seed(args.seed)
+    accelerator, resume_dir, first_step, trainer_state = start_run(args)
 
     tokenizer = load_or_train_tokenizer(args, accelerator.is_main_process)
     processor = make_clip_processor(tokenizer, image_size=args.image_size)

@@ -16,7 +16,6 @@ import logging
 import os
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from tqdm.auto import tqdm
@@ -26,18 +25,17 @@ from .data.shapes import SHOWCASE_PROMPTS
 from .modeling_dalle import DalleForImageGeneration
 from .modeling_dvae import DalleVAE
 from .training_utils import (
+    start_run,
+    weight_decay_groups,
     WallClock,
     add_common_args,
     add_dataset_args,
     build_dataloader,
     build_train_dataset,
     check_common_args,
-    checkpoint_step,
     command_line,
     describe_dataset,
     infinite_batches,
-    load_trainer_state,
-    resolve_resume_checkpoint,
     save_checkpoint,
     warmup_cosine_lr_lambda,
     write_model_card,
@@ -120,9 +118,7 @@ def tokenize_dataset(dataset, vae, tokenizer, text_seq_len: int, batch_size: int
 
 
 def make_optimizer(model, args):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, args.weight_decay)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -160,15 +156,7 @@ def validate(pipe, output_dir: str, step: int, seed: int) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
-    level = logging.INFO if accelerator.is_local_main_process else logging.WARNING  # one log, not one per rank
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    first_step = checkpoint_step(resume_dir) if resume_dir else 0
-    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
-    set_seed(args.seed)
+    accelerator, resume_dir, first_step, trainer_state = start_run(args)
 
     # 1. Frozen dVAE and tokenizer; the tokenizer is saved at once so other runs (CLIP) can share it
     vae = load_vae(args.vae_name_or_path).to(accelerator.device)

@@ -15,27 +15,25 @@ import logging
 import os
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .configuration_dvae import DalleVAEConfig
 from .modeling_dvae import DalleVAE
 from .training_utils import (
+    start_run,
+    weight_decay_groups,
     WallClock,
     add_common_args,
     add_dataset_args,
     build_dataloader,
     build_train_dataset,
     check_common_args,
-    checkpoint_step,
     command_line,
     cosine_anneal,
     cosine_warmup,
     describe_dataset,
     infinite_batches,
-    load_trainer_state,
-    resolve_resume_checkpoint,
     save_checkpoint,
     warmup_cosine_lr_lambda,
     write_model_card,
@@ -114,9 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # nanoGPT: weight decay only on tensors with dim >= 2 (conv kernels), none on biases.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, args.weight_decay)
     # Paper appendix A.2: AdamW with beta1 = 0.9, beta2 = 0.999, eps = 1e-8.
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
@@ -150,17 +146,7 @@ def evaluate(vae: DalleVAE, args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    first_step = checkpoint_step(resume_dir) if resume_dir else 0
-    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
-    set_seed(args.seed)
+    accelerator, resume_dir, first_step, trainer_state = start_run(args)
 
     config = DalleVAEConfig(
         image_size=args.image_size,

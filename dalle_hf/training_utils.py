@@ -309,3 +309,40 @@ def write_model_card(
         lines.append("Not evaluated.")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- run start and optimizer
+
+
+def start_run(args: argparse.Namespace):
+    """
+    The start every training script shares: an `Accelerator`, one INFO log per process group (other ranks log
+    warnings only), the output folder, the checkpoint to resume from and the global seed.
+
+    Returns:
+        `(accelerator, resume_dir or None, first_step, trainer_state)`.
+    """
+    import logging
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    level = logging.INFO if accelerator.is_local_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    resume_dir = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    first_step = checkpoint_step(resume_dir) if resume_dir else 0
+    trainer_state = load_trainer_state(resume_dir) if resume_dir else {}
+    set_seed(args.seed)
+    return accelerator, resume_dir, first_step, trainer_state
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT: AdamW decay only on tensors with `dim() >= 2` (matrices, conv kernels), none on biases and norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
