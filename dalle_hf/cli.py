@@ -55,6 +55,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def sampling_kwargs(args) -> dict:
+    """The sampling flags that were given (the rest keep the pipeline's defaults)."""
+    names = ("temperature", "top_k", "top_p", "guidance_scale")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def cmd_eval_shapes(args) -> int:
     from .eval.shapes import evaluate_pipeline
 
@@ -67,6 +73,8 @@ def cmd_eval_shapes(args) -> int:
         seed=args.seed,
         prompts_per_task=args.prompts_per_task,
         batch_size=args.batch_size,
+        prompt_seed=args.prompt_seed,
+        sampling=sampling_kwargs(args),
     )
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     print(f"wrote {os.path.join(args.out, 'report.json')}")
@@ -110,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--prompts-per-task", dest="prompts_per_task", type=int, default=100)
     shapes.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts per pipeline call")
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--prompt-seed", dest="prompt_seed", type=int, default=0,
+        help="selects the prompts: report on 0, tune sampling settings on another (a dev split)",
+    )
+    shapes.add_argument("--temperature", type=float, default=None, help="default: the pipeline's")
+    shapes.add_argument("--top-k", dest="top_k", type=int, default=None, help="default: the pipeline's")
+    shapes.add_argument("--top-p", dest="top_p", type=float, default=None, help="default: the pipeline's")
+    shapes.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=None, help="default: the pipeline's")
     shapes.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
     shapes.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")
     shapes.add_argument("--out", required=True, help="folder for report.json and the sample sheets")

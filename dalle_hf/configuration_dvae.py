@@ -22,6 +22,9 @@ class DalleVAEConfig(PreTrainedConfig):
             Number of discrete codes K.
         n_hid (`int`, *optional*, defaults to 256):
             Width of the first group; group i has `n_hid * 2 ** i` channels (OpenAI: 1, 2, 4, 8).
+        decoder_n_hid (`int`, *optional*, defaults to `None`):
+            Width of the decoder's groups in the same pattern; `None` means `n_hid`. OpenAI's released encoder and
+            decoder have separate widths; a wider decoder renders sharper edges from the same codes.
         n_blk_per_group (`int`, *optional*, defaults to 2):
             Residual blocks per resolution group.
         num_groups (`int`, *optional*, defaults to 4):
@@ -55,6 +58,7 @@ class DalleVAEConfig(PreTrainedConfig):
     num_channels: int = 3  # RGB
     vocab_size: int = 8192  # paper §2.1: K = 8192 codes
     n_hid: int = 256  # OpenAI's released encoder/decoder width
+    decoder_n_hid: int | None = None  # OpenAI's Encoder and Decoder dataclasses each have their own n_hid
     n_blk_per_group: int = 2  # OpenAI's released dVAE: 2 blocks per group
     num_groups: int = 4  # paper: 8x downsampling, 256 -> 32x32 tokens
     n_init: int = 128  # OpenAI's released decoder input width
@@ -85,6 +89,8 @@ class DalleVAEConfig(PreTrainedConfig):
         for name in ("image_size", "num_channels", "vocab_size", "n_hid", "n_blk_per_group", "num_groups", "n_init"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.decoder_n_hid is not None and self.decoder_n_hid < 1:
+            raise ValueError(f"`decoder_n_hid` must be a positive integer or None, got {self.decoder_n_hid}.")
         if self.num_groups > 4:
             raise ValueError(f"`num_groups` must be between 1 and 4 (OpenAI's channel multipliers 1, 2, 4, 8), got {self.num_groups}.")
         if self.image_size % self.downsampling != 0:

@@ -127,9 +127,10 @@ class DecoderBlock(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-def _group_widths(config: DalleVAEConfig) -> list[int]:
+def _group_widths(config: DalleVAEConfig, n_hid: int | None = None) -> list[int]:
     # OpenAI: group i has n_hid * (1, 2, 4, 8)[i] channels.
-    return [config.n_hid * 2**i for i in range(config.num_groups)]
+    n_hid = config.n_hid if n_hid is None else n_hid
+    return [n_hid * 2**i for i in range(config.num_groups)]
 
 
 class DalleVAEEncoder(nn.Module):
@@ -162,7 +163,7 @@ class DalleVAEDecoder(nn.Module):
 
     def __init__(self, config: DalleVAEConfig):
         super().__init__()
-        widths = _group_widths(config)[::-1]
+        widths = _group_widths(config, config.decoder_n_hid)[::-1]
         n_layers = config.num_groups * config.n_blk_per_group
         layers = [("input", DalleConv2d(config.vocab_size, config.n_init, 1))]
         n_in = config.n_init
@@ -330,6 +331,7 @@ class DalleVAE(DalleVAEPreTrainedModel):
         pixel_values: torch.Tensor,
         temperature: float = 1.0,
         kl_weight: float | None = None,
+        hard_codes: bool = False,
         return_dict: bool = True,
     ) -> DalleVAEOutput | tuple:
         r"""
@@ -342,6 +344,11 @@ class DalleVAE(DalleVAEPreTrainedModel):
                 Gumbel-softmax temperature tau; the paper anneals it from 1 to 1/16.
             kl_weight (`float`, *optional*, defaults to None):
                 beta for this step (the paper warms it up from 0); `None` uses `config.kl_weight`.
+            hard_codes (`bool`, *optional*, defaults to False):
+                Decoder fine-tuning: decode the argmax codes, exactly what `decode_code` sees at generation time
+                (no Gumbel noise, no gradient into the encoder), and train on the reconstruction loss alone. The
+                codes do not change, so a transformer trained on them stays valid. `kl_loss` and `usage_loss` are
+                still reported.
             return_dict (`bool`, *optional*, defaults to True):
                 Return a [`DalleVAEOutput`] rather than a tuple.
 
@@ -352,9 +359,13 @@ class DalleVAE(DalleVAEPreTrainedModel):
             raise ValueError(f"`temperature` must be positive, got {temperature}.")
         kl_weight = self.config.kl_weight if kl_weight is None else kl_weight
         logits = self.encode(pixel_values)  # (B, V, h, w)
-        # Gumbel noise from the global torch RNG, so `torch.manual_seed` makes a step reproducible.
-        z = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)  # (B, V, h, w) soft one-hots
-        mu, log_scale = self._decode_stats(z)  # (B, 3, H, W) each, fp32
+        if hard_codes:
+            stats = self.decoder.forward_codes(logits.detach().argmax(dim=1)).float()  # (B, 6, H, W)
+            mu, log_scale = stats[:, : self.config.num_channels], stats[:, self.config.num_channels :]
+        else:
+            # Gumbel noise from the global torch RNG, so `torch.manual_seed` makes a step reproducible.
+            z = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)  # (B, V, h, w) soft one-hots
+            mu, log_scale = self._decode_stats(z)  # (B, 3, H, W) each, fp32
 
         # The losses stay in fp32 under autocast.
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -373,6 +384,8 @@ class DalleVAE(DalleVAEPreTrainedModel):
                 + kl_weight * positions_per_dim * kl_loss
                 + self.config.code_usage_weight * usage_loss
             )
+            if hard_codes:
+                loss = reconstruction_loss  # the encoder is fixed: its terms have nothing to train
         reconstruction = self._mean_image(mu)
 
         if not return_dict:

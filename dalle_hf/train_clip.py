@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="A saved tokenizer folder; default: train a BPE on the shapes captions (or reuse output_dir/tokenizer).",
     )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Start from this CLIPModel (a clip_model/ folder, or a pipeline folder holding one) instead of a random "
+        "init; its config replaces the model flags and --tokenizer_name_or_path must be its tokenizer.",
+    )
     parser.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary when training the tokenizer.")
     parser.add_argument("--text_seq_len", type=int, default=16, help="Caption length in tokens (<eos> included).")
     # Model (make_clip_config); the defaults are sized for one CPU core.
@@ -96,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="False captions of each shapes scene added to its softmax (default: 8 for shapes, 0 for imagefolder).",
+    )
+    parser.add_argument(
+        "--task_weights",
+        type=str,
+        default=None,
+        help="Shapes tasks drawn more or less often, e.g. 'position=4,color_attr=2' (the rest keep TASK_WEIGHTS).",
     )
     parser.add_argument("--lr_warmup_steps", type=int, default=200, help="Linear learning-rate warmup.")
     parser.add_argument("--weight_decay", type=float, default=0.2, help="AdamW decay on matrices (CLIP used 0.2).")
@@ -115,11 +128,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--num_hard_negatives must be >= 0, got {args.num_hard_negatives}.")
     if args.dataset == "imagefolder" and args.num_hard_negatives > 0:
         raise ValueError("--num_hard_negatives needs --dataset shapes (an imagefolder has no scenes to corrupt).")
+    if args.pretrained_model_name_or_path is not None and args.tokenizer_name_or_path is None:
+        raise ValueError("--pretrained_model_name_or_path needs --tokenizer_name_or_path (the tokenizer it was trained with).")
+    args.task_weights = parse_task_weights(args.task_weights)
     if args.validation_steps < 1 or args.num_validation_images < 0:
         raise ValueError("--validation_steps must be >= 1 and --num_validation_images >= 0.")
     if args.text_seq_len < 2:
         raise ValueError(f"--text_seq_len must leave room for a word and <eos>, got {args.text_seq_len}.")
     return args
+
+
+def parse_task_weights(text: str | None) -> dict[str, float]:
+    """`'position=4,color_attr=2'` -> `TASK_WEIGHTS` with those entries replaced (`None` -> `TASK_WEIGHTS`)."""
+    weights = dict(TASK_WEIGHTS)
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        task, sep, value = item.partition("=")
+        task = task.strip()
+        try:
+            weight = float(value) if sep else None
+        except ValueError:
+            weight = None
+        if task not in TASK_WEIGHTS or weight is None or not weight >= 0:
+            raise ValueError(f"--task_weights expects comma-separated TASK=WEIGHT (TASK in {list(TASK_WEIGHTS)}, "
+                             f"WEIGHT >= 0), got {item!r}")  # fmt: skip
+        weights[task] = weight
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"--task_weights leaves every task at weight 0: {text!r}")
+    return weights
 
 
 # ----------------------------------------------------------------------------- data
@@ -138,10 +175,11 @@ class ShapesCaptionsWithNegatives(IterableDataset):
         `dict`: `pixel_values` `(3, 64, 64)` in `[0, 1]`, `text`, `negatives` (`list[str]`), `objects`, `task`.
     """
 
-    def __init__(self, seed: int, num_negatives: int):
+    def __init__(self, seed: int, num_negatives: int, task_weights: dict[str, float] | None = None):
         super().__init__()
         self.seed = seed
         self.num_negatives = num_negatives
+        self.task_weights = dict(TASK_WEIGHTS if task_weights is None else task_weights)
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -149,7 +187,7 @@ class ShapesCaptionsWithNegatives(IterableDataset):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
         rng = random.Random(f"shapes-clip/{self.seed}/rank{rank}/worker{worker_id}")
-        tasks, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
+        tasks, weights = list(self.task_weights), list(self.task_weights.values())
         while True:
             task = rng.choices(tasks, weights)[0]
             image, caption, scene = sample_example(rng, task)
@@ -365,6 +403,13 @@ def load_or_train_tokenizer(args: argparse.Namespace, is_main_process: bool):
     return tokenizer
 
 
+def load_pretrained_clip(path: str) -> CLIPModel:
+    """A CLIPModel from a clip_model/ folder, or from the clip_model/ subfolder of a pipeline folder or hub repo."""
+    if os.path.isdir(os.path.join(path, "clip_model")):
+        return CLIPModel.from_pretrained(path, subfolder="clip_model")
+    return CLIPModel.from_pretrained(path)
+
+
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # nanoGPT: weight decay only on matrices (dim >= 2); none on biases, LayerNorms and the logit scale.
     groups = weight_decay_groups(model, args.weight_decay)
@@ -386,7 +431,14 @@ def main(args: argparse.Namespace) -> dict:
         text_width=args.text_width,
         text_layers=args.num_layers,
     )
-    model = CLIPModel(config)
+    if args.pretrained_model_name_or_path is not None:
+        model = load_pretrained_clip(args.pretrained_model_name_or_path)
+        if model.config.text_config.vocab_size != len(tokenizer):
+            raise ValueError(f"{args.pretrained_model_name_or_path} has a text vocabulary of "
+                             f"{model.config.text_config.vocab_size}, the tokenizer {len(tokenizer)}: pass its tokenizer.")  # fmt: skip
+        processor = make_clip_processor(tokenizer, image_size=model.config.vision_config.image_size)
+    else:
+        model = CLIPModel(config)
     optimizer = make_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
@@ -395,7 +447,7 @@ def main(args: argparse.Namespace) -> dict:
     # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
     data_seed = args.seed + first_step
     if args.dataset == "shapes":
-        dataset = ShapesCaptionsWithNegatives(seed=data_seed, num_negatives=args.num_hard_negatives)
+        dataset = ShapesCaptionsWithNegatives(data_seed, args.num_hard_negatives, args.task_weights)
     else:
         dataset = build_train_dataset(args, image_size=args.image_size, seed=data_seed)
     collate_fn = functools.partial(collate_contrastive, tokenizer=tokenizer)
@@ -531,6 +583,8 @@ def main(args: argparse.Namespace) -> dict:
             )
         }  # fmt: skip
         hyperparameters["text vocabulary"] = len(tokenizer)
+        hyperparameters["task weights"] = ", ".join(f"{t}={w:g}" for t, w in args.task_weights.items())
+        hyperparameters["initialized from"] = args.pretrained_model_name_or_path or "random init"
         hyperparameters["images seen"] = images_seen
         write_model_card(
             os.path.join(model_dir, "README.md"),

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--n_hid", type=int, default=32, help="Width of the first group (x1, x2, x4, x8); paper 256; 32 runs ~80 img/s on one core."
     )
+    parser.add_argument(
+        "--decoder_n_hid", type=int, default=None, help="Decoder width, if not --n_hid (OpenAI's are separate)."
+    )
     parser.add_argument("--n_blk_per_group", type=int, default=2, help="Residual blocks per group.")
     parser.add_argument("--vocab_size", type=int, default=512, help="Number of codes.")
     parser.add_argument(
@@ -85,6 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr_warmup_steps", type=int, default=150, help="Linear learning-rate warmup.")
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay on conv weights (paper).")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
+    # Decoder fine-tuning (after the transformer is trained on the codes, the decoder can still improve).
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Start from this dVAE (a vae/ folder, or a pipeline folder holding one); its config replaces the model "
+        "flags, except --decoder_n_hid: a different width starts a fresh decoder on the same encoder.",
+    )
+    parser.add_argument(
+        "--train_decoder_only",
+        action="store_true",
+        help="Freeze the encoder and train the decoder on its argmax codes (what generation decodes), with the "
+        "reconstruction loss alone: the codes, and any transformer trained on them, stay valid.",
+    )
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and save it.")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per update.")
     parser.add_argument(
@@ -107,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
     if args.eval_n_per_task < 0:
         raise ValueError("--eval_n_per_task must be >= 0.")
+    if args.train_decoder_only and args.pretrained_model_name_or_path is None:
+        raise ValueError("--train_decoder_only needs --pretrained_model_name_or_path (the encoder whose codes to keep).")
+    if args.decoder_n_hid is not None and args.decoder_n_hid < 1:
+        raise ValueError(f"--decoder_n_hid must be positive, got {args.decoder_n_hid}.")
     return args
 
 
@@ -115,6 +136,22 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     groups = weight_decay_groups(model, args.weight_decay)
     # Paper appendix A.2: AdamW with beta1 = 0.9, beta2 = 0.999, eps = 1e-8.
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def load_pretrained_vae(path: str, decoder_n_hid: int | None = None) -> DalleVAE:
+    """
+    A saved dVAE (a vae/ folder, or a pipeline folder or hub repo with a vae/ subfolder). With a `decoder_n_hid`
+    other than its decoder's width, its encoder with a freshly initialized decoder of that width.
+    """
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else ""
+    vae = DalleVAE.from_pretrained(path, subfolder=subfolder)
+    width = vae.config.decoder_n_hid or vae.config.n_hid
+    if decoder_n_hid is None or decoder_n_hid == width:
+        return vae
+    config = DalleVAEConfig.from_dict({**vae.config.to_dict(), "decoder_n_hid": decoder_n_hid})
+    fresh = DalleVAE(config)
+    fresh.encoder.load_state_dict(vae.encoder.state_dict())
+    return fresh
 
 
 @torch.no_grad()
@@ -148,17 +185,24 @@ def evaluate(vae: DalleVAE, args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> dict:
     accelerator, resume_dir, first_step, trainer_state = start_run(args)
 
-    config = DalleVAEConfig(
-        image_size=args.image_size,
-        num_groups=args.num_groups,
-        n_hid=args.n_hid,
-        n_blk_per_group=args.n_blk_per_group,
-        vocab_size=args.vocab_size,
-        reconstruction_loss=args.reconstruction_loss,
-        kl_weight=args.kl_weight,
-        code_usage_weight=args.code_usage_weight,
-    )
-    model = DalleVAE(config)
+    if args.pretrained_model_name_or_path is not None:
+        model = load_pretrained_vae(args.pretrained_model_name_or_path, args.decoder_n_hid)
+        config = model.config
+    else:
+        config = DalleVAEConfig(
+            image_size=args.image_size,
+            num_groups=args.num_groups,
+            n_hid=args.n_hid,
+            decoder_n_hid=args.decoder_n_hid,
+            n_blk_per_group=args.n_blk_per_group,
+            vocab_size=args.vocab_size,
+            reconstruction_loss=args.reconstruction_loss,
+            kl_weight=args.kl_weight,
+            code_usage_weight=args.code_usage_weight,
+        )
+        model = DalleVAE(config)
+    if args.train_decoder_only:
+        model.encoder.requires_grad_(False)  # before the optimizer: it only gets the decoder
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
@@ -210,7 +254,7 @@ def main(args: argparse.Namespace) -> dict:
             pixel_values = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W)
             if args.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            outputs = model(pixel_values, temperature=temperature, kl_weight=kl_weight)
+            outputs = model(pixel_values, temperature=temperature, kl_weight=kl_weight, hard_codes=args.train_decoder_only)
             accelerator.backward(outputs.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -272,8 +316,11 @@ def main(args: argparse.Namespace) -> dict:
                 "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps",
                 "weight_decay", "kl_weight", "kl_warmup_fraction", "temperature_start", "temperature_end",
                 "temperature_anneal_fraction", "code_usage_weight", "mixed_precision", "channels_last", "use_ema",
+                "train_decoder_only",
             )
         }
+        hyperparameters["initialized from"] = args.pretrained_model_name_or_path or "random init"
+        hyperparameters["decoder width (decoder_n_hid)"] = config.decoder_n_hid or config.n_hid
         hyperparameters["images seen"] = images_seen
         write_model_card(
             os.path.join(vae_dir, "README.md"),

@@ -274,6 +274,42 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
         assert json.load(f)["global_step"] == 4
     assert not os.path.exists(os.path.join(out, "checkpoint-2"))  # rotated: --checkpoints_total_limit 1
 
+    # Start a new run from the trained model (found in the clip_model/ subfolder): at a learning rate of 1e-9 the
+    # saved weights are (within 1e-6) the starting ones, so they were loaded, not re-initialized.
+    finetuned = str(tmp_path / "clip-ft")
+    args = train_clip.parse_args([
+        "--output_dir", finetuned, *TRAIN_ARGS, "--max_train_steps", "2", "--learning_rate", "1e-9",
+        "--pretrained_model_name_or_path", out, "--tokenizer_name_or_path", os.path.join(out, "tokenizer"),
+        "--task_weights", "position=5,single_object=0",
+    ])  # fmt: skip
+    assert args.task_weights["position"] == 5.0 and args.task_weights["single_object"] == 0.0
+    train_clip.main(args)
+    start = CLIPModel.from_pretrained(os.path.join(out, "clip_model")).state_dict()
+    end = CLIPModel.from_pretrained(os.path.join(finetuned, "clip_model")).state_dict()
+    assert start.keys() == end.keys()
+    for key in start:
+        torch.testing.assert_close(end[key], start[key], atol=1e-6, rtol=0)
+    card = open(os.path.join(finetuned, "clip_model", "README.md")).read()
+    assert "position=5" in card and out in card
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--task_weights", "drawing=2"], "TASK=WEIGHT"),
+        (["--task_weights", "position=-1"], "TASK=WEIGHT"),
+        (["--task_weights", "position"], "TASK=WEIGHT"),
+        (["--task_weights", ",".join(f"{t}=0" for t in ("single_object", "two_object", "counting", "colors",
+                                                        "position", "color_attr"))], "weight 0"),  # fmt: skip
+        (["--pretrained_model_name_or_path", "some/clip"], "tokenizer_name_or_path"),
+    ],
+)
+def test_parse_args_rejects_bad_finetuning_flags(flags, match):
+    from dalle_hf.train_clip import parse_args
+
+    with pytest.raises(ValueError, match=match):
+        parse_args(["--output_dir", "x", *flags])
+
 
 def test_train_clip_imagefolder(tmp_path):
     from dalle_hf import train_clip

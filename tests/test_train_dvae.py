@@ -83,3 +83,37 @@ def test_schedules():
     assert training_utils.cosine_warmup(0, 10, 6.6) == 0.0 and training_utils.cosine_warmup(20, 10, 6.6) == 6.6
     lr = training_utils.warmup_cosine_lr_lambda(2, 10, 0.01)
     assert [lr(0), lr(1), lr(2)] == [0.5, 1.0, 1.0] and lr(10) == 0.01
+
+
+@pytest.mark.parametrize("decoder_n_hid", [None, 12])
+def test_decoder_only_finetuning_keeps_the_codes(tmp_path, decoder_n_hid):
+    first = str(tmp_path / "first")
+    main(parse_args(TINY + ["--output_dir", first, "--max_train_steps", "2"]))
+    out = str(tmp_path / "decoder")
+    flags = ["--pretrained_model_name_or_path", first, "--train_decoder_only", "--max_train_steps", "3"]
+    if decoder_n_hid is not None:
+        flags += ["--decoder_n_hid", str(decoder_n_hid)]
+    result = main(parse_args(TINY + ["--output_dir", out, *flags]))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    before = DalleVAE.from_pretrained(os.path.join(first, "vae"))
+    after = DalleVAE.from_pretrained(os.path.join(out, "vae"))
+    assert after.config.decoder_n_hid == decoder_n_hid and after.config.n_hid == 8
+    for key, value in before.encoder.state_dict().items():  # the encoder, so the codes, did not move
+        assert torch.equal(after.encoder.state_dict()[key], value), key
+    changed = [k for k, v in before.decoder.state_dict().items() if not torch.equal(after.decoder.state_dict()[k], v)]
+    if decoder_n_hid is None:
+        assert changed  # the decoder trained
+    else:
+        widths = {tuple(v.shape) for k, v in after.decoder.state_dict().items() if k.endswith("conv_1.w")}
+        assert any(shape[0] == 12 for shape in widths)  # group widths 48, 24, 12 (n_hid x 4, 2, 1)
+    pixels = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(before.get_codebook_indices(pixels), after.get_codebook_indices(pixels), rtol=0, atol=0)
+    card = open(os.path.join(out, "vae", "README.md")).read()
+    assert "train_decoder_only" in card and first in card
+
+
+def test_decoder_only_needs_a_pretrained_dvae():
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path"):
+        parse_args(TINY + ["--output_dir", "x", "--train_decoder_only"])
+    with pytest.raises(ValueError, match="decoder_n_hid"):
+        parse_args(TINY + ["--output_dir", "x", "--decoder_n_hid", "0"])

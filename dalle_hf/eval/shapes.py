@@ -493,13 +493,16 @@ def _call_seed(seed: int, task: str, batch_index: int, stage: str) -> int:
     return (seed * 1_000_003 + EVAL_TASKS.index(task) * 10_007 + batch_index * 101 + (stage == "rerank")) % 2**63
 
 
-def _generate(pipe, prompts: list[str], per_prompt: int, keep: int, seed: int) -> tuple[list, torch.Tensor | None]:
+def _generate(
+    pipe, prompts: list[str], per_prompt: int, keep: int, seed: int, sampling: dict
+) -> tuple[list, torch.Tensor | None]:
     output = pipe(
         prompt=prompts,
         num_images_per_prompt=per_prompt,
         num_images_to_keep=keep,
         generator=torch.Generator().manual_seed(seed),
         output_type="pil",
+        **sampling,
     )
     images = output.images if hasattr(output, "images") else output[0]
     if len(images) != len(prompts) * keep:
@@ -547,6 +550,8 @@ def evaluate_pipeline(
     tasks: Sequence[str] | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    prompt_seed: int = EVAL_PROMPT_SEED,
+    sampling: dict | None = None,
 ) -> dict:
     """
     Score a text-to-image pipeline on ShapesEval and write `report.json` and sample sheets to `out_dir`.
@@ -575,6 +580,11 @@ def evaluate_pipeline(
         batch_size (`int`, *optional*, defaults to 16): most samples drawn per pipeline call (at least one
             prompt per call).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
+        prompt_seed (`int`, *optional*, defaults to `EVAL_PROMPT_SEED`): selects the prompts. Reported numbers
+            use the default; tune sampling settings on another seed (a dev split) so they are not fitted
+            to the reported prompts.
+        sampling (`dict`, *optional*, defaults to `None`): extra pipeline arguments for every call, e.g.
+            `{"guidance_scale": 3.0, "top_k": 64}`; `None` uses the pipeline's defaults. Recorded in the report.
 
     Returns:
         `dict`: the report written to `out_dir/report.json`.
@@ -594,13 +604,19 @@ def evaluate_pipeline(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     tasks = _validate_tasks(tasks)
+    if isinstance(prompt_seed, bool) or not isinstance(prompt_seed, int):
+        raise ValueError(f"prompt_seed must be an int, got {prompt_seed!r}")
+    sampling = dict(sampling or {})
+    reserved = {"prompt", "num_images_per_prompt", "num_images_to_keep", "generator", "output_type"}
+    if reserved & set(sampling):
+        raise ValueError(f"sampling must not set {sorted(reserved & set(sampling))}: the evaluation controls them")
     os.makedirs(out_dir, exist_ok=True)
 
     # 2. Plan every pipeline call: the sampling pass, then (candidates > 1) the reranked best-of-N pass.
     stages = [("sample", images_per_prompt)] + ([("rerank", candidates)] if candidates > 1 else [])
     plan = []  # (task, stage, batch_index, prompts)
     for task in tasks:
-        prompts = evaluation_prompts(task, prompts_per_task, seed=EVAL_PROMPT_SEED)
+        prompts = evaluation_prompts(task, prompts_per_task, seed=prompt_seed)
         for stage, per_prompt in stages:
             step = max(1, batch_size // per_prompt)
             for batch_index, start in enumerate(range(0, len(prompts), step)):
@@ -615,7 +631,7 @@ def evaluate_pipeline(
         keep = images_per_prompt if stage == "sample" else 1
         per_prompt = images_per_prompt if stage == "sample" else candidates
         call_seed = _call_seed(seed, task, batch_index, stage)
-        images, clip_scores = _generate(pipe, [p.prompt for p in batch], per_prompt, keep, call_seed)
+        images, clip_scores = _generate(pipe, [p.prompt for p in batch], per_prompt, keep, call_seed, sampling)
         if stage == "rerank":
             reranked_by_clip = clip_scores is not None
         for i, eval_prompt in enumerate(batch):
@@ -661,7 +677,8 @@ def evaluate_pipeline(
         "candidates": candidates,
         "seed": seed,
         "prompts_per_task": prompts_per_task,
-        "prompt_seed": EVAL_PROMPT_SEED,
+        "prompt_seed": prompt_seed,
+        "sampling": sampling,
         "tasks": list(tasks),
         "batch_size": batch_size,
     }
