@@ -4,15 +4,21 @@
         --out checkpoints/dalle-shapes
 
 The transformer run (`train_dalle --output_dir`) holds tokenizer/, transformer/, vae/ and model_index.json; the CLIP
-run (`train_clip --output_dir`) holds clip_model/ and clip_processor/. The result is one `DallePipeline` saved with
+run (`train_clip --output_dir`) holds clip_model/ and clip_processor/. Each `--*_run` can repeat for a model trained
+in stages (continued or fine-tuned): the last one is shipped, every stage's card is quoted. The last `--vae_run`
+replaces the transformer run's dVAE only if its encoder is the same (a decoder fine-tuned with
+`train_dvae --train_decoder_only`): the transformer was trained on that encoder's codes. The result is one `DallePipeline` saved with
 `save_pretrained` (safetensors only), plus a README.md that stitches the three model cards together.
 """
 
 import argparse
+import json
 import os
 
+import torch
 from transformers import CLIPModel, CLIPProcessor
 
+from dalle_hf.modeling_dvae import DalleVAE
 from dalle_hf.pipeline_dalle import DallePipeline
 
 
@@ -25,23 +31,47 @@ def read_card(path: str) -> str:
     return ("\n" + text.strip()).replace("\n## ", "\n#### ").replace("\n# ", "\n### ").strip()
 
 
+def eval_section(report: dict) -> str:
+    """A ShapesEval report.json as a markdown table: best-of-1 per task, and CLIP best-of-N when it was run."""
+    reranked = report.get("reranked_accuracy")
+    header = "| task | best-of-1 |" + (" CLIP best-of-N |" if reranked else "")
+    rows = [header, "|---|---|" + ("---|" if reranked else "")]
+    for task, value in report["accuracy"].items():
+        rows.append(f"| {task} | {value:.3f} |" + (f" {reranked[task]:.3f} |" if reranked else ""))
+    mean = f"| **six-task mean** | **{report['shapes_eval']:.3f}** |"
+    rows.append(mean + (f" **{report['shapes_eval_reranked']:.3f}** |" if reranked else ""))
+    return f"## ShapesEval\n\n`{json.dumps(report.get('config', {}))}`\n\n" + "\n".join(rows) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--transformer_run", required=True, action="append",
         help="train_dalle output folder; repeat for a run continued with --transformer_name_or_path (last is loaded)",
     )
-    parser.add_argument("--vae_run", default=None, help="train_dvae output folder (for its model card)")
-    parser.add_argument("--clip_run", default=None)
+    parser.add_argument(
+        "--vae_run", action="append", default=[],
+        help="train_dvae output folder; the last one's vae/ is shipped (its encoder must match the transformer run's)",
+    )
+    parser.add_argument("--clip_run", action="append", default=[], help="train_clip output folder; the last is shipped")
     parser.add_argument("--out", required=True)
     parser.add_argument("--eval_report", default=None, help="a ShapesEval report.json to quote in the card")
     args = parser.parse_args()
 
     pipe = DallePipeline.from_pretrained(args.transformer_run[-1])
+    if args.vae_run:
+        vae = DalleVAE.from_pretrained(os.path.join(args.vae_run[-1], "vae"))
+        trained_on = pipe.vae.encoder.state_dict()
+        if vae.encoder.state_dict().keys() != trained_on.keys() or not all(
+            torch.equal(value, trained_on[key]) for key, value in vae.encoder.state_dict().items()
+        ):
+            raise ValueError(f"{args.vae_run[-1]}/vae has another encoder than {args.transformer_run[-1]}/vae: the "
+                             "transformer was trained on the codes of its own (fine-tune only the decoder).")  # fmt: skip
+        pipe.register_modules(vae=vae)
     if args.clip_run:
         pipe.register_modules(
-            clip_model=CLIPModel.from_pretrained(args.clip_run, subfolder="clip_model"),
-            clip_processor=CLIPProcessor.from_pretrained(args.clip_run, subfolder="clip_processor"),
+            clip_model=CLIPModel.from_pretrained(args.clip_run[-1], subfolder="clip_model"),
+            clip_processor=CLIPProcessor.from_pretrained(args.clip_run[-1], subfolder="clip_processor"),
         )
     pipe.save_pretrained(args.out, safe_serialization=True)
 
@@ -52,22 +82,19 @@ def main():
         "2-core CPU. Load it with `DallePipeline.from_pretrained(\"checkpoints/dalle-shapes\")`.\n",
         "Assembled with:\n\n```bash\npython scripts/assemble_checkpoint.py "
         + " ".join(f"--transformer_run {run}" for run in args.transformer_run)
-        + (f" --vae_run {args.vae_run}" if args.vae_run else "")
-        + (f" --clip_run {args.clip_run}" if args.clip_run else "") + f" --out {args.out}\n```\n",
+        + "".join(f" --vae_run {run}" for run in args.vae_run)
+        + "".join(f" --clip_run {run}" for run in args.clip_run)
+        + (f" --eval_report {args.eval_report}" if args.eval_report else "") + f" --out {args.out}\n```\n",
     ]
     for stage, run in enumerate(args.transformer_run, 1):
         sections.append(f"## Transformer, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "README.md")) + "\n")
-    if args.vae_run:
-        sections.append("## dVAE\n\n" + read_card(os.path.join(args.vae_run, "vae", "README.md")) + "\n")
-    if args.clip_run:
-        sections.append("## CLIP reranker\n\n" + read_card(os.path.join(args.clip_run, "clip_model", "README.md")) + "\n")
+    for stage, run in enumerate(args.vae_run, 1):
+        sections.append(f"## dVAE, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "vae", "README.md")) + "\n")
+    for stage, run in enumerate(args.clip_run, 1):
+        card = read_card(os.path.join(run, "clip_model", "README.md"))
+        sections.append(f"## CLIP reranker, stage {stage} ({run})\n\n" + card + "\n")
     if args.eval_report:
-        import json
-
-        report = json.load(open(args.eval_report))
-        rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in report["accuracy"].items())
-        sections.append(f"## ShapesEval\n\n`{report.get('config', {})}`\n\n| task | accuracy |\n|---|---|\n{rows}\n\n"
-                        f"ShapesEval (six-task mean): {report['shapes_eval']:.3f}\n")
+        sections.append(eval_section(json.load(open(args.eval_report))))
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(sections))
     print(f"wrote {args.out}")
