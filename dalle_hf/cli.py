@@ -3,6 +3,7 @@
     dalle-hf generate --pipeline checkpoints/dalle-shapes "a red circle" --candidates 16 --keep 4 --out out/
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
     dalle-hf eval vae --pipeline checkpoints/dalle-shapes
+    dalle-hf eval clip --pipeline checkpoints/dalle-shapes
     dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
 """
 
@@ -91,6 +92,23 @@ def cmd_eval_vae(args) -> int:
     return 0
 
 
+def cmd_eval_clip(args) -> int:
+    from transformers import CLIPModel, CLIPProcessor
+
+    from .train_clip import evaluate_clip_caption_ranking
+
+    if not os.path.isdir(os.path.join(args.pipeline, "clip_model")):
+        raise SystemExit(f"dalle-hf eval clip: {args.pipeline} has no clip_model/ folder (a pipeline saved with CLIP)")
+    model = CLIPModel.from_pretrained(args.pipeline, subfolder="clip_model").eval()
+    processor = CLIPProcessor.from_pretrained(args.pipeline, subfolder="clip_processor")
+    accuracy, per_task = evaluate_clip_caption_ranking(
+        model, processor, n_images=args.n_images, n_captions=args.n_captions, seed=args.seed, return_per_task=True
+    )
+    print(json.dumps({"caption_top1": accuracy, "per_task": per_task, "n_images": args.n_images,
+                      "n_captions": args.n_captions, "seed": args.seed}, indent=2))  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--n-per-task", dest="n_per_task", type=int, default=300)
     vae.add_argument("--seed", type=int, default=0)
     vae.set_defaults(func=cmd_eval_vae)
+    clip = ev.add_parser("clip", help="CLIP: top-1 of the true caption among N captions of the same shapes scene")
+    clip.add_argument("--pipeline", required=True, help="a pipeline folder with clip_model/ and clip_processor/")
+    clip.add_argument("--n-images", dest="n_images", type=int, default=300)
+    clip.add_argument("--n-captions", dest="n_captions", type=int, default=32, help="the true one and N - 1 false ones")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.set_defaults(func=cmd_eval_clip)
 
     train = sub.add_parser("train", help="train a model (see python -m dalle_hf.train_<name> --help)", add_help=False)
     train.add_argument("model", choices=sorted(TRAINERS))

@@ -42,9 +42,11 @@ def dalle_hf_cli(*args, cwd=None):
 def test_eval_shapes_writes_report_and_sheets(pipeline_dir, tmp_path):
     out = tmp_path / "eval"
     result = dalle_hf_cli("eval", "shapes", "--pipeline", str(pipeline_dir), "--prompts-per-task", "2",
-                          "--images-per-prompt", "2", "--candidates", "3", "--out", str(out))
+                          "--images-per-prompt", "2", "--candidates", "3", "--out", str(out),
+                          "--guidance-scale", "2", "--top-k", "8", "--prompt-seed", "3")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["sampling"] == {"guidance_scale": 2.0, "top_k": 8} and report["config"]["prompt_seed"] == 3
     tasks = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
     assert set(tasks) <= set(report["accuracy"]) and "novel" in report["accuracy"]
     assert 0.0 <= report["shapes_eval"] <= 1.0
@@ -63,6 +65,17 @@ def test_generate_and_eval_vae(pipeline_dir, tmp_path):
     result = dalle_hf_cli("eval", "vae", "--pipeline", str(pipeline_dir), "--n-per-task", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0.0 <= json.loads(result.stdout)["fidelity"] <= 1.0
+
+
+def test_eval_clip(pipe, pipeline_dir, tmp_path):
+    pipe.save_pretrained(tmp_path / "with-clip")
+    result = dalle_hf_cli("eval", "clip", "--pipeline", str(tmp_path / "with-clip"), "--n-images", "6",
+                          "--n-captions", "4")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert 0.0 <= report["caption_top1"] <= 1.0 and len(report["per_task"]) == 6 and report["n_captions"] == 4
+    result = dalle_hf_cli("eval", "clip", "--pipeline", str(pipeline_dir))
+    assert result.returncode != 0 and "no clip_model/" in result.stderr
 
 
 def test_bad_arguments_fail_with_usage(tmp_path):
