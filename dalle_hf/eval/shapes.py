@@ -580,7 +580,7 @@ def evaluate_pipeline(
         batch_size (`int`, *optional*, defaults to 16): most samples drawn per pipeline call (at least one
             prompt per call).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
-        prompt_seed (`int`, *optional*, defaults to `EVAL_PROMPT_SEED`): selects the prompts. Reported numbers
+        prompt_seed (`int`, *optional*, defaults to 0): selects the prompts (`EVAL_PROMPT_SEED`). Reported numbers
             use the default; tune sampling settings on another seed (a dev split) so they are not fitted
             to the reported prompts.
         sampling (`dict`, *optional*, defaults to `None`): extra pipeline arguments for every call, e.g.
