@@ -56,6 +56,7 @@ def main():
     parser.add_argument("--clip_run", action="append", default=[], help="train_clip output folder; the last is shipped")
     parser.add_argument("--out", required=True)
     parser.add_argument("--eval_report", default=None, help="a ShapesEval report.json to quote in the card")
+    parser.add_argument("--notes", default=None, help="a markdown file appended to the card (e.g. evaluation commands)")
     args = parser.parse_args()
 
     pipe = DallePipeline.from_pretrained(args.transformer_run[-1])
@@ -84,7 +85,8 @@ def main():
         + " ".join(f"--transformer_run {run}" for run in args.transformer_run)
         + "".join(f" --vae_run {run}" for run in args.vae_run)
         + "".join(f" --clip_run {run}" for run in args.clip_run)
-        + (f" --eval_report {args.eval_report}" if args.eval_report else "") + f" --out {args.out}\n```\n",
+        + (f" --eval_report {args.eval_report}" if args.eval_report else "")
+        + (f" --notes {args.notes}" if args.notes else "") + f" --out {args.out}\n```\n",
     ]
     for stage, run in enumerate(args.transformer_run, 1):
         sections.append(f"## Transformer, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "README.md")) + "\n")
@@ -95,6 +97,8 @@ def main():
         sections.append(f"## CLIP reranker, stage {stage} ({run})\n\n" + card + "\n")
     if args.eval_report:
         sections.append(eval_section(json.load(open(args.eval_report))))
+    if args.notes:
+        sections.append(open(args.notes, encoding="utf-8").read().strip() + "\n")
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(sections))
     print(f"wrote {args.out}")
