@@ -42,6 +42,7 @@ def test_config_grid_and_defaults():
         (dict(vocab_size=1), "vocab_size"),
         (dict(logit_laplace_eps=0.5), "logit_laplace_eps"),
         (dict(kl_weight=-1.0), "non-negative"),
+        (dict(decoder_n_hid=0), "decoder_n_hid"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -129,6 +130,21 @@ def test_forward_output_and_backward():
     assert all(p.grad is not None for p in model.parameters())
     as_tuple = model(x, return_dict=False)
     assert len(as_tuple) == 6 and as_tuple[3].shape == (2, 3, 16, 16)
+
+
+def test_hard_codes_train_the_decoder_on_what_generation_decodes():
+    torch.manual_seed(0)
+    model = DalleVAE(tiny_config(decoder_n_hid=12))
+    assert model.decoder.blocks.output.conv.w.shape[1] == 12  # the finest decoder group is decoder_n_hid wide
+    assert model.encoder.blocks.output.conv.w.shape[1] == 8 * 4  # the encoder keeps n_hid
+    x = torch.rand(2, 3, 16, 16)
+    out = model(x, hard_codes=True)
+    assert torch.equal(out.loss, out.reconstruction_loss)  # no KL or usage term: the encoder is fixed
+    # The reconstruction is exactly the decode of the argmax codes, with no Gumbel noise.
+    torch.testing.assert_close(out.reconstruction, model.decode_code(model.get_codebook_indices(x)))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
 
 
 def test_forward_seeded(vae):
