@@ -36,7 +36,7 @@ def test_decode_step_matches_forward(attention_types):
     assert torch.allclose(torch.stack(steps, 1), full[:, 11:25], atol=1e-5)
 
 
-def test_decode_step_bf16_uses_a_float32_cache_on_cpu():
+def test_decode_step_bf16_uses_a_bf16_cache():
     torch.manual_seed(0)
     model = DalleForImageGeneration(tiny_dalle_config()).eval()
     text, image = prefill(model)
@@ -44,7 +44,7 @@ def test_decode_step_bf16_uses_a_float32_cache_on_cpu():
         reference = model.image_logits(model(input_ids=text, image_ids=image).logits[:, -1])
         model.to(torch.bfloat16)
         out = model(input_ids=text, image_ids=image[:, :15], use_cache=True, logits_to_keep=1)
-        assert out.past_key_values.keys.dtype == torch.float32 and model.cache_dtype == torch.float32
+        assert out.past_key_values.keys.dtype == torch.bfloat16 and model.cache_dtype == torch.bfloat16
         logits = model.decode_step(image[:, 15:], out.past_key_values)
     assert logits.dtype == torch.bfloat16 and logits.shape == (2, 32)
     assert torch.allclose(logits.float(), reference, atol=0.05)
