@@ -280,7 +280,7 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
     args = train_clip.parse_args([
         "--output_dir", finetuned, *TRAIN_ARGS, "--max_train_steps", "2", "--learning_rate", "1e-9",
         "--pretrained_model_name_or_path", out, "--tokenizer_name_or_path", os.path.join(out, "tokenizer"),
-        "--task_weights", "position=5,single_object=0",
+        "--task_weights", "position=5,single_object=0", "--seed", "7",
     ])  # fmt: skip
     assert args.task_weights["position"] == 5.0 and args.task_weights["single_object"] == 0.0
     train_clip.main(args)
@@ -291,6 +291,7 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
         torch.testing.assert_close(end[key], start[key], atol=1e-6, rtol=0)
     card = open(os.path.join(finetuned, "clip_model", "README.md")).read()
     assert "position=5" in card and out in card
+    assert "held-out renders, seed 0)" in card  # validated on the default set whatever --seed
 
 
 @pytest.mark.parametrize(
