@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top_k", type=int, default=None)
     gen.add_argument("--top_p", type=float, default=None)
-    gen.add_argument("--guidance_scale", type=float, default=1.0)
+    gen.add_argument("--guidance_scale", type=float, default=None, help="default: the checkpoint's default_guidance_scale")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
     gen.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")

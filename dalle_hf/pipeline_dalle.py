@@ -60,6 +60,9 @@ class DallePipeline(DiffusionPipeline):
         vae ([`DalleVAE`]): decodes image tokens to pixels.
         clip_model ([`~transformers.CLIPModel`], *optional*): reranks the candidates.
         clip_processor ([`~transformers.CLIPProcessor`], *optional*): CLIP's image size, mean and std.
+        default_guidance_scale (`float`, *optional*, defaults to 1.0): the guidance `__call__` uses when it is not
+            given. Saved in `model_index.json`, so a checkpoint carries the value measured best for it; 1.0 (no
+            guidance, the paper's sampling) suits a transformer trained without caption dropout.
 
     Example:
 
@@ -77,11 +80,16 @@ class DallePipeline(DiffusionPipeline):
     _optional_components = ["clip_model", "clip_processor"]
     _callback_tensor_inputs = ["image_tokens"]
 
-    def __init__(self, tokenizer, transformer, vae, clip_model=None, clip_processor=None):
+    def __init__(self, tokenizer, transformer, vae, clip_model=None, clip_processor=None, default_guidance_scale=1.0):
         super().__init__()
         self.register_modules(
             tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model, clip_processor=clip_processor
         )
+        if isinstance(default_guidance_scale, bool) or not isinstance(default_guidance_scale, (int, float)) or (
+            not default_guidance_scale >= 1
+        ):
+            raise ValueError(f"default_guidance_scale must be a number >= 1, got {default_guidance_scale!r}")
+        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
     # ----------------------------------------------------------------------------------------------------------
     # Steps shared with DalleImageVariationPipeline
@@ -244,7 +252,7 @@ class DallePipeline(DiffusionPipeline):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -267,8 +275,9 @@ class DallePipeline(DiffusionPipeline):
                 Sample only from the `top_k` most likely codes.
             top_p (`float`, *optional*, defaults to `None`):
                 Nucleus sampling: the smallest set of codes with probability mass `top_p`, in (0, 1].
-            guidance_scale (`float`, *optional*, defaults to 1.0):
-                Classifier-free guidance; 1 disables it, > 1 doubles the batch to `[uncond ; cond]`.
+            guidance_scale (`float`, *optional*, defaults to `None`):
+                Classifier-free guidance; 1 disables it, > 1 doubles the batch to `[uncond ; cond]`. `None` uses
+                the checkpoint's `default_guidance_scale` (its `model_index.json`; 1.0 unless set).
             generator (`torch.Generator`, *optional*, defaults to `None`):
                 Makes sampling deterministic.
             output_type (`str`, *optional*, defaults to `"pil"`):
@@ -284,6 +293,8 @@ class DallePipeline(DiffusionPipeline):
         """
         # 1. Check inputs
         prompts = self.check_inputs(prompt)
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         keep = self.check_sampling_inputs(
             num_images_per_prompt, num_images_to_keep, temperature, top_k, top_p, guidance_scale, output_type, generator
         )

@@ -56,6 +56,10 @@ def main():
     parser.add_argument("--clip_run", action="append", default=[], help="train_clip output folder; the last is shipped")
     parser.add_argument("--out", required=True)
     parser.add_argument("--eval_report", default=None, help="a ShapesEval report.json to quote in the card")
+    parser.add_argument(
+        "--default_guidance_scale", type=float, default=None,
+        help="the guidance the pipeline uses when a call does not give one (saved in model_index.json)",
+    )
     parser.add_argument("--notes", default=None, help="a markdown file appended to the card (e.g. evaluation commands)")
     args = parser.parse_args()
 
@@ -74,6 +78,8 @@ def main():
             clip_model=CLIPModel.from_pretrained(args.clip_run[-1], subfolder="clip_model"),
             clip_processor=CLIPProcessor.from_pretrained(args.clip_run[-1], subfolder="clip_processor"),
         )
+    if args.default_guidance_scale is not None:
+        pipe = DallePipeline(**pipe.components, default_guidance_scale=args.default_guidance_scale)
     pipe.save_pretrained(args.out, safe_serialization=True)
 
     sections = [
@@ -86,7 +92,8 @@ def main():
         + "".join(f" --vae_run {run}" for run in args.vae_run)
         + "".join(f" --clip_run {run}" for run in args.clip_run)
         + (f" --eval_report {args.eval_report}" if args.eval_report else "")
-        + (f" --notes {args.notes}" if args.notes else "") + f" --out {args.out}\n```\n",
+        + (f" --notes {args.notes}" if args.notes else "")
+        + (f" --default_guidance_scale {args.default_guidance_scale:g}" if args.default_guidance_scale else "") + f" --out {args.out}\n```\n",
     ]
     for stage, run in enumerate(args.transformer_run, 1):
         sections.append(f"## Transformer, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "README.md")) + "\n")

@@ -41,9 +41,11 @@ def test_ships_a_finetuned_decoder_and_refuses_another_encoder(pipe, tmp_path, m
 
     out = str(tmp_path / "shipped")
     run_script(monkeypatch, "--transformer_run", transformer_run, "--vae_run", str(tmp_path / "vae-ft"),
-               "--clip_run", str(clip_run), "--eval_report", str(tmp_path / "report.json"), "--out", out)  # fmt: skip
+               "--clip_run", str(clip_run), "--eval_report", str(tmp_path / "report.json"), "--out", out,
+               "--default_guidance_scale", "2.5")  # fmt: skip
     shipped = DallePipeline.from_pretrained(out)
     assert shipped.vae.config.decoder_n_hid == 12 and shipped.clip_model is not None
+    assert shipped.config.default_guidance_scale == 2.5
     for key, value in finetuned.decoder.state_dict().items():
         assert torch.equal(shipped.vae.decoder.state_dict()[key], value), key
     card = open(os.path.join(out, "README.md")).read()

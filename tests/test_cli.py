@@ -47,6 +47,7 @@ def test_eval_shapes_writes_report_and_sheets(pipeline_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["sampling"] == {"guidance_scale": 2.0, "top_k": 8} and report["config"]["prompt_seed"] == 3
+    assert report["config"]["pipeline_default_guidance_scale"] == 1.0
     tasks = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
     assert set(tasks) <= set(report["accuracy"]) and "novel" in report["accuracy"]
     assert 0.0 <= report["shapes_eval"] <= 1.0

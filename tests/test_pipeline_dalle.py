@@ -175,6 +175,25 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert torch.equal(a.images, b.images) and torch.allclose(a.clip_scores, b.clip_scores)
 
 
+def test_default_guidance_scale_travels_with_the_checkpoint(pipe, tmp_path):
+    guided = DallePipeline(**pipe.components, default_guidance_scale=2.0)
+    guided.set_progress_bar_config(disable=True)
+    guided.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["default_guidance_scale"] == 2.0
+    loaded = DallePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_guidance_scale == 2.0 and pipe.config.default_guidance_scale == 1.0
+    used = []  # the guidance scale each call samples with
+    original = loaded.sample_image_tokens
+    loaded.sample_image_tokens = lambda *args: used.append(args[5]) or original(*args)
+    loaded("a red circle", generator=gen(3))
+    loaded("a red circle", guidance_scale=1.0, generator=gen(3))
+    assert used == [2.0, 1.0]
+    for bad in (0.5, "2", True):
+        with pytest.raises(ValueError, match="default_guidance_scale"):
+            DallePipeline(**pipe.components, default_guidance_scale=bad)
+
+
 def test_from_pretrained_hf_cache_offline(pipe, tmp_path):
     """The real `from_pretrained("org/name")` path, resolved from an HF-cache-shaped folder with HF_HUB_OFFLINE=1."""
     commit = "0123456789abcdef0123456789abcdef01234567"

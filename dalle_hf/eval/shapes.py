@@ -679,6 +679,8 @@ def evaluate_pipeline(
         "prompts_per_task": prompts_per_task,
         "prompt_seed": prompt_seed,
         "sampling": sampling,
+        # What a call without guidance_scale uses (a DallePipeline's, from its model_index.json).
+        "pipeline_default_guidance_scale": getattr(getattr(pipe, "config", None), "default_guidance_scale", None),
         "tasks": list(tasks),
         "batch_size": batch_size,
     }
