@@ -428,24 +428,24 @@ def main(args: argparse.Namespace) -> dict:
     accelerator, resume_dir, first_step, trainer_state = start_run(args)
 
     tokenizer = load_or_train_tokenizer(args, accelerator.is_main_process)
-    processor = make_clip_processor(tokenizer, image_size=args.image_size)
-    config = make_clip_config(
-        text_vocab_size=len(tokenizer),
-        text_seq_len=tokenizer.model_max_length,
-        image_size=args.image_size,
-        vision_width=args.vision_width,
-        vision_layers=args.num_layers,
-        text_width=args.text_width,
-        text_layers=args.num_layers,
-    )
     if args.pretrained_model_name_or_path is not None:
         model = load_pretrained_clip(args.pretrained_model_name_or_path)
         if model.config.text_config.vocab_size != len(tokenizer):
             raise ValueError(f"{args.pretrained_model_name_or_path} has a text vocabulary of "
                              f"{model.config.text_config.vocab_size}, the tokenizer {len(tokenizer)}: pass its tokenizer.")  # fmt: skip
-        processor = make_clip_processor(tokenizer, image_size=model.config.vision_config.image_size)
     else:
-        model = CLIPModel(config)
+        model = CLIPModel(make_clip_config(
+            text_vocab_size=len(tokenizer),
+            text_seq_len=tokenizer.model_max_length,
+            image_size=args.image_size,
+            vision_width=args.vision_width,
+            vision_layers=args.num_layers,
+            text_width=args.text_width,
+            text_layers=args.num_layers,
+        ))  # fmt: skip
+    config = model.config  # a pretrained model's replaces the model flags
+    image_size = config.vision_config.image_size
+    processor = make_clip_processor(tokenizer, image_size=image_size)
     optimizer = make_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
@@ -456,7 +456,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.dataset == "shapes":
         dataset = ShapesCaptionsWithNegatives(data_seed, args.num_hard_negatives, args.task_weights)
     else:
-        dataset = build_train_dataset(args, image_size=args.image_size, seed=data_seed)
+        dataset = build_train_dataset(args, image_size=image_size, seed=data_seed)
     collate_fn = functools.partial(collate_contrastive, tokenizer=tokenizer)
     dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, collate_fn)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)

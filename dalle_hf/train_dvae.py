@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
-    dataset = build_train_dataset(args, image_size=args.image_size, seed=args.seed + first_step)
+    dataset = build_train_dataset(args, image_size=config.image_size, seed=args.seed + first_step)
     dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
@@ -242,7 +242,7 @@ def main(args: argparse.Namespace) -> dict:
         range(args.max_train_steps), initial=first_step, disable=not accelerator.is_local_main_process, desc="dVAE"
     )
     running = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "usage": 0.0}
-    code_counts = torch.zeros(args.vocab_size, dtype=torch.long)
+    code_counts = torch.zeros(config.vocab_size, dtype=torch.long)
     window_start, window_images, window_batches = clock.seconds, 0, 0
     history = []
     step = first_step
@@ -267,7 +267,7 @@ def main(args: argparse.Namespace) -> dict:
         window_batches += 1
         for key, value in zip(running, ("loss", "reconstruction_loss", "kl_loss", "usage_loss")):
             running[key] += outputs[value].item()
-        code_counts += torch.bincount(outputs.logits.detach().argmax(1).flatten().cpu(), minlength=args.vocab_size)
+        code_counts += torch.bincount(outputs.logits.detach().argmax(1).flatten().cpu(), minlength=config.vocab_size)
         if not accelerator.sync_gradients:
             continue
         step += 1
