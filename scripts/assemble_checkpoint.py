@@ -93,7 +93,8 @@ def main():
         + "".join(f" --clip_run {run}" for run in args.clip_run)
         + (f" --eval_report {args.eval_report}" if args.eval_report else "")
         + (f" --notes {args.notes}" if args.notes else "")
-        + (f" --default_guidance_scale {args.default_guidance_scale:g}" if args.default_guidance_scale is not None else "") + f" --out {args.out}\n```\n",
+        + ("" if args.default_guidance_scale is None else f" --default_guidance_scale {args.default_guidance_scale:g}")
+        + f" --out {args.out}\n```\n",
     ]
     for stage, run in enumerate(args.transformer_run, 1):
         sections.append(f"## Transformer, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "README.md")) + "\n")
