@@ -24,11 +24,18 @@ from .quantization import unpack_bnb_4bit_cpu_weights
 class DalleKVCache:
     """Preallocated keys and values for incremental decoding (as in min-dalle).
 
-    Holds values as `(n_layer, B, n_head, max_len, head_dim)` and keys transposed, `(n_layer, B, n_head, head_dim,
-    max_len)`; each forward writes its new positions in place, so a sampling step allocates nothing. A one-token
-    step reads the keys in windows of `window_size` positions (see `DalleAttention.attend_one`). Keys are stored
-    transposed because that step computes `q @ K^T`: with `K^T` contiguous along positions the CPU kernels stream
-    it, about 2x faster in bf16 than reading a transposed view (docs/performance.md).
+    Holds values as `(n_layer, B, n_head, capacity, head_dim)` and keys transposed, `(n_layer, B, n_head, head_dim,
+    capacity)`, as views of two buffers allocated once for `max_length` positions; each forward writes its new
+    positions in place. A one-token step computes `q @ K^T` and `att @ V` over the first `capacity` positions
+    (masked past the new token; see `DalleAttention.attend_one`), so the layout is chosen for those two matmuls:
+
+    - keys are stored transposed: with `K^T` contiguous along positions the CPU kernels stream it, about 2x faster
+      in bf16 than reading a transposed view;
+    - `capacity` is the filled length rounded up to a multiple of `window_size` (32), and the views are laid out
+      for exactly that many positions, so a layer's keys and values are contiguous tensors. Slicing a
+      `max_length` layout to the window instead made every step copy the window first (bf16 matmuls need dense
+      inputs): 2-3x the cost of the attention (docs/performance.md). Crossing a window boundary re-lays the
+      buffers out in place, once per 32 tokens, with one layer's worth of scratch memory.
 
     Args:
         config (`DalleConfig`): the model's config (layer count, heads, width, maximum length).
@@ -37,24 +44,58 @@ class DalleKVCache:
         max_length (`int`, *optional*): positions to reserve, defaults to `config.total_seq_len`.
     """
 
+    window_size = 32  # a sampling step reads keys in multiples of this many positions (see `window`)
+
     def __init__(self, config: DalleConfig, batch_size: int, device=None, dtype=None, max_length: int | None = None):
-        head_dim = config.n_embd // config.n_head
         self.max_length = max_length or config.total_seq_len
-        shape = (config.n_layer, batch_size, config.n_head, self.max_length, head_dim)
-        self.keys = torch.zeros(shape[:3] + (head_dim, self.max_length), device=device, dtype=dtype)  # K^T
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self._allocate(config.n_layer, batch_size, config.n_head, config.n_embd // config.n_head, device, dtype)
         self.length = 0  # positions filled so far; advanced by the model after all layers have written
-        self.window_size = 32  # a sampling step reads keys in multiples of this many positions (see `window`)
+
+    def _allocate(self, n_layer, batch_size, n_head, head_dim, device, dtype):
+        self._dims = (n_layer, batch_size, n_head, head_dim)
+        numel = n_layer * batch_size * n_head * head_dim * self.max_length
+        self._key_buffer = torch.zeros(numel, device=device, dtype=dtype)
+        self._value_buffer = torch.zeros(numel, device=device, dtype=dtype)
+        self.capacity = 0
+        self.keys, self.values = self._views(0)
+
+    def _views(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers laid out for `capacity` positions: keys (L, B, nh, hs, capacity), values (L, B, nh, capacity, hs)."""
+        L, B, nh, hs = self._dims
+        numel = L * B * nh * hs * capacity
+        keys = self._key_buffer[:numel].view(L, B, nh, hs, capacity)
+        values = self._value_buffer[:numel].view(L, B, nh, capacity, hs)
+        return keys, values
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self._dims[1]
+
+    def reserve(self, end: int) -> None:
+        """Make room for positions `[0, end)`: grow `capacity` to `window(end)`, keeping the filled positions."""
+        if end <= self.capacity:
+            return
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions, asked to write up to {end}")
+        capacity = self.window(end)
+        old_keys, old_values = self.keys, self.values
+        self.keys, self.values = self._views(capacity)
+        n = min(self.length, old_keys.shape[-1])  # positions to keep
+        # In place: every (layer, row, head) block moves to a higher offset, so moving layers from the last to
+        # the first only overwrites what was already moved, except inside the layer at hand; clone that one.
+        for layer in reversed(range(self._dims[0])):
+            kept_keys = old_keys[layer, ..., :n].clone()
+            kept_values = old_values[layer, :, :, :n].clone()
+            self.keys[layer, ..., n:] = 0  # unfilled positions: masked, but must be finite (0 * nan is nan)
+            self.values[layer, :, :, n:] = 0
+            self.keys[layer, ..., :n] = kept_keys
+            self.values[layer, :, :, :n] = kept_values
+        self.capacity = capacity
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `k, v` of shape (B, nh, T, hs) after the cached positions; return all keys and values so far."""
         end = self.length + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"the KV cache holds {self.max_length} positions, asked to write up to {end}")
+        self.reserve(end)  # the first layer to write grows every layer's views
         self.keys[layer_idx, ..., self.length : end] = k.transpose(-2, -1)
         self.values[layer_idx, :, :, self.length : end] = v
         return self.keys[layer_idx, ..., :end].transpose(-2, -1), self.values[layer_idx, :, :, :end]
@@ -65,8 +106,14 @@ class DalleKVCache:
 
     def reorder(self, index: torch.LongTensor) -> "DalleKVCache":
         """Keep and reorder batch rows in place (`index` of shape (B',))."""
-        self.keys = self.keys.index_select(1, index)
-        self.values = self.values.index_select(1, index)
+        keys, values = self.keys.index_select(1, index), self.values.index_select(1, index)
+        L, _, nh, hs = self._dims
+        capacity = self.capacity
+        self._allocate(L, len(index), nh, hs, keys.device, keys.dtype)
+        self.keys, self.values = self._views(capacity)
+        self.keys.copy_(keys)
+        self.values.copy_(values)
+        self.capacity = capacity
         return self
 
 
@@ -163,9 +210,9 @@ class DalleAttention(nn.Module):
         kernels are set up per shape, which costs more than the matmul when the shape changes every token."""
         position = cache.length  # of the new token
         cache.update(self.layer_idx, k, v)
-        W = cache.window(position + 1)
-        keys_t = cache.keys[self.layer_idx, ..., :W]  # (B, nh, hs, W), stored transposed
-        values = cache.values[self.layer_idx, :, :, :W]  # (B, nh, W, hs)
+        keys_t = cache.keys[self.layer_idx]  # (B, nh, hs, W), stored transposed; W = cache.capacity
+        values = cache.values[self.layer_idx]  # (B, nh, W, hs); both contiguous
+        W = keys_t.shape[-1]
         att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ keys_t  # (B, nh, 1, W)
         att = att.masked_fill_(self.blocked_positions(q.device)[position, :W], float("-inf"))
         # Softmax in fp32 whatever the cache dtype (it is B x nh x W numbers, no cost): bf16 probabilities would

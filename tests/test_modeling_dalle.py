@@ -76,6 +76,56 @@ def test_kv_cache_matches_full_recomputation(attention_types):
     assert torch.allclose(model.image_logits(incremental), model.image_logits(full[:, 11:25]), atol=1e-5)
 
 
+def decode_all(model, text, image, cache):
+    """Prefill the text into `cache`, then feed the image one token per `decode_step`: (B, 16, V_i) logits."""
+    model(input_ids=text, past_key_values=cache)
+    steps = [model.decode_step(image[:, i : i + 1], cache) for i in range(image.shape[1])]
+    return torch.stack(steps, dim=1)
+
+
+@torch.no_grad()
+def test_kv_cache_grows_window_by_window_and_stays_exact():
+    # Windows of 4 positions: the 25-position sequence crosses six window boundaries, each re-laying the buffers
+    # out in place. Every step must still match full recomputation, and the views a step reads must be dense.
+    torch.manual_seed(0)
+    model = DalleForImageGeneration(tiny_dalle_config(n_layer=3)).eval()
+    text, image = batch(B=3)
+    full = model.image_logits(model(input_ids=text, image_ids=image).logits[:, 9:25])  # (B, 16, V_i)
+    cache = DalleKVCache(model.config, 3)
+    cache.window_size = 4
+    model(input_ids=text, past_key_values=cache)
+    assert cache.length == 9 and cache.capacity == 12
+    steps = []
+    for i in range(16):
+        steps.append(model.decode_step(image[:, i : i + 1], cache))
+        assert cache.capacity == cache.window(cache.length) and cache.keys.shape[-1] == cache.capacity
+        assert cache.keys[1].is_contiguous() and cache.values[1].is_contiguous()
+    # decode_step of image token i runs position 9 + i, the same logits as full[:, i]
+    assert torch.allclose(torch.stack(steps, dim=1), full, atol=1e-5)
+    big = DalleKVCache(model.config, 3)  # one window holds everything: no re-layout
+    assert torch.allclose(decode_all(model, text, image, big), full, atol=1e-5)
+    with pytest.raises(ValueError, match="holds 25 positions"):
+        cache.reserve(26)
+
+
+@torch.no_grad()
+def test_kv_cache_reorder_keeps_the_selected_rows():
+    torch.manual_seed(0)
+    model = DalleForImageGeneration(tiny_dalle_config()).eval()
+    text, image = batch(B=2)
+    cache = DalleKVCache(model.config, 2)
+    cache.window_size = 4
+    model(input_ids=text, past_key_values=cache)
+    for i in range(5):
+        model.decode_step(image[:, i : i + 1], cache)
+    index = torch.tensor([1, 0, 1])
+    cache.reorder(index)
+    assert cache.batch_size == 3 and cache.keys.shape[1] == 3 and cache.length == 14
+    rest = torch.stack([model.decode_step(image[index, i : i + 1], cache) for i in range(5, 16)], dim=1)
+    fresh = decode_all(model, text[index], image[index], DalleKVCache(model.config, 3))[:, 5:]
+    assert torch.allclose(rest, fresh, atol=1e-5)
+
+
 def test_sparse_layouts_restrict_image_attention():
     config = tiny_dalle_config(n_layer=3, attention_types=["row", "column", "conv"], conv_kernel_size=3)
     positions = torch.arange(config.total_seq_len)
