@@ -12,6 +12,8 @@ batch size (1, 16, 64) a fresh worker process loads the model the way a user wou
 - image tokens/s = B * N / (prefill + (N - 1) * step); images/s also counts the dVAE decode of B images;
 - time to a 4-of-16 grid: the real `pipe(prompt, num_images_per_prompt=16, num_images_to_keep=4)` with CLIP
   reranking when a checkpoint is loaded, else the estimate above at batch 16 (marked ~);
+- the blocks' Linear layers alone on `(B, 1, C)` rows ("linears ms"): what a step would cost if attention,
+  norms and op dispatch were free, so the precision ratio a faster step loop could at most reach;
 - peak RSS of the worker, bytes of the transformer's weights (`dalle_hf.quantization.weight_bytes`);
 - matmul FLOP/s of the decode step (2 x params of the blocks and image head + attention over the cache) as a
   fraction of the peak measured in the same run with a large matmul: fp32 and bf16 `torch.mm`, int8 a large
@@ -111,6 +113,20 @@ def load(config_name: str, precision: str, pipeline_path: str | None, folder: st
     return None, model, DalleVAE(vae_config).eval().to(dtype)
 
 
+def block_linears(model, batch: int):
+    """A function running each block's Linear layers once on random `(batch, 1, in_features)` rows, as a decode
+    step does, and nothing else."""
+    layers = [m for block in model.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(batch, 1, m.in_features, generator=g).to(model.bos_embedding.dtype) for m in layers]
+
+    def run():
+        for layer, x in zip(layers, inputs):
+            layer(x)
+
+    return run
+
+
 def step_flops(config, batch: int, position: int) -> float:
     C, n = config.n_embd, config.n_layer
     linear = n * 12 * C * C + C * config.image_vocab_size  # blocks (qkv, proj, 2 x MLP) + the image head
@@ -140,6 +156,9 @@ def worker(args) -> dict:
 
     steps()  # warm-up
     step = [t / args.steps for t in timed(steps, args.repeats)]
+    run_linears = block_linears(model, B)
+    run_linears()  # warm-up
+    linears = [t / args.steps for t in timed(lambda: [run_linears() for _ in range(args.steps)], args.repeats)]
     codes = torch.randint(0, config.image_vocab_size, (B, N), generator=torch.Generator().manual_seed(2))
     decode = timed(lambda: vae.decode_code(codes), args.repeats)
 
@@ -149,7 +168,7 @@ def worker(args) -> dict:
     return {
         "config": args.config, "precision": args.precision, "batch": B, "image_tokens": N,
         "layers": config.n_layer, "width": config.n_embd, "threads": torch.get_num_threads(),
-        "prefill": prefill, "step": step, "vae_decode": decode, "grid": grid,
+        "prefill": prefill, "step": step, "linears": linears, "vae_decode": decode, "grid": grid,
         "flops_per_step": step_flops(config, B, middle),
         "weight_bytes": weight_bytes(model),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -174,6 +193,7 @@ def summarize(r: dict, peaks: dict) -> dict:
         "precision": r["precision"],
         "batch": B,
         "step ms (med/min)": f"{1e3 * med(r['step']):.1f}/{1e3 * min(r['step']):.1f}",
+        "linears ms": f"{1e3 * med(r['linears']):.1f}" if "linears" in r else "",
         "image tokens/s (med/best)": f"{B * N / sampling:,.0f}/{B * N / sampling_min:,.0f}",
         "images/s": f"{B / (sampling + med(r['vae_decode'])):.2f}",
         "4-of-16 grid s": grid,
