@@ -193,7 +193,7 @@ def summarize(r: dict, peaks: dict) -> dict:
         "precision": r["precision"],
         "batch": B,
         "step ms (med/min)": f"{1e3 * med(r['step']):.1f}/{1e3 * min(r['step']):.1f}",
-        "linears ms": f"{1e3 * med(r['linears']):.1f}" if "linears" in r else "",
+        "linears ms": f"{1e3 * med(r['linears']):.1f}",
         "image tokens/s (med/best)": f"{B * N / sampling:,.0f}/{B * N / sampling_min:,.0f}",
         "images/s": f"{B / (sampling + med(r['vae_decode'])):.2f}",
         "4-of-16 grid s": grid,

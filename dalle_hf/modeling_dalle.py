@@ -51,13 +51,12 @@ class DalleKVCache:
         self._allocate(config.n_layer, batch_size, config.n_head, config.n_embd // config.n_head, device, dtype)
         self.length = 0  # positions filled so far; advanced by the model after all layers have written
 
-    def _allocate(self, n_layer, batch_size, n_head, head_dim, device, dtype):
+    def _allocate(self, n_layer, batch_size, n_head, head_dim, device, dtype, capacity: int = 0):
         self._dims = (n_layer, batch_size, n_head, head_dim)
         numel = n_layer * batch_size * n_head * head_dim * self.max_length
         self._key_buffer = torch.zeros(numel, device=device, dtype=dtype)
         self._value_buffer = torch.zeros(numel, device=device, dtype=dtype)
-        self.capacity = 0
-        self.keys, self.values = self._views(0)
+        self.keys, self.values = self._views(capacity)
 
     def _views(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The buffers laid out for `capacity` positions: keys (L, B, nh, hs, capacity), values (L, B, nh, capacity, hs)."""
@@ -70,6 +69,11 @@ class DalleKVCache:
     @property
     def batch_size(self) -> int:
         return self._dims[1]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the current views are laid out for (a multiple of `window_size`, or `max_length`)."""
+        return self.keys.shape[-1]
 
     def reserve(self, end: int) -> None:
         """Make room for positions `[0, end)`: grow `capacity` to `window(end)`, keeping the filled positions."""
@@ -90,7 +94,6 @@ class DalleKVCache:
             self.values[layer, :, :, n:] = 0
             self.keys[layer, ..., :n] = kept_keys
             self.values[layer, :, :, :n] = kept_values
-        self.capacity = capacity
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `k, v` of shape (B, nh, T, hs) after the cached positions; return all keys and values so far."""
@@ -108,12 +111,9 @@ class DalleKVCache:
         """Keep and reorder batch rows in place (`index` of shape (B',))."""
         keys, values = self.keys.index_select(1, index), self.values.index_select(1, index)
         L, _, nh, hs = self._dims
-        capacity = self.capacity
-        self._allocate(L, len(index), nh, hs, keys.device, keys.dtype)
-        self.keys, self.values = self._views(capacity)
+        self._allocate(L, len(index), nh, hs, keys.device, keys.dtype, capacity=self.capacity)
         self.keys.copy_(keys)
         self.values.copy_(values)
-        self.capacity = capacity
         return self
 
 
