@@ -55,6 +55,7 @@ from .training_utils import (
     command_line,
     describe_dataset,
     infinite_batches,
+    parse_task_weights,
     save_checkpoint,
     warmup_cosine_lr_lambda,
     write_model_card,
@@ -137,33 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--num_hard_negatives needs --dataset shapes (an imagefolder has no scenes to corrupt).")
     if args.pretrained_model_name_or_path is not None and args.tokenizer_name_or_path is None:
         raise ValueError("--pretrained_model_name_or_path needs --tokenizer_name_or_path (the tokenizer it was trained with).")
-    args.task_weights = parse_task_weights(args.task_weights)
+    args.task_weights = parse_task_weights(args.task_weights, TASK_WEIGHTS)
     if args.validation_steps < 1 or args.num_validation_images < 0:
         raise ValueError("--validation_steps must be >= 1 and --num_validation_images >= 0.")
     if args.text_seq_len < 2:
         raise ValueError(f"--text_seq_len must leave room for a word and <eos>, got {args.text_seq_len}.")
     return args
-
-
-def parse_task_weights(text: str | None) -> dict[str, float]:
-    """`'position=4,color_attr=2'` -> `TASK_WEIGHTS` with those entries replaced (`None` -> `TASK_WEIGHTS`)."""
-    weights = dict(TASK_WEIGHTS)
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        task, sep, value = item.partition("=")
-        task = task.strip()
-        try:
-            weight = float(value) if sep else None
-        except ValueError:
-            weight = None
-        if task not in TASK_WEIGHTS or weight is None or not weight >= 0:
-            raise ValueError(f"--task_weights expects comma-separated TASK=WEIGHT (TASK in {list(TASK_WEIGHTS)}, "
-                             f"WEIGHT >= 0), got {item!r}")  # fmt: skip
-        weights[task] = weight
-    if not sum(weights.values()) > 0:
-        raise ValueError(f"--task_weights leaves every task at weight 0: {text!r}")
-    return weights
 
 
 # ----------------------------------------------------------------------------- data

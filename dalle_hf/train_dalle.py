@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .configuration_dalle import ATTENTION_TYPES, DalleConfig
-from .data.shapes import SHOWCASE_PROMPTS
+from .data.shapes import SHOWCASE_PROMPTS, TASKS
 from .modeling_dalle import DalleForImageGeneration
 from .modeling_dvae import DalleVAE
 from .training_utils import (
@@ -36,12 +36,16 @@ from .training_utils import (
     command_line,
     describe_dataset,
     infinite_batches,
+    parse_task_weights,
     save_checkpoint,
     warmup_cosine_lr_lambda,
     write_model_card,
 )
 
 logger = logging.getLogger(__name__)
+
+# The shapes world's six training tasks, drawn equally often unless --task_weights says otherwise.
+UNIFORM_TASK_WEIGHTS = {task: 1.0 for task in TASKS}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the DALL-E transformer.")
@@ -68,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention_types", default=None, help=f"Comma-separated per-layer layouts from {ATTENTION_TYPES}; default full."
     )
     parser.add_argument("--caption_dropout", type=float, default=0.1, help="P(caption -> all padding), for guidance.")
+    parser.add_argument(
+        "--task_weights",
+        type=str,
+        default=None,
+        help="Shapes tasks drawn more or less often, e.g. 'color_attr=2,counting=1.5' (the rest keep weight 1).",
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=500)
     parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices only (nanoGPT).")
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -75,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_prompts_per_task", type=int, default=0, help="ShapesEval prompts per task at the end (0: skip).")
     args = parser.parse_args(argv)
     check_common_args(args)
+    if args.task_weights is not None and args.dataset != "shapes":
+        raise ValueError("--task_weights needs --dataset shapes (an imagefolder has no tasks).")
+    args.task_weights = parse_task_weights(args.task_weights, UNIFORM_TASK_WEIGHTS)
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if args.attention_types is not None:
@@ -288,6 +301,8 @@ def main(args: argparse.Namespace) -> dict:
             "n_layer", "n_head", "n_embd", "text_seq_len", "train_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_warmup_steps", "weight_decay", "caption_dropout", "mixed_precision")}
         hyperparameters.update({"parameters": f"{n_params:,}", "captions seen": images_seen})
+        if args.dataset == "shapes":
+            hyperparameters["task weights"] = ", ".join(f"{t}={w:g}" for t, w in args.task_weights.items())
         write_model_card(
             os.path.join(args.output_dir, "README.md"),
             title=f"dalle-hf pipeline ({config.n_layer} layers x {config.n_embd}, {config.image_grid_size}x{config.image_grid_size} image tokens)",

@@ -72,6 +72,36 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def parse_task_weights(text: str | None, defaults: dict[str, float]) -> dict[str, float]:
+    """
+    Parse `--task_weights`: `'position=4,color_attr=2'` -> `defaults` with those entries replaced.
+
+    Args:
+        text (`str`, *optional*): comma-separated `TASK=WEIGHT` items; `None` or `""` keeps `defaults`.
+        defaults (`dict[str, float]`): every shapes task with its default relative frequency.
+
+    Returns:
+        `dict[str, float]`: a weight (>= 0) for every task of `defaults`, not all zero.
+    """
+    weights = dict(defaults)
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        task, sep, value = item.partition("=")
+        task = task.strip()
+        try:
+            weight = float(value) if sep else None
+        except ValueError:
+            weight = None
+        if task not in defaults or weight is None or not 0 <= weight < math.inf:
+            raise ValueError(f"--task_weights expects comma-separated TASK=WEIGHT (TASK in {list(defaults)}, "
+                             f"WEIGHT >= 0), got {item!r}")  # fmt: skip
+        weights[task] = weight
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"--task_weights leaves every task at weight 0: {text!r}")
+    return weights
+
+
 def check_common_args(args: argparse.Namespace) -> None:
     """Raise `ValueError` on inconsistent shared flags (call from each script's `parse_args`)."""
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
@@ -104,7 +134,8 @@ def build_train_dataset(args: argparse.Namespace, image_size: int, seed: int):
     The training dataset for `--dataset`.
 
     Args:
-        args (`argparse.Namespace`): with `dataset` and `train_data_dir`.
+        args (`argparse.Namespace`): with `dataset` and `train_data_dir` (and optionally `task_weights`, a dict
+            from `parse_task_weights`, for the shapes stream).
         image_size (`int`): side of the square images.
         seed (`int`): seed of the shapes stream (pass `args.seed + resumed_step` so a resumed run sees new scenes).
 
@@ -115,7 +146,7 @@ def build_train_dataset(args: argparse.Namespace, image_size: int, seed: int):
     if args.dataset == "shapes":
         from .data.shapes import ShapesDataset
 
-        return ShapesDataset(seed=seed, image_size=image_size)
+        return ShapesDataset(seed=seed, task_weights=getattr(args, "task_weights", None), image_size=image_size)
     if args.dataset == "imagefolder":
         from .data.imagefolder import ImageFolderCaptions
 

@@ -37,6 +37,7 @@ def test_train_dalle_end_to_end_and_resume(tiny_vae_dir, tmp_path):
     assert index["transformer"] == ["dalle_hf.modeling_dalle", "DalleForImageGeneration"]
     card = (out / "README.md").read_text()
     assert "python -m dalle_hf.train_dalle" in card and "Seed: 0" in card
+    assert "color_attr=1" in card  # the task mix is recorded (uniform by default)
     pipe = DallePipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a red circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0)).images
@@ -71,10 +72,31 @@ def test_imagefolder_is_tokenized_once(tiny_vae_dir, tmp_path):
     (["--caption_dropout", "1.0"], "caption_dropout"),
     (["--attention_types", "full"], "attention_types"),
     (["--max_train_steps", "0"], "max_train_steps"),
+    (["--task_weights", "drawing=2"], "TASK=WEIGHT"),
+    (["--task_weights", "colors=-1"], "TASK=WEIGHT"),
+    (["--task_weights", "colors=inf"], "TASK=WEIGHT"),
+    (["--task_weights", "colors"], "TASK=WEIGHT"),
+    (["--dataset", "imagefolder", "--train_data_dir", "x", "--task_weights", "colors=2"], "task_weights needs"),
 ])
 def test_bad_flags(tiny_vae_dir, tmp_path, flags, match):
     with pytest.raises(ValueError, match=match):
         tiny_args(tiny_vae_dir, tmp_path, *flags)
+
+
+def test_task_weights_reach_the_shapes_stream(tiny_vae_dir, tmp_path):
+    from dalle_hf.training_utils import build_train_dataset
+
+    args = tiny_args(tiny_vae_dir, tmp_path, "--task_weights", "color_attr=2,counting=0,colors=0.5")
+    assert args.task_weights == {"single_object": 1.0, "two_object": 1.0, "counting": 0.0, "colors": 0.5,
+                                 "position": 1.0, "color_attr": 2.0}  # fmt: skip
+    stream = iter(build_train_dataset(args, image_size=32, seed=0))
+    tasks = [next(stream)["task"] for _ in range(300)]
+    assert "counting" not in tasks
+    assert tasks.count("color_attr") > 2 * tasks.count("colors")  # expected ratio 4:1
+    only = tiny_args(tiny_vae_dir, tmp_path, "--task_weights", ",".join(
+        f"{t}=0" for t in ("single_object", "two_object", "counting", "colors", "position")))
+    stream = iter(build_train_dataset(only, image_size=32, seed=0))
+    assert {next(stream)["task"] for _ in range(20)} == {"color_attr"}
 
 
 def test_start_from_pretrained_transformer(tiny_vae_dir, tmp_path):
