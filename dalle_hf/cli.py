@@ -62,6 +62,17 @@ def sampling_kwargs(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def parse_tasks(text: str) -> list[str]:
+    """`--tasks`: `'novel,colors'` -> `['novel', 'colors']`, each one of ShapesEval's tasks."""
+    from .data.shapes import EVAL_TASKS
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if not tasks or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated tasks from {list(EVAL_TASKS)}, got {text!r}")
+    return tasks
+
+
 def cmd_eval_shapes(args) -> int:
     from .eval.shapes import evaluate_pipeline
 
@@ -76,6 +87,7 @@ def cmd_eval_shapes(args) -> int:
         batch_size=args.batch_size,
         prompt_seed=args.prompt_seed,
         sampling=sampling_kwargs(args),
+        tasks=args.tasks,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     print(f"wrote {os.path.join(args.out, 'report.json')}")
@@ -139,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument(
         "--prompt-seed", dest="prompt_seed", type=int, default=0,
         help="selects the prompts: report on 0, tune sampling settings on another (a dev split)",
+    )
+    shapes.add_argument(
+        "--tasks", type=parse_tasks, default=None,
+        help="comma-separated subset of the tasks, e.g. 'novel' or 'colors,color_attr' (default: all seven)",
     )
     shapes.add_argument("--temperature", type=float, default=None, help="default: the pipeline's")
     shapes.add_argument("--top-k", dest="top_k", type=int, default=None, help="default: the pipeline's")

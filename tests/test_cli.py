@@ -39,6 +39,20 @@ def dalle_hf_cli(*args, cwd=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 
 
+def test_eval_shapes_tasks_subset(pipeline_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = dalle_hf_cli("eval", "shapes", "--pipeline", str(pipeline_dir), "--prompts-per-task", "2",
+                          "--images-per-prompt", "1", "--tasks", "novel,colors", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]) == {"novel", "colors"} and report["config"]["tasks"] == ["novel", "colors"]
+    assert report["shapes_eval"] == report["accuracy"]["colors"]  # the GenEval mean over the tasks evaluated
+    assert sorted(p.name for p in out.glob("*.png")) == ["samples_colors.png", "samples_novel.png"]
+
+    bad = dalle_hf_cli("eval", "shapes", "--pipeline", str(pipeline_dir), "--tasks", "colours", "--out", str(out))
+    assert bad.returncode == 2 and "expected comma-separated tasks" in bad.stderr and "colours" in bad.stderr
+
+
 def test_eval_shapes_writes_report_and_sheets(pipeline_dir, tmp_path):
     out = tmp_path / "eval"
     result = dalle_hf_cli("eval", "shapes", "--pipeline", str(pipeline_dir), "--prompts-per-task", "2",
