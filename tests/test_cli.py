@@ -66,7 +66,7 @@ def test_eval_shapes_writes_report_and_sheets(pipeline_dir, tmp_path):
     assert set(tasks) <= set(report["accuracy"]) and "novel" in report["accuracy"]
     assert 0.0 <= report["shapes_eval"] <= 1.0
     assert report["shapes_eval"] == pytest.approx(sum(report["accuracy"][t] for t in tasks) / 6)
-    assert "shapes_eval_reranked" in report and "any_of_k" in report
+    assert "shapes_eval_reranked" in report and "any_of_k" in report and "shapes_eval_best_of_n_oracle" in report
     sheets = sorted(p.name for p in out.glob("*.png"))
     assert len(sheets) >= 7
     assert Image.open(out / sheets[0]).size[0] > 64

@@ -195,7 +195,7 @@ def test_evaluate_pipeline_accounts_for_every_image(tmp_path):
     assert report["accuracy"] == {task: 0.25 for task in EVAL_TASKS}  # one good sample in four
     assert report["any_of_k"] == {task: 1.0 for task in EVAL_TASKS}
     assert report["shapes_eval"] == 0.25 and report["novel"] == 0.25 and report["shapes_eval_any_of_k"] == 1.0
-    assert "reranked_accuracy" not in report
+    assert "reranked_accuracy" not in report and "best_of_n_oracle" not in report
     assert all(call == (2, 4, 4) or call == (1, 4, 4) for call in pipe.calls)  # batch_size 8 = 2 prompts x 4
     assert json.loads((tmp_path / "report.json").read_text()) == report
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
@@ -215,12 +215,20 @@ def test_evaluate_pipeline_reranking(tmp_path):
     assert ranked["reranked_accuracy"] == {task: 1.0 for task in tasks}  # the best of 3 is kept
     assert ranked["shapes_eval_reranked"] == 1.0 and ranked["novel_reranked"] == 1.0 and ranked["reranked_by_clip"]
     assert ranked["shapes_eval"] == 0.0 and set(ranked["any_of_k"]) == set(tasks)
+    assert ranked["best_of_n_oracle"] == {task: 1.0 for task in tasks} and ranked["shapes_eval_best_of_n_oracle"] == 1.0
+    records = [json.loads(line) for line in (tmp_path / "ranked" / "results.jsonl").read_text().splitlines()]
+    reranks = [r for r in records if r["stage"] == "rerank"]
+    assert len(reranks) == 4 * len(tasks) and all(r["passed"] == [True, False, False] for r in reranks)
+    assert all(r["clip_scores"] == [1.0, 0.0, 0.0] for r in reranks)  # every candidate, best first
+    unranked_pipe = _FakePipeline(good_index=2)
     unranked = evaluate_pipeline(
-        _FakePipeline(good_index=2), str(tmp_path / "unranked"),
+        unranked_pipe, str(tmp_path / "unranked"),
         images_per_prompt=2, candidates=3, prompts_per_task=4, tasks=tasks, progress=False,
     )
     assert unranked["reranked_accuracy"] == {task: 0.0 for task in tasks}  # keeps the first of 3 without CLIP
+    assert unranked["best_of_n_oracle"] == {task: 1.0 for task in tasks}  # a good one was among the 3: the ranker failed
     assert unranked["reranked_by_clip"] is False
+    assert {call for call in unranked_pipe.calls} == {(4, 2, 2), (4, 3, 3)}  # batch 16: 4 prompts x 2, 4 x 3
 
 
 def test_evaluate_pipeline_is_deterministic_and_validates(tmp_path):

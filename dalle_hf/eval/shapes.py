@@ -558,14 +558,16 @@ def evaluate_pipeline(
 
     For every evaluation prompt (`evaluation_prompts(task, prompts_per_task)`) the pipeline draws
     `images_per_prompt` samples, each of which is checked. With `candidates > 1` a second pass draws
-    `candidates` samples per prompt and keeps the pipeline's top-ranked one (`num_images_to_keep=1`,
-    CLIP reranking as in DALL-E; without a CLIP model the pipeline keeps its first sample).
+    `candidates` samples per prompt, all returned in the pipeline's order (CLIP-best first, as in DALL-E;
+    without a CLIP model, as drawn): the first is the reranked pick, and checking all of them tells whether
+    the reranker or the generator limits the score.
 
     Report keys: `accuracy` (per task, mean pass over all images), `shapes_eval` (mean accuracy of the
     six GenEval tasks evaluated), `novel`, `any_of_k` (per task, a prompt passes if any of its samples
     does) and `shapes_eval_any_of_k`; with `candidates > 1` also `reranked_accuracy` (per task),
-    `shapes_eval_reranked`, `novel_reranked` and `reranked_by_clip` (whether the pipeline returned CLIP
-    scores); plus `config`. Per-prompt results go to `results.jsonl`, sheets to `samples_{task}.png`.
+    `shapes_eval_reranked`, `novel_reranked`, `reranked_by_clip` (whether the pipeline returned CLIP
+    scores), `best_of_n_oracle` (per task, a prompt passes if any of its `candidates` samples does: what a
+    perfect reranker would reach) and `shapes_eval_best_of_n_oracle`; plus `config`. Per-prompt results go to `results.jsonl`, sheets to `samples_{task}.png`.
 
     Args:
         pipe (`DallePipeline`): any callable obeying the pipeline call contract of docs/design.md.
@@ -628,8 +630,7 @@ def evaluate_pipeline(
     reranked_by_clip = None
     records = []
     for task, stage, batch_index, batch in tqdm(plan, desc="ShapesEval", disable=not progress):
-        keep = images_per_prompt if stage == "sample" else 1
-        per_prompt = images_per_prompt if stage == "sample" else candidates
+        per_prompt = keep = images_per_prompt if stage == "sample" else candidates
         call_seed = _call_seed(seed, task, batch_index, stage)
         images, clip_scores = _generate(pipe, [p.prompt for p in batch], per_prompt, keep, call_seed, sampling)
         if stage == "rerank":
@@ -652,7 +653,7 @@ def evaluate_pipeline(
             if prompt_index < _SHEET_PROMPTS:
                 if stage == "sample":
                     sheet_rows[task].append((eval_prompt.prompt, list(zip(prompt_images, results))))
-                elif prompt_index < len(sheet_rows[task]):  # the reranked pick, as the last column
+                elif prompt_index < len(sheet_rows[task]):  # the reranked pick (first), as the last column
                     sheet_rows[task][prompt_index][1].append((prompt_images[0], results[0]))
 
     # 4. Score and write the report, per-prompt results and sample sheets.
@@ -672,6 +673,9 @@ def evaluate_pipeline(
         report["shapes_eval_reranked"] = _mean([reranked[t] for t in geneval_tasks]) if geneval_tasks else None
         report["novel_reranked"] = reranked.get(NOVEL_TASK)
         report["reranked_by_clip"] = reranked_by_clip
+        oracle = {t: _mean([any(prompt) for prompt in passes[t]["rerank"]]) for t in tasks}
+        report["best_of_n_oracle"] = oracle
+        report["shapes_eval_best_of_n_oracle"] = _mean([oracle[t] for t in geneval_tasks]) if geneval_tasks else None
     report["config"] = {
         "images_per_prompt": images_per_prompt,
         "candidates": candidates,
