@@ -32,14 +32,17 @@ def read_card(path: str) -> str:
 
 
 def eval_section(report: dict) -> str:
-    """A ShapesEval report.json as a markdown table: best-of-1 per task, and CLIP best-of-N when it was run."""
-    reranked = report.get("reranked_accuracy")
-    header = "| task | best-of-1 |" + (" CLIP best-of-N |" if reranked else "")
-    rows = [header, "|---|---|" + ("---|" if reranked else "")]
-    for task, value in report["accuracy"].items():
-        rows.append(f"| {task} | {value:.3f} |" + (f" {reranked[task]:.3f} |" if reranked else ""))
-    mean = f"| **six-task mean** | **{report['shapes_eval']:.3f}** |"
-    rows.append(mean + (f" **{report['shapes_eval_reranked']:.3f}** |" if reranked else ""))
+    """A ShapesEval report.json as a markdown table: best-of-1 per task, CLIP best-of-N when it was run, and the
+    checker's best-of-N (a prompt passes if any candidate does: the ceiling of any reranker) when reported."""
+    columns = [("best-of-1", report["accuracy"], report["shapes_eval"])]
+    if report.get("reranked_accuracy"):
+        columns.append(("CLIP best-of-N", report["reranked_accuracy"], report["shapes_eval_reranked"]))
+    if report.get("best_of_n_oracle"):
+        columns.append(("checker best-of-N", report["best_of_n_oracle"], report["shapes_eval_best_of_n_oracle"]))
+    rows = ["| task | " + " | ".join(name for name, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for task in report["accuracy"]:
+        rows.append(f"| {task} | " + " | ".join(f"{values[task]:.3f}" for _, values, _ in columns) + " |")
+    rows.append("| **six-task mean** | " + " | ".join(f"**{mean:.3f}**" for _, _, mean in columns) + " |")
     return f"## ShapesEval\n\n`{json.dumps(report.get('config', {}))}`\n\n" + "\n".join(rows) + "\n"
 
 

@@ -36,7 +36,8 @@ def test_ships_a_finetuned_decoder_and_refuses_another_encoder(pipe, tmp_path, m
     finetuned.encoder.load_state_dict(pipe.vae.encoder.state_dict())
     finetuned.save_pretrained(tmp_path / "vae-ft" / "vae")
     report = {"accuracy": {"colors": 0.5, "counting": 0.25}, "shapes_eval": 0.375, "config": {"seed": 0},
-              "reranked_accuracy": {"colors": 0.75, "counting": 0.5}, "shapes_eval_reranked": 0.625}  # fmt: skip
+              "reranked_accuracy": {"colors": 0.75, "counting": 0.5}, "shapes_eval_reranked": 0.625,
+              "best_of_n_oracle": {"colors": 1.0, "counting": 0.5}, "shapes_eval_best_of_n_oracle": 0.75}  # fmt: skip
     (tmp_path / "report.json").write_text(json.dumps(report))
 
     out = str(tmp_path / "shipped")
@@ -49,7 +50,8 @@ def test_ships_a_finetuned_decoder_and_refuses_another_encoder(pipe, tmp_path, m
     for key, value in finetuned.decoder.state_dict().items():
         assert torch.equal(shipped.vae.decoder.state_dict()[key], value), key
     card = open(os.path.join(out, "README.md")).read()
-    assert "--vae_run" in card and "| colors | 0.500 | 0.750 |" in card and "**0.625**" in card
+    assert "--vae_run" in card and "| colors | 0.500 | 0.750 | 1.000 |" in card and "**0.625** | **0.750**" in card
+    assert "| task | best-of-1 | CLIP best-of-N | checker best-of-N |" in card
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for _, _, files in os.walk(out) for name in files)
 
     # Another encoder means other codes: the transformer would draw garbage, so the script refuses.
