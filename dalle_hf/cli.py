@@ -63,14 +63,13 @@ def sampling_kwargs(args) -> dict:
 
 
 def parse_tasks(text: str) -> list[str]:
-    """`--tasks`: `'novel,colors'` -> `['novel', 'colors']`, each one of ShapesEval's tasks."""
-    from .data.shapes import EVAL_TASKS
+    """`--tasks`: `'novel,colors'` -> `['novel', 'colors']`, checked by ShapesEval's own task validation."""
+    from .eval.shapes import _validate_tasks
 
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
-    if not tasks or unknown:
-        raise argparse.ArgumentTypeError(f"expected comma-separated tasks from {list(EVAL_TASKS)}, got {text!r}")
-    return tasks
+    try:
+        return list(_validate_tasks([t.strip() for t in text.split(",") if t.strip()]))
+    except ValueError as error:  # a usage error before the pipeline is loaded
+        raise argparse.ArgumentTypeError(f"expected comma-separated tasks: {error}") from None
 
 
 def cmd_eval_shapes(args) -> int:

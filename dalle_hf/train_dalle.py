@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 # The shapes world's six training tasks, drawn equally often unless --task_weights says otherwise.
 UNIFORM_TASK_WEIGHTS = {task: 1.0 for task in TASKS}
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the DALL-E transformer.")
     add_common_args(parser)

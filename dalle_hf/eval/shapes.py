@@ -567,7 +567,8 @@ def evaluate_pipeline(
     does) and `shapes_eval_any_of_k`; with `candidates > 1` also `reranked_accuracy` (per task),
     `shapes_eval_reranked`, `novel_reranked`, `reranked_by_clip` (whether the pipeline returned CLIP
     scores), `best_of_n_oracle` (per task, a prompt passes if any of its `candidates` samples does: what a
-    perfect reranker would reach) and `shapes_eval_best_of_n_oracle`; plus `config`. Per-prompt results go to `results.jsonl`, sheets to `samples_{task}.png`.
+    perfect reranker would reach) and `shapes_eval_best_of_n_oracle`; plus `config`. Per-prompt results go
+    to `results.jsonl`, sheets to `samples_{task}.png`.
 
     Args:
         pipe (`DallePipeline`): any callable obeying the pipeline call contract of docs/design.md.
