@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from .configuration_dalle import ATTENTION_TYPES, DalleConfig
 from .data.shapes import SHOWCASE_PROMPTS, TASKS
 from .modeling_dalle import DalleForImageGeneration
-from .modeling_dvae import DalleVAE
 from .training_utils import (
+    load_frozen_vae,
     start_run,
     weight_decay_groups,
     WallClock,
@@ -100,11 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_vae(path: str) -> DalleVAE:
-    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else ""
-    return DalleVAE.from_pretrained(path, subfolder=subfolder).eval().requires_grad_(False)
-
-
 def load_or_train_tokenizer(args):
     from transformers import AutoTokenizer
 
@@ -173,7 +168,7 @@ def main(args: argparse.Namespace) -> dict:
     accelerator, resume_dir, first_step, trainer_state = start_run(args)
 
     # 1. Frozen dVAE and tokenizer; the tokenizer is saved at once so other runs (CLIP) can share it
-    vae = load_vae(args.vae_name_or_path).to(accelerator.device)
+    vae = load_frozen_vae(args.vae_name_or_path).to(accelerator.device)
     tokenizer = load_or_train_tokenizer(args)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))

@@ -18,6 +18,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .modeling_dvae import DalleVAE
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -159,6 +161,12 @@ def describe_dataset(args: argparse.Namespace) -> str:
     if args.dataset == "shapes":
         return "the procedural shapes world (`dalle_hf.data.shapes.ShapesDataset`), a fresh stream of rendered scenes"
     return f"an imagefolder at `{args.train_data_dir}` (images + metadata.jsonl)"
+
+
+def load_frozen_vae(path: str):
+    """A trained `DalleVAE` (its own folder, the `vae/` of a pipeline folder, or a hub id), in eval mode, frozen."""
+    subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else ""
+    return DalleVAE.from_pretrained(path, subfolder=subfolder).eval().requires_grad_(False)
 
 
 def collate_images(examples: list[dict]) -> dict:

@@ -303,6 +303,9 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
         (["--task_weights", ",".join(f"{t}=0" for t in ("single_object", "two_object", "counting", "colors",
                                                         "position", "color_attr"))], "weight 0"),  # fmt: skip
         (["--pretrained_model_name_or_path", "some/clip"], "tokenizer_name_or_path"),
+        (["--vae_roundtrip_prob", "0.5"], "vae_name_or_path"),
+        (["--vae_roundtrip_prob", "1.5", "--vae_name_or_path", "some/vae"], r"\[0, 1\]"),
+        (["--vae_roundtrip_prob", "-0.1", "--vae_name_or_path", "some/vae"], r"\[0, 1\]"),
     ],
 )
 def test_parse_args_rejects_bad_finetuning_flags(flags, match):
@@ -334,3 +337,57 @@ def test_train_clip_imagefolder(tmp_path):
     assert result["validations"] == [] and result["eval"] == {} and len(result["history"]) == 2
     tokenizer = CLIPProcessor.from_pretrained(str(tmp_path / "clip" / "clip_processor")).tokenizer
     assert tokenizer.tokenize("a red square") == ["a", "Ġred", "Ġsquare"]  # trained on the folder's captions
+
+
+def _tiny_vae(image_size: int):
+    from dalle_hf import DalleVAE, DalleVAEConfig
+
+    torch.manual_seed(0)
+    config = DalleVAEConfig(image_size=image_size, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)
+    return DalleVAE(config).eval()
+
+
+def test_vae_roundtrip_replaces_the_chosen_share():
+    from dalle_hf.train_clip import vae_roundtrip
+
+    vae = _tiny_vae(16)
+    images = torch.rand(64, 3, 16, 16)
+    original = images.clone()
+    reconstructed = vae.decode_code(vae.get_codebook_indices(images))
+    assert not torch.allclose(reconstructed, images, atol=1e-3)  # a random dVAE changes every image
+
+    assert torch.equal(vae_roundtrip(vae, images, 0.0, torch.Generator().manual_seed(0)), images)
+    torch.testing.assert_close(vae_roundtrip(vae, images, 1.0, torch.Generator().manual_seed(0)), reconstructed)
+    half = vae_roundtrip(vae, images, 0.5, torch.Generator().manual_seed(0))
+    kept = (half == images).flatten(1).all(1)
+    replaced = torch.isclose(half, reconstructed, atol=1e-6).flatten(1).all(1)
+    assert torch.equal(kept, ~replaced)  # every image is either untouched or its reconstruction
+    assert 16 < int(replaced.sum()) < 48
+    again = vae_roundtrip(vae, images, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(half, again)  # the generator decides which
+    assert torch.equal(images, original)  # the input is not modified in place
+
+
+def test_train_clip_on_vae_roundtrips(tmp_path):
+    from dalle_hf import train_clip
+    from dalle_hf.data.shapes import TASKS
+
+    vae_dir = str(tmp_path / "vae")
+    _tiny_vae(64).save_pretrained(vae_dir)  # shapes renders are 64 px
+    out = str(tmp_path / "clip")
+    argv = ["--output_dir", out, *TRAIN_ARGS, "--max_train_steps", "2", "--vae_name_or_path", vae_dir,
+            "--vae_roundtrip_prob", "0.5"]  # fmt: skip
+    result = train_clip.main(train_clip.parse_args(argv))
+    final = result["validations"][-1]
+    tasks = {key for key in final if key in TASKS}
+    assert 0.0 <= final["roundtrip_caption_top1"] <= 1.0 and tasks and set(final["roundtrip"]) == tasks
+    assert "caption top-1 among 32, the same renders after a dVAE round trip" in result["eval"]
+    card = open(os.path.join(out, "clip_model", "README.md")).read()
+    assert f"| dVAE round-trip share | 0.5 ({vae_dir}) |" in card
+
+    small_vae = str(tmp_path / "vae16")
+    _tiny_vae(16).save_pretrained(small_vae)
+    argv = ["--output_dir", str(tmp_path / "clip2"), *TRAIN_ARGS, "--vae_name_or_path", small_vae,
+            "--vae_roundtrip_prob", "0.5"]  # fmt: skip
+    with pytest.raises(ValueError, match="16px images, the training images are 64px"):
+        train_clip.main(train_clip.parse_args(argv))
