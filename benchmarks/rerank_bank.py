@@ -58,6 +58,7 @@ def build(args) -> None:
                 num_images_per_prompt=args.candidates,
                 generator=torch.Generator().manual_seed(seed),
                 output_type="pil",  # what the evaluation checks
+                **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
             )
             array = np.stack([np.asarray(image.convert("RGB")) for image in out.images])  # (n * N, H, W, 3) uint8
             for i, eval_prompt in enumerate(batch):
@@ -122,6 +123,7 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    b.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     b.set_defaults(func=build)
     s = sub.add_parser("score", help="pick accuracy of each CLIP on the bank")
     s.add_argument("--bank", required=True)
