@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from dalle_hf import DallePipeline
 from dalle_hf.clip import clip_text_image_scores
-from dalle_hf.eval.shapes import _call_seed, _validate_tasks, check
-from dalle_hf.data.shapes import evaluation_prompts
+from dalle_hf.eval.shapes import _call_seed, _generate, _plan_calls, _validate_tasks, check
+from dalle_hf.train_clip import load_pretrained_clip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,28 +45,21 @@ def build(args) -> None:
         default_guidance_scale=pipe.config.default_guidance_scale,
     )
     tasks = _validate_tasks(args.tasks.split(","))
-    per_call = max(1, args.batch_size // args.candidates)  # prompts per call, as in evaluate_pipeline
+    sampling = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    # The calls and generator seeds of evaluate_pipeline's reranked pass, so the two draw the same images.
+    plan = _plan_calls(tasks, [("rerank", args.candidates)], args.prompts_per_task, args.prompt_seed, args.batch_size)
     images, prompts, task_of, passed = [], [], [], []
-    for task in tasks:
-        task_prompts = evaluation_prompts(task, args.prompts_per_task, seed=args.prompt_seed)
-        starts = range(0, len(task_prompts), per_call)
-        for batch_index, start in enumerate(tqdm(starts, desc=task)):
-            batch = task_prompts[start : start + per_call]
-            seed = _call_seed(args.seed, task, batch_index, "rerank")
-            out = generator_only(
-                prompt=[p.prompt for p in batch],
-                num_images_per_prompt=args.candidates,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="pil",  # what the evaluation checks
-                **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
-            )
-            array = np.stack([np.asarray(image.convert("RGB")) for image in out.images])  # (n * N, H, W, 3) uint8
-            for i, eval_prompt in enumerate(batch):
-                candidates = array[i * args.candidates : (i + 1) * args.candidates]
-                images.append(candidates)
-                prompts.append(eval_prompt.prompt)
-                task_of.append(task)
-                passed.append([check(image, eval_prompt) for image in candidates])
+    for task, stage, batch_index, batch in tqdm(plan, desc="bank"):
+        seed = _call_seed(args.seed, task, batch_index, stage)
+        pil_images, _ = _generate(generator_only, [p.prompt for p in batch], args.candidates, args.candidates, seed,
+                                  sampling)  # fmt: skip
+        array = np.stack([np.asarray(image.convert("RGB")) for image in pil_images])  # (n * N, H, W, 3) uint8
+        for i, eval_prompt in enumerate(batch):
+            candidates = array[i * args.candidates : (i + 1) * args.candidates]
+            images.append(candidates)
+            prompts.append(eval_prompt.prompt)
+            task_of.append(task)
+            passed.append([check(image, eval_prompt) for image in candidates])
     os.makedirs(args.out, exist_ok=True)
     np.savez_compressed(os.path.join(args.out, "bank.npz"), images=np.stack(images), passed=np.array(passed))
     meta = {"prompts": prompts, "tasks": task_of, "config": {k: v for k, v in vars(args).items() if k != "func"}}
@@ -76,13 +69,12 @@ def build(args) -> None:
 
 
 def load_clip(path: str, dtype: torch.dtype):
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPProcessor
 
-    model_dir = os.path.join(path, "clip_model") if os.path.isdir(os.path.join(path, "clip_model")) else path
     processor_dir = os.path.join(path, "clip_processor")
     if not os.path.isdir(processor_dir):
         raise ValueError(f"{path} has no clip_processor/ folder: pass a pipeline or a train_clip output_dir")
-    return CLIPModel.from_pretrained(model_dir, dtype=dtype).eval(), CLIPProcessor.from_pretrained(processor_dir)
+    return load_pretrained_clip(path).to(dtype).eval(), CLIPProcessor.from_pretrained(processor_dir)
 
 
 @torch.no_grad()

@@ -493,6 +493,25 @@ def _call_seed(seed: int, task: str, batch_index: int, stage: str) -> int:
     return (seed * 1_000_003 + EVAL_TASKS.index(task) * 10_007 + batch_index * 101 + (stage == "rerank")) % 2**63
 
 
+def _plan_calls(
+    tasks: Sequence[str], stages: Sequence[tuple[str, int]], prompts_per_task: int, prompt_seed: int, batch_size: int
+) -> list[tuple[str, str, int, list[EvalPrompt]]]:
+    """
+    Every pipeline call of an evaluation, in order: `(task, stage, batch_index, prompts)`.
+
+    Each stage `(name, samples_per_prompt)` splits a task's prompts into calls of at most `batch_size` samples
+    (at least one prompt); with `_call_seed`, the batch index fixes what a call draws.
+    """
+    plan = []
+    for task in tasks:
+        prompts = evaluation_prompts(task, prompts_per_task, seed=prompt_seed)
+        for stage, per_prompt in stages:
+            step = max(1, batch_size // per_prompt)
+            for batch_index, start in enumerate(range(0, len(prompts), step)):
+                plan.append((task, stage, batch_index, prompts[start : start + step]))
+    return plan
+
+
 def _generate(
     pipe, prompts: list[str], per_prompt: int, keep: int, seed: int, sampling: dict
 ) -> tuple[list, torch.Tensor | None]:
@@ -617,13 +636,7 @@ def evaluate_pipeline(
 
     # 2. Plan every pipeline call: the sampling pass, then (candidates > 1) the reranked best-of-N pass.
     stages = [("sample", images_per_prompt)] + ([("rerank", candidates)] if candidates > 1 else [])
-    plan = []  # (task, stage, batch_index, prompts)
-    for task in tasks:
-        prompts = evaluation_prompts(task, prompts_per_task, seed=prompt_seed)
-        for stage, per_prompt in stages:
-            step = max(1, batch_size // per_prompt)
-            for batch_index, start in enumerate(range(0, len(prompts), step)):
-                plan.append((task, stage, batch_index, prompts[start : start + step]))
+    plan = _plan_calls(tasks, stages, prompts_per_task, prompt_seed, batch_size)
 
     # 3. Generate and check every image.
     passes = {task: {"sample": [], "rerank": []} for task in tasks}  # per prompt: list of bools
