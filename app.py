@@ -45,10 +45,10 @@ CHECKPOINTS_ENV = "DALLE_HF_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # next to app.py, so it runs from any cwd
 DEFAULT_MODEL = "dalle-shapes"  # listed first when present
 EXAMPLES = list(SHOWCASE_PROMPTS)  # one per ShapesEval task: single_object, two_object, ..., color_attr
-# The pipeline's defaults, except classifier-free guidance: the shipped checkpoint was trained with caption dropout
-# and scores best at 2 (ShapesEval dev split, prompt seed 1: 0.742 at 2, 0.729 at 2.5, 0.700 at 3; the previous
-# transformer peaked at 2.5), saved as its `default_guidance_scale`. It doubles the transformer batch.
-DEFAULTS = dict(candidates=16, keep=4, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=2.0)
+# The pipeline's defaults. The guidance slider starts at the selected model's own `default_guidance_scale` (its
+# `model_index.json`; the shipped checkpoint's was chosen on ShapesEval dev prompts for CLIP-reranked sampling,
+# see its card), and at the pipeline's 1.0 (no guidance) for a model that saved none.
+DEFAULTS = dict(candidates=16, keep=4, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
 MAX_CANDIDATES = 64  # N per request on a shared CPU server (the pipeline itself allows MAX_IMAGES_PER_PROMPT)
 MAX_KEEP = 16
 MAX_SEED = 2**31 - 1
@@ -95,12 +95,16 @@ def no_checkpoint_message(root: Path | None = None) -> str:
 def read_model_info(path: Path) -> dict:
     """The numbers the UI shows, read from the saved configs without loading weights."""
 
-    def config(sub):
-        file = path / sub / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else {}
+    def config(file):
+        # Unreadable: no numbers to show; loading the model reports the error when it is used.
+        try:
+            return json.loads(file.read_text()) if file.is_file() else {}
+        except (OSError, ValueError):
+            return {}
 
-    transformer, vae = config("transformer"), config("vae")
+    transformer, vae = config(path / "transformer" / "config.json"), config(path / "vae" / "config.json")
     return {
+        "guidance_scale": config(path / "model_index.json").get("default_guidance_scale", DEFAULTS["guidance_scale"]),
         "grid": transformer.get("image_grid_size", 8),
         "text_seq_len": transformer.get("text_seq_len"),
         "n_layer": transformer.get("n_layer"),
@@ -489,12 +493,13 @@ def on_select(evt: gr.SelectData) -> int:
 
 
 def on_model_change(models, name):
-    """The rows slider and "how it works" follow the selected model's config (no weights are loaded)."""
+    """The rows and guidance sliders and "how it works" follow the selected model's config (no weights are loaded)."""
     if name not in models:
-        return gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip()
     info = read_model_info(models[name])
     g = info["grid"]
-    return gr.Slider(maximum=g - 1, value=g // 2, label=f"Rows of image tokens kept (of {g})"), how_it_works(info)
+    rows = gr.Slider(maximum=g - 1, value=g // 2, label=f"Rows of image tokens kept (of {g})")
+    return rows, gr.Slider(value=info["guidance_scale"]), how_it_works(info)
 
 
 def send_to_variations(gallery, index):
@@ -536,6 +541,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
     default = next(iter(models), None)
     info = read_model_info(models[default]) if models else None
     grid = info["grid"] if info else 8
+    guidance_scale = info["guidance_scale"] if info else DEFAULTS["guidance_scale"]
 
     with gr.Blocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# dalle-hf\nDALL-E (v1) rebuilt the Hugging Face way: a prompt becomes N sampled candidates, "
@@ -583,7 +589,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                 temperature = gr.Slider(0.05, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature")
                 top_k = gr.Slider(0, 512, value=DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
                 top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.01, label="Top-p (1 = off)")
-                guidance = gr.Slider(1.0, 10.0, value=DEFAULTS["guidance_scale"], step=0.5,
+                guidance = gr.Slider(1.0, 10.0, value=guidance_scale, step=0.5,
                                      label="Guidance scale (1 = off)")
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
@@ -598,7 +604,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
         gr.on([var_run.click, var_prompt.submit], functools.partial(vary, models),
               [model, image, var_prompt, rows, *settings], [var_gallery, var_seed, var_status],
               api_name="variations", concurrency_id="sampling", show_progress_on=[var_status])
-        model.change(functools.partial(on_model_change, models), model, [rows, how], queue=False,
+        model.change(functools.partial(on_model_change, models), model, [rows, guidance, how], queue=False,
                      api_visibility="private")
         gallery.select(on_select, None, selected, queue=False, api_visibility="private")
         send.click(send_to_variations, [gallery, selected], [image, tabs], queue=False, api_visibility="private")

@@ -188,9 +188,23 @@ def test_build_demo_loads_nothing_and_lists_models(checkpoints):
 
 def test_model_change_updates_rows_and_how_it_works(checkpoints):
     models = app.find_checkpoints(checkpoints)
-    rows, how = app.on_model_change(models, "tiny")
+    rows, guidance, how = app.on_model_change(models, "tiny")
     assert rows.maximum == 3 and rows.value == 2 and "4x4 grid of 32 codes" in how
-    assert app.on_model_change(models, "gone") == (gr.skip(), gr.skip())
+    assert guidance.value == 1.0  # saved without a default guidance: the pipeline's own (off)
+    assert app.on_model_change(models, "gone") == (gr.skip(), gr.skip(), gr.skip())
+
+
+def test_guidance_slider_starts_at_the_models_default(tmp_path):
+    indexes = {"dalle-shapes": '{"default_guidance_scale": 3.0}', "none-saved": "{}", "broken": "{not json"}
+    for name, text in indexes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(text)
+    components = app.build_demo(tmp_path).get_config_file()["components"]
+    slider = next(c for c in components if c["props"].get("label") == "Guidance scale (1 = off)")
+    assert slider["props"]["value"] == 3.0
+    models = app.find_checkpoints(tmp_path)
+    assert app.on_model_change(models, "none-saved")[1].value == 1.0
+    assert app.on_model_change(models, "broken")[1].value == 1.0  # its load error comes when it is used
 
 
 def test_no_checkpoint_starts_with_a_message(tmp_path):
