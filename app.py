@@ -244,6 +244,17 @@ def check_prompt(pipe: DallePipeline, prompt) -> tuple[str, list[str]]:
     return prompt, notes
 
 
+def check_negative_prompt(pipe: DallePipeline, negative_prompt, guidance_scale: float) -> tuple[str, list[str]]:
+    """The negative prompt the model gets ("" = none), and notes on it, as for the prompt."""
+    if negative_prompt is None or (isinstance(negative_prompt, str) and not negative_prompt.strip()):
+        return "", []
+    if guidance_scale <= 1:
+        raise gr.Error("A negative prompt steers classifier-free guidance: set the guidance scale above 1 "
+                       "(Advanced settings), or clear the negative prompt.")
+    negative_prompt, notes = check_prompt(pipe, negative_prompt)
+    return negative_prompt, [note.replace("The prompt", "The negative prompt", 1) for note in notes]
+
+
 class ImageUpload(gr.Image):
     """A `gr.Image` that reports an upload it cannot read (not an image, a decompression bomb) as a message."""
 
@@ -431,7 +442,7 @@ def request_info(task: str, model_name, prompt: str, seed: int, kwargs: dict, **
 
 
 def generate(models, model_name, prompt, candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
-             randomize_seed, progress=gr.Progress(track_tqdm=True)):
+             randomize_seed, negative_prompt="", progress=gr.Progress(track_tqdm=True)):
     """Text -> the CLIP-best k of N candidates. Yields (gallery, seed used, status): partial rows, then the grid."""
     kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
                                          randomize_seed)
@@ -439,6 +450,10 @@ def generate(models, model_name, prompt, candidates, keep, temperature, top_k, t
     pipe, _ = get_pipelines(models, model_name)
     prompt, prompt_notes = check_prompt(pipe, prompt)
     notes += prompt_notes
+    negative_prompt, negative_notes = check_negative_prompt(pipe, negative_prompt, kwargs["guidance_scale"])
+    notes += negative_notes
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
     for note in notes:
         gr.Warning(note.replace("**", ""))
     n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
@@ -557,6 +572,9 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                         max_length=MAX_PROMPT_CHARS, show_label=False, container=False, scale=5,
                                         elem_id="prompt")
                     run = gr.Button("Run", variant="primary", scale=0, min_width=120, elem_id="run")
+                negative = gr.Textbox("", label="Negative prompt (optional)", max_lines=1, max_length=MAX_PROMPT_CHARS,
+                                      placeholder="what to steer away from, e.g. “a square” for “a cyan square”",
+                                      elem_id="negative-prompt")
                 gallery = gr.Gallery(label="Best k of N (CLIP score)", columns=4, height="auto", format="png",
                                      object_fit="contain", buttons=["download", "download_all", "fullscreen"],
                                      elem_id="gallery")
@@ -598,7 +616,8 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
             how = gr.Markdown(how_it_works(info))
 
         settings = [candidates, keep, temperature, top_k, top_p, guidance, seed, randomize]
-        gr.on([run.click, prompt.submit], functools.partial(generate, models), [model, prompt, *settings],
+        gr.on([run.click, prompt.submit, negative.submit], functools.partial(generate, models),
+              [model, prompt, *settings, negative],
               [gallery, seed_used, status], api_name="generate", concurrency_id="sampling",
               show_progress_on=[status])  # the gallery stays visible: it streams the rows as they are sampled
         gr.on([var_run.click, var_prompt.submit], functools.partial(vary, models),

@@ -152,11 +152,13 @@ class DallePipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable | None = None,
+        negative_ids: torch.LongTensor | None = None,
     ) -> torch.LongTensor:
         """Autoregressively sample the image tokens after `input_ids` (B, L) and an optional `prefix_ids` (B, p).
 
         One KV-cached forward per token. With guidance the batch is `[unconditional ; conditional]` and the logits
-        are `uncond + guidance_scale * (cond - uncond)`. Returns (B, image_seq_len).
+        are `uncond + guidance_scale * (cond - uncond)`; `negative_ids` (B, L) replace the all-padding
+        unconditional text (a negative prompt). Returns (B, image_seq_len).
         """
         transformer = self.transformer
         B = input_ids.shape[0]
@@ -166,7 +168,11 @@ class DallePipeline(DiffusionPipeline):
         if p:
             tokens[:, :p] = prefix_ids
         use_guidance = guidance_scale > 1
-        text = torch.cat([self.unconditional_ids(B), input_ids]) if use_guidance else input_ids  # (B', L)
+        if negative_ids is not None and not use_guidance:
+            raise ValueError(f"a negative prompt needs guidance_scale > 1 (it replaces the unconditional branch of "
+                             f"classifier-free guidance), got guidance_scale={guidance_scale}")
+        uncond_ids = self.unconditional_ids(B) if negative_ids is None else negative_ids
+        text = torch.cat([uncond_ids, input_ids]) if use_guidance else input_ids  # (B', L)
         prefix = None if not p else (torch.cat([prefix_ids, prefix_ids]) if use_guidance else prefix_ids)
 
         # Prefill: the text (and the kept rows) in one forward, then one token per step.
@@ -234,6 +240,19 @@ class DallePipeline(DiffusionPipeline):
             raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}: {prompt!r}")
         return prompt
 
+    def check_negative_prompt(self, negative_prompt, num_prompts: int) -> list[str] | None:
+        """`None`, or one negative prompt per prompt."""
+        if negative_prompt is None:
+            return None
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * num_prompts
+        if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
+            raise ValueError(f"negative_prompt must be a str or a list of str, got {negative_prompt!r}")
+        if len(negative_prompt) != num_prompts:
+            raise ValueError(f"negative_prompt must be one str or one per prompt ({num_prompts}), "
+                             f"got a list of {len(negative_prompt)}")
+        return negative_prompt
+
     def clip_text_scorer(self, prompts: list[str], per_prompt: int):
         """A `scores_fn` comparing each candidate with its own prompt, or `None` without CLIP."""
         if self.clip_model is None or self.clip_processor is None:
@@ -253,6 +272,7 @@ class DallePipeline(DiffusionPipeline):
         top_k: int | None = None,
         top_p: float | None = None,
         guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -278,6 +298,11 @@ class DallePipeline(DiffusionPipeline):
             guidance_scale (`float`, *optional*, defaults to `None`):
                 Classifier-free guidance; 1 disables it, > 1 doubles the batch to `[uncond ; cond]`. `None` uses
                 the checkpoint's `default_guidance_scale` (its `model_index.json`; 1.0 unless set).
+            negative_prompt (`str` or `list[str]`, *optional*, defaults to `None`):
+                What to steer away from: the guidance branch is conditioned on it instead of on empty text, so the
+                logits become `neg + guidance_scale * (cond - neg)`. One for all prompts or one per prompt; needs
+                guidance (`guidance_scale > 1`). The prompt without the attribute that comes out wrong works well
+                (e.g. "a square" for "a cyan square"; docs/design.md).
             generator (`torch.Generator`, *optional*, defaults to `None`):
                 Makes sampling deterministic.
             output_type (`str`, *optional*, defaults to `"pil"`):
@@ -299,12 +324,17 @@ class DallePipeline(DiffusionPipeline):
             num_images_per_prompt, num_images_to_keep, temperature, top_k, top_p, guidance_scale, output_type, generator
         )
 
-        # 2. Encode the prompts, one row per candidate
+        negative_prompts = self.check_negative_prompt(negative_prompt, len(prompts))
+
+        # 2. Encode the prompts (and negative prompts), one row per candidate
         input_ids = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)  # (P * N, L)
+        negative_ids = None
+        if negative_prompts is not None:
+            negative_ids = self.encode_prompt(negative_prompts).repeat_interleave(num_images_per_prompt, dim=0)
 
         # 3. Sample image tokens with the KV cache
         tokens = self.sample_image_tokens(
-            input_ids, None, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end
+            input_ids, None, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end, negative_ids
         )  # (P * N, image_seq_len)
 
         # 4. Decode with the dVAE

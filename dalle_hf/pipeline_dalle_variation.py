@@ -104,6 +104,7 @@ class DalleImageVariationPipeline(DallePipeline):
         top_k: int | None = None,
         top_p: float | None = None,
         guidance_scale: float = 1.0,
+        negative_prompt: str | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -122,8 +123,9 @@ class DalleImageVariationPipeline(DallePipeline):
                 Candidates sampled, at most 256.
             num_images_to_keep (`int`, *optional*, defaults to `num_images_per_prompt`):
                 How many to return, ranked by CLIP image similarity to the input when CLIP is loaded.
-            temperature, top_k, top_p, guidance_scale, generator, output_type, return_dict, callback_on_step_end:
-                As in [`DallePipeline.__call__`].
+            temperature, top_k, top_p, guidance_scale, negative_prompt, generator, output_type, return_dict,
+            callback_on_step_end:
+                As in [`DallePipeline.__call__`] (one negative prompt; it needs `guidance_scale > 1`).
 
         Returns:
             [`DallePipelineOutput`] or `tuple`.
@@ -133,9 +135,13 @@ class DalleImageVariationPipeline(DallePipeline):
         keep = self.check_sampling_inputs(
             num_images_per_prompt, num_images_to_keep, temperature, top_k, top_p, guidance_scale, output_type, generator
         )
+        negative_prompts = self.check_negative_prompt(negative_prompt, 1)
 
-        # 2. Encode the prompt and the image's kept rows
+        # 2. Encode the prompt (and negative prompt) and the image's kept rows
         input_ids = self.encode_prompt([prompt or ""]).repeat(num_images_per_prompt, 1)  # (N, L)
+        negative_ids = None
+        if negative_prompts is not None:
+            negative_ids = self.encode_prompt(negative_prompts).repeat(num_images_per_prompt, 1)  # (N, L)
         vae_dtype = next(self.vae.parameters()).dtype
         codes = self.vae.get_codebook_indices(pixel_values.to(vae_dtype))  # (1, g, g)
         n_prefix = num_rows_to_keep * self.transformer.config.image_grid_size
@@ -143,7 +149,8 @@ class DalleImageVariationPipeline(DallePipeline):
 
         # 3. Sample the remaining tokens with the KV cache
         tokens = self.sample_image_tokens(
-            input_ids, prefix_ids, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end
+            input_ids, prefix_ids, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end,
+            negative_ids,
         )
 
         # 4. Decode with the dVAE

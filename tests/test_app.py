@@ -338,6 +338,30 @@ def test_out_of_range_settings_are_messages(models, settings, message):
         run(app.generate, models, "tiny", "a red circle", **settings)
 
 
+def test_negative_prompt_steers_the_guidance_branch(models):
+    pipe, _ = app.get_pipelines(models, "tiny")
+    prefills = []  # the first transformer call of each request: [guidance branch ; conditional] text
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: prefills.append(kwargs["input_ids"]) if kwargs.get("image_ids") is None else None,
+        with_kwargs=True)
+    try:
+        _, (gallery, _, status) = run(app.generate, models, "tiny", "a red circle", guidance_scale=3.0,
+                                      negative_prompt="a circle")
+        _, (plain, _, _) = run(app.generate, models, "tiny", "a red circle", guidance_scale=3.0, negative_prompt="  ")
+    finally:
+        handle.remove()
+    n = SETTINGS["candidates"]
+    assert torch.equal(prefills[0][:n], pipe.encode_prompt(["a circle"]).repeat(n, 1))
+    assert (prefills[1][:n] == pipe.transformer.config.pad_token_id).all()  # blank: no negative prompt
+    assert json.loads(gallery[0][0].info["dalle-hf"])["negative_prompt"] == "a circle"
+    assert "negative_prompt" not in json.loads(plain[0][0].info["dalle-hf"])
+    _, (_, _, status) = run(app.generate, models, "tiny", "a red circle", guidance_scale=3.0,
+                            negative_prompt="a red circle " * 50)
+    assert "The negative prompt is 252 tokens; the model reads 8, so it was truncated" in status
+    with pytest.raises(gr.Error, match="negative prompt steers classifier-free guidance"):
+        run(app.generate, models, "tiny", "a red circle", guidance_scale=1.0, negative_prompt="a circle")
+
+
 def test_keep_above_candidates_is_clamped_with_a_note(models):
     _, (gallery, _, status) = run(app.generate, models, "tiny", "a circle", candidates=2, keep=5)
     assert len(gallery) == 2 and "more than the candidates N=2: showing all 2" in status
@@ -506,6 +530,9 @@ def test_client_text_to_grid_and_variations(client):
     again, _, _ = predict_generate(client, "a red circle")
     assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again)))
     assert again[0]["image"] != gallery[0]["image"]  # one file per request: gradio rewrites equal files in place
+    steered, _, _ = client.predict("tiny", "a red circle", 2, 1, 1.0, 0, 1.0, 3.0, 3, False, "a circle",
+                                   api_name="/generate")  # the negative prompt is the last, optional, input
+    assert json.loads(PIL.Image.open(steered[0]["image"]).info["dalle-hf"])["negative_prompt"] == "a circle"
 
     variations, seed, status = client.predict("tiny", handle_file(gallery[0]["image"]), "a red circle", 2, 4, 2, 1.0,
                                               0, 1.0, 1.0, 5, False, api_name="/variations")

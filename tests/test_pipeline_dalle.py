@@ -63,12 +63,13 @@ def test_without_clip_keeps_the_first_samples(tokenizer, transformer, vae):
     assert first.clip_scores is None and torch.equal(first.image_tokens, everything.image_tokens[:2])
 
 
-def reference_sample(pipe, input_ids, generator, guidance_scale=1.0):
+def reference_sample(pipe, input_ids, generator, guidance_scale=1.0, negative_ids=None):
     """Sampling by full recomputation of the whole sequence at every step (no cache)."""
     model = pipe.transformer
     B, N = input_ids.shape[0], model.config.image_seq_len
     tokens = torch.zeros(B, 0, dtype=torch.long)
-    text = torch.cat([pipe.unconditional_ids(B), input_ids]) if guidance_scale > 1 else input_ids
+    uncond_ids = pipe.unconditional_ids(B) if negative_ids is None else negative_ids
+    text = torch.cat([uncond_ids, input_ids]) if guidance_scale > 1 else input_ids
     for _ in range(N):
         image = torch.cat([tokens, tokens]) if guidance_scale > 1 else tokens
         logits = model.image_logits(model(input_ids=text, image_ids=image).logits[:, -1]).float()
@@ -85,6 +86,27 @@ def test_kv_cached_sampling_equals_full_recomputation(pipe, guidance_scale):
     cached = pipe.sample_image_tokens(input_ids, guidance_scale=guidance_scale, generator=gen(5))
     full = reference_sample(pipe, input_ids, gen(5), guidance_scale)
     assert torch.equal(cached, full)
+
+
+def test_negative_prompt_replaces_the_unconditional_branch(pipe):
+    prompts, negatives = ["a red circle", "a blue square"], ["a circle", "a square"]
+    input_ids, negative_ids = pipe.encode_prompt(prompts), pipe.encode_prompt(negatives)
+    cached = pipe.sample_image_tokens(input_ids, guidance_scale=3.0, generator=gen(5), negative_ids=negative_ids)
+    assert torch.equal(cached, reference_sample(pipe, input_ids, gen(5), 3.0, negative_ids))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("input_ids")), with_kwargs=True)
+    try:
+        out = pipe(prompts, num_images_per_prompt=2, guidance_scale=3.0, negative_prompt=negatives, generator=gen(1))
+    finally:
+        handle.remove()
+    # the prefill: [negative ; conditional], one row per candidate
+    assert torch.equal(seen[0], torch.cat([negative_ids.repeat_interleave(2, 0), input_ids.repeat_interleave(2, 0)]))
+    assert out.image_tokens.shape == (4, 4, 4)
+    # one str applies to every prompt; the empty one is the unconditional text itself
+    one = pipe(prompts, guidance_scale=3.0, negative_prompt="a circle", generator=gen(2)).image_tokens
+    assert torch.equal(one, pipe(prompts, guidance_scale=3.0, negative_prompt=["a circle"] * 2, generator=gen(2)).image_tokens)
+    empty = pipe(prompts, guidance_scale=3.0, negative_prompt="", generator=gen(2)).image_tokens
+    assert torch.equal(empty, pipe(prompts, guidance_scale=3.0, generator=gen(2)).image_tokens)
 
 
 def test_guidance_batch_is_unconditional_then_conditional(pipe):
@@ -133,6 +155,9 @@ def test_filter_logits():
         (dict(guidance_scale=0.5), "guidance_scale"),
         (dict(output_type="latent"), "output_type"),
         (dict(generator=42), "generator"),
+        (dict(negative_prompt=3, guidance_scale=2.0), "negative_prompt must be a str"),
+        (dict(negative_prompt=["a", "b"], guidance_scale=2.0), r"one per prompt \(1\), got a list of 2"),
+        (dict(negative_prompt="a circle", guidance_scale=1.0), "needs guidance_scale > 1"),
     ],
 )
 def test_bad_inputs_raise_value_error(pipe, kwargs, match):
@@ -227,6 +252,20 @@ def test_variation_keeps_the_input_rows(pipe):
     a = variations(image, prompt="a red circle", num_rows_to_keep=1, generator=gen(2)).image_tokens
     b = variations(image, prompt="a red circle", num_rows_to_keep=1, generator=gen(2)).image_tokens
     assert torch.equal(a, b)
+    # a negative prompt is the guidance branch's text, after the same kept rows
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        out = variations(image, prompt="a red circle", negative_prompt="a circle", num_rows_to_keep=1,
+                         num_images_per_prompt=2, guidance_scale=3.0, generator=gen(3))
+    finally:
+        handle.remove()
+    n = 2
+    assert torch.equal(seen[0]["input_ids"][:n], pipe.encode_prompt(["a circle"]).repeat(n, 1))
+    assert torch.equal(seen[0]["input_ids"][n:], pipe.encode_prompt(["a red circle"]).repeat(n, 1))
+    assert (seen[0]["image_ids"] == codes.flatten(1)[:, :4]).all() and (out.image_tokens[:, :1] == codes[:, :1]).all()
+    with pytest.raises(ValueError, match="needs guidance_scale > 1"):
+        variations(image, negative_prompt="a circle", num_rows_to_keep=1, guidance_scale=1.0)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "CMYK", "P", "RGB"])
