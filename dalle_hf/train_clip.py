@@ -18,6 +18,7 @@ Outputs in `--output_dir`: `tokenizer/` (written first, so other scripts can reu
 
 import argparse
 import functools
+import json
 import logging
 import math
 import os
@@ -67,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 FINAL_LR_RATIO = 0.0  # CLIP (§2.5) decays the learning rate to zero with a cosine schedule
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP (§2.5) clips the learned temperature so logits scale by at most 100
+EVALUATION_PROMPT_SEEDS = (0, 1)  # ShapesEval's reported (0) and dev (1) prompts: never training data
 TOKENIZER_CAPTIONS = 10_000  # shapes captions the BPE is trained on: every word of the language appears
 # Relations and colour binding are the slow features to learn (with uniform tasks and random single edits as
 # negatives, relation-only accuracy stayed at chance for 1000 steps): draw those scenes twice as often.
@@ -126,6 +128,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of training images replaced by their dVAE reconstruction (argmax codes, decoded), so CLIP "
         "also learns the decoder's image domain: the only one it ranks at generation time.",
     )
+    parser.add_argument(
+        "--candidate_bank",
+        action="append",
+        default=None,
+        help="A bank of generated candidates with the checker's verdicts (`benchmarks/rerank_bank.py build` on "
+        "training-task prompts of a seed other than the evaluation's 0 and 1); repeat for several. Adds "
+        "`candidate_ranking_loss`: among one prompt's candidates, put the mass on those that pass.",
+    )
+    parser.add_argument(
+        "--candidate_bank_weight", type=float, default=1.0, help="Weight of the candidate ranking loss."
+    )
+    parser.add_argument(
+        "--candidate_prompts_per_step",
+        type=int,
+        default=4,
+        help="Bank prompts per update, each with all its candidates (4 x 16 = 64 more images per batch).",
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=200, help="Linear learning-rate warmup.")
     parser.add_argument("--weight_decay", type=float, default=0.2, help="AdamW decay on matrices (CLIP used 0.2).")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
@@ -158,6 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--vae_roundtrip_prob must be in [0, 1], got {args.vae_roundtrip_prob}.")
     if args.vae_roundtrip_prob > 0 and args.vae_name_or_path is None:
         raise ValueError("--vae_roundtrip_prob > 0 needs --vae_name_or_path (the dVAE whose reconstructions to train on).")
+    if args.candidate_bank_weight < 0 or args.candidate_prompts_per_step < 1:
+        raise ValueError("--candidate_bank_weight must be >= 0 and --candidate_prompts_per_step >= 1, got "
+                         f"{args.candidate_bank_weight} and {args.candidate_prompts_per_step}.")
     if args.validation_steps < 1 or args.num_validation_images < 0:
         raise ValueError("--validation_steps must be >= 1 and --num_validation_images >= 0.")
     if args.text_seq_len < 2:
@@ -282,7 +304,73 @@ def vae_roundtrip(vae, pixel_values: torch.Tensor, prob: float, generator: torch
     return pixel_values
 
 
+class CandidateBank:
+    """
+    Generated candidates and the checker's verdicts on them (`benchmarks/rerank_bank.py build`): the reranking
+    task itself. CLIP's renders-and-captions objective never shows it the transformer's typical failures (a
+    fifth diamond for "four diamonds", two objects side by side for "above"), which is where its pick falls
+    behind the checker's (report: counting 0.71 against 1.0). Only prompts with both passing and failing
+    candidates are kept: the others carry no ranking signal.
+
+    Args:
+        paths (`list[str]`): bank folders (`bank.npz` with `images` `(P, N, H, W, 3)` uint8 and `passed` `(P, N)`,
+            `bank.json` with `prompts`, `tasks` and the build `config`).
+
+    Raises:
+        `ValueError`: a bank of `novel` prompts (its images would draw held-out pairs), one built on the
+            evaluation's prompt seeds (0 reported, 1 dev), or no prompt with both verdicts.
+    """
+
+    def __init__(self, paths: list[str]):
+        images, passed, prompts = [], [], []
+        for path in paths:
+            with open(os.path.join(path, "bank.json")) as f:
+                meta = json.load(f)
+            unknown = sorted(set(meta["tasks"]) - set(TASKS))
+            if unknown:
+                raise ValueError(f"{path} has prompts of {unknown}: a candidate bank takes only the training tasks "
+                                 f"{list(TASKS)} (novel candidates draw held-out pairs).")
+            prompt_seed = meta["config"].get("prompt_seed")
+            if prompt_seed in EVALUATION_PROMPT_SEEDS:
+                raise ValueError(f"{path} was built on prompt seed {prompt_seed}, one the evaluation uses "
+                                 f"{EVALUATION_PROMPT_SEEDS}: build the training bank on another.")
+            data = np.load(os.path.join(path, "bank.npz"))
+            mixed = data["passed"].any(axis=1) & ~data["passed"].all(axis=1)  # (P,)
+            images.append(data["images"][mixed])
+            passed.append(data["passed"][mixed])
+            prompts += [p for p, keep in zip(meta["prompts"], mixed) if keep]
+        if not prompts:
+            raise ValueError(f"no prompt in {paths} has both passing and failing candidates.")
+        self.images = np.concatenate(images)  # (P, N, H, W, 3) uint8
+        self.passed = torch.from_numpy(np.concatenate(passed))  # (P, N) bool
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """`k` random prompts: pixel values `(k * N, 3, H, W)` in `[0, 1]`, their prompts, `passed` `(k, N)`."""
+        index = torch.randint(len(self), (k,), generator=generator)
+        pixels = torch.from_numpy(self.images[index.numpy()])  # (k, N, H, W, 3)
+        pixels = pixels.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
+        return pixels, [self.prompts[i] for i in index.tolist()], self.passed[index]
+
+
 # ----------------------------------------------------------------------------- loss
+
+
+def candidate_ranking_loss(logits: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    """
+    Minus the log of the softmax mass a prompt puts on its passing candidates: the reranker's own task, to pick
+    one that passes, with any of them right (a multi-positive cross-entropy).
+
+    Args:
+        logits (`torch.Tensor`): `(K, N)` scaled similarities of each prompt with its N candidates.
+        passed (`torch.Tensor`): `(K, N)` bool, at least one True per row.
+    """
+    log_probs = logits.log_softmax(dim=-1)
+    return -log_probs.masked_fill(~passed, float("-inf")).logsumexp(dim=-1).mean()
+
 
 
 def contrastive_loss(logits_per_image: torch.Tensor, false_negative_mask: torch.Tensor) -> torch.Tensor:
@@ -487,9 +575,14 @@ def main(args: argparse.Namespace) -> dict:
                 f"--vae_name_or_path takes {vae.config.image_size}px images, the training images are {data_size}px."
             )
 
+    bank = CandidateBank(args.candidate_bank) if args.candidate_bank else None
+    if bank is not None:
+        logger.info(f"Candidate banks: {len(bank)} prompts with both verdicts, {bank.images.shape[1]} candidates each")
+
     # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
     data_seed = args.seed + first_step
     roundtrip_generator = torch.Generator().manual_seed(data_seed * 1000 + accelerator.process_index)
+    bank_generator = torch.Generator().manual_seed(data_seed * 1000 + 500 + accelerator.process_index)
     if args.dataset == "shapes":
         dataset = ShapesCaptionsWithNegatives(data_seed, args.num_hard_negatives, args.task_weights)
     else:
@@ -538,7 +631,7 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(
         range(args.max_train_steps), initial=first_step, disable=not accelerator.is_local_main_process, desc="CLIP"
     )
-    running = {"loss": 0.0, "train_top1": 0.0}
+    running = {"loss": 0.0, "train_top1": 0.0, **({"rank_loss": 0.0, "rank_pick": 0.0} if bank else {})}
     window_start, window_images, window_batches = clock.seconds, 0, 0
     history, validations = [], []
     step = first_step
@@ -550,15 +643,29 @@ def main(args: argparse.Namespace) -> dict:
             if vae is not None:
                 with accelerator.autocast():  # bf16 convolutions halve the round trip's cost on CPU
                     pixel_values = vae_roundtrip(vae, pixel_values, args.vae_roundtrip_prob, roundtrip_generator)
+            b, n_texts = pixel_values.shape[0], batch["input_ids"].shape[0]
+            input_ids = batch["input_ids"].to(accelerator.device)
+            if bank is not None:  # the bank's candidates and prompts ride in the same forward (one DDP pass)
+                bank_pixels, bank_prompts, bank_passed = bank.sample(args.candidate_prompts_per_step, bank_generator)
+                bank_ids = tokenizer(bank_prompts, padding="max_length", truncation=True, return_tensors="pt")
+                pixel_values = torch.cat([pixel_values, bank_pixels.to(pixel_values)])  # (B + k N, 3, H, W)
+                input_ids = torch.cat([input_ids, bank_ids["input_ids"].to(accelerator.device)])  # (T + k, L)
             pixel_values = clip_pixel_values(pixel_values, processor)
-            outputs = model(input_ids=batch["input_ids"].to(accelerator.device), pixel_values=pixel_values)
+            outputs = model(input_ids=input_ids, pixel_values=pixel_values)
             # Logits in float32: under bf16 autocast the embeddings are bf16, and a scale of up to 100 would
             # amplify their rounding.
             logit_scale = accelerator.unwrap_model(model).logit_scale.exp()
-            logits_per_image = outputs.image_embeds.float() @ outputs.text_embeds.float().t()  # (B, B(1+K))
-            logits_per_image = logits_per_image * logit_scale
+            image_embeds, text_embeds = outputs.image_embeds.float(), outputs.text_embeds.float()
+            logits_per_image = image_embeds[:b] @ text_embeds[:n_texts].t() * logit_scale  # (B, B(1+K))
             mask = batch["false_negative_mask"].to(accelerator.device)
             loss = contrastive_loss(logits_per_image, mask)
+            if bank is not None:
+                k = len(bank_prompts)
+                candidates = image_embeds[b:].view(k, -1, image_embeds.shape[-1])  # (k, N, D)
+                bank_logits = (candidates @ text_embeds[n_texts:, :, None])[..., 0] * logit_scale  # (k, N)
+                bank_passed = bank_passed.to(accelerator.device)
+                rank_loss = candidate_ranking_loss(bank_logits, bank_passed)
+                loss = loss + args.candidate_bank_weight * rank_loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -568,7 +675,6 @@ def main(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
-        b = pixel_values.shape[0]
         images_seen += b * accelerator.num_processes
         window_images += b * accelerator.num_processes
         window_batches += 1
@@ -576,6 +682,10 @@ def main(args: argparse.Namespace) -> dict:
         with torch.no_grad():  # the true caption beats every unmasked column (own hard negatives included)
             top = logits_per_image.masked_fill(mask, float("-inf")).argmax(dim=1)
             running["train_top1"] += (top == torch.arange(b, device=top.device)).float().mean().item()
+            if bank is not None:  # the pick among a prompt's candidates passes the checker
+                running["rank_loss"] += rank_loss.item()
+                picks = bank_passed.gather(1, bank_logits.argmax(dim=1, keepdim=True))
+                running["rank_pick"] += picks.float().mean().item()
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -649,6 +759,11 @@ def main(args: argparse.Namespace) -> dict:
         hyperparameters["initialized from"] = args.pretrained_model_name_or_path or "random init"
         if vae is not None:
             hyperparameters["dVAE round-trip share"] = f"{args.vae_roundtrip_prob:g} ({args.vae_name_or_path})"
+        if bank is not None:
+            hyperparameters["candidate banks"] = (
+                f"{', '.join(args.candidate_bank)}: {len(bank)} prompts with both verdicts; "
+                f"{args.candidate_prompts_per_step} per update, loss weight {args.candidate_bank_weight:g}"
+            )
         hyperparameters["images seen"] = images_seen
         write_model_card(
             os.path.join(model_dir, "README.md"),

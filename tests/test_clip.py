@@ -391,3 +391,63 @@ def test_train_clip_on_vae_roundtrips(tmp_path):
             "--vae_roundtrip_prob", "0.5"]  # fmt: skip
     with pytest.raises(ValueError, match="16px images, the training images are 64px"):
         train_clip.main(train_clip.parse_args(argv))
+
+
+def _write_bank(path, tasks, passed, prompt_seed=2, size=64):
+    """A bank in `benchmarks/rerank_bank.py build`'s format: random images, the given verdicts."""
+    os.makedirs(path)
+    passed = np.array(passed, dtype=bool)  # (P, N)
+    images = np.random.default_rng(0).integers(0, 256, (*passed.shape, size, size, 3), dtype=np.uint8)
+    np.savez_compressed(os.path.join(path, "bank.npz"), images=images, passed=passed)
+    prompts = ["two circles", "three circles", "three squares", "four circles"][: len(passed)]
+    with open(os.path.join(path, "bank.json"), "w") as f:
+        json.dump({"prompts": prompts, "tasks": tasks, "config": {"prompt_seed": prompt_seed}}, f)
+    return str(path)
+
+
+def test_candidate_ranking_loss():
+    from dalle_hf.train_clip import candidate_ranking_loss
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    passed = torch.tensor([[True, False, False], [False, True, True]])
+    expected = -(logits.log_softmax(-1)[0, 0] + torch.log(logits.softmax(-1)[1, 1:].sum())) / 2
+    torch.testing.assert_close(candidate_ranking_loss(logits, passed), expected)
+    # the gradient raises the passing candidates and lowers the failing ones
+    logits.requires_grad_(True)
+    candidate_ranking_loss(logits, passed).backward()
+    assert (logits.grad[passed] < 0).all() and (logits.grad[~passed] > 0).all()
+
+
+def test_candidate_bank_keeps_mixed_prompts_and_refuses_evaluation_data(tmp_path):
+    from dalle_hf.train_clip import CandidateBank
+
+    verdicts = [[True, False, True, False], [True] * 4, [False] * 4, [False, False, False, True]]
+    bank = CandidateBank([_write_bank(tmp_path / "ok", ["counting"] * 4, verdicts)])
+    assert len(bank) == 2 and bank.prompts == ["two circles", "four circles"]  # all-pass and all-fail dropped
+    pixels, prompts, passed = bank.sample(3, torch.Generator().manual_seed(0))
+    assert pixels.shape == (12, 3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1 and len(prompts) == 3
+    assert passed.shape == (3, 4) and all(passed[i].tolist() == verdicts[[0, 3][bank.prompts.index(p)]]
+                                          for i, p in enumerate(prompts))  # fmt: skip
+    with pytest.raises(ValueError, match="novel"):
+        CandidateBank([_write_bank(tmp_path / "novel", ["novel"] * 4, verdicts)])
+    with pytest.raises(ValueError, match="prompt seed 1, one the evaluation uses"):
+        CandidateBank([_write_bank(tmp_path / "dev", ["counting"] * 4, verdicts, prompt_seed=1)])
+    with pytest.raises(ValueError, match="both passing and failing"):
+        CandidateBank([_write_bank(tmp_path / "flat", ["counting"] * 2, [[True] * 4, [False] * 4])])
+
+
+def test_train_clip_with_a_candidate_bank(tmp_path):
+    from dalle_hf import train_clip
+
+    bank = _write_bank(tmp_path / "bank", ["counting"] * 3, [[True, False, False, True]] * 3)
+    out = str(tmp_path / "clip")
+    argv = ["--output_dir", out, *TRAIN_ARGS, "--max_train_steps", "2", "--candidate_bank", bank,
+            "--candidate_prompts_per_step", "2", "--candidate_bank_weight", "0.5"]  # fmt: skip
+    result = train_clip.main(train_clip.parse_args(argv))
+    last = result["history"][-1]
+    assert math.isfinite(last["rank_loss"]) and 0.0 <= last["rank_pick"] <= 1.0
+    assert result["images_seen"] == 8  # counts the contrastive batch, not the bank's candidates
+    card = open(os.path.join(out, "clip_model", "README.md")).read()
+    assert f"{bank}: 3 prompts with both verdicts; 2 per update, loss weight 0.5" in card
+    with pytest.raises(ValueError, match="candidate_prompts_per_step"):
+        train_clip.parse_args(["--output_dir", out, "--candidate_prompts_per_step", "0"])
