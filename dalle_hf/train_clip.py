@@ -44,6 +44,7 @@ from .data.shapes import (
     parse_caption,
     sample_example,
 )
+from .eval.shapes import detect_objects
 from .tokenization import train_text_tokenizer
 from .training_utils import (
     load_frozen_vae,
@@ -310,7 +311,9 @@ class CandidateBank:
     task itself. CLIP's renders-and-captions objective never shows it the transformer's typical failures (a
     fifth diamond for "four diamonds", two objects side by side for "above"), which is where its pick falls
     behind the checker's (report: counting 0.71 against 1.0). Only prompts with both passing and failing
-    candidates are kept: the others carry no ranking signal.
+    candidates are kept: the others carry no ranking signal. So are only prompts none of whose candidates shows
+    a held-out colour/shape pair (as the checker detects it; the transformer sometimes draws one unasked): CLIP
+    must never see those, for the `novel` task to measure generalization.
 
     Args:
         paths (`list[str]`): bank folders (`bank.npz` with `images` `(P, N, H, W, 3)` uint8 and `passed` `(P, N)`,
@@ -336,11 +339,12 @@ class CandidateBank:
                                  f"{EVALUATION_PROMPT_SEEDS}: build the training bank on another.")
             data = np.load(os.path.join(path, "bank.npz"))
             mixed = data["passed"].any(axis=1) & ~data["passed"].all(axis=1)  # (P,)
-            images.append(data["images"][mixed])
-            passed.append(data["passed"][mixed])
-            prompts += [p for p, keep in zip(meta["prompts"], mixed) if keep]
+            keep = np.array([m and not shows_held_out_pair(group) for m, group in zip(mixed, data["images"])])
+            images.append(data["images"][keep])
+            passed.append(data["passed"][keep])
+            prompts += [p for p, k in zip(meta["prompts"], keep) if k]
         if not prompts:
-            raise ValueError(f"no prompt in {paths} has both passing and failing candidates.")
+            raise ValueError(f"no prompt in {paths} has both passing and failing candidates and no held-out pair.")
         self.images = np.concatenate(images)  # (P, N, H, W, 3) uint8
         self.passed = torch.from_numpy(np.concatenate(passed))  # (P, N) bool
         self.prompts = prompts
@@ -354,6 +358,12 @@ class CandidateBank:
         pixels = torch.from_numpy(self.images[index.numpy()])  # (k, N, H, W, 3)
         pixels = pixels.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
         return pixels, [self.prompts[i] for i in index.tolist()], self.passed[index]
+
+
+def shows_held_out_pair(images: np.ndarray) -> bool:
+    """Whether any of `images` `(N, H, W, 3)` uint8 has an object of a held-out colour/shape pair (the checker's
+    detector)."""
+    return any((o.color, o.shape) in HELD_OUT_PAIRS for image in images for o in detect_objects(image))
 
 
 # ----------------------------------------------------------------------------- loss

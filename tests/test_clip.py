@@ -4,6 +4,7 @@ import inspect
 import json
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -394,10 +395,11 @@ def test_train_clip_on_vae_roundtrips(tmp_path):
 
 
 def _write_bank(path, tasks, passed, prompt_seed=2, size=64):
-    """A bank in `benchmarks/rerank_bank.py build`'s format: random images, the given verdicts."""
+    """A bank in `benchmarks/rerank_bank.py build`'s format: blank canvases with a random dot, the given verdicts."""
     os.makedirs(path)
     passed = np.array(passed, dtype=bool)  # (P, N)
-    images = np.random.default_rng(0).integers(0, 256, (*passed.shape, size, size, 3), dtype=np.uint8)
+    images = np.full((*passed.shape, size, size, 3), 255, dtype=np.uint8)
+    images[..., size // 2, size // 2, :] = np.random.default_rng(0).integers(0, 256, (*passed.shape, 3))
     np.savez_compressed(os.path.join(path, "bank.npz"), images=images, passed=passed)
     prompts = ["two circles", "three circles", "three squares", "four circles"][: len(passed)]
     with open(os.path.join(path, "bank.json"), "w") as f:
@@ -419,6 +421,7 @@ def test_candidate_ranking_loss():
 
 
 def test_candidate_bank_keeps_mixed_prompts_and_refuses_evaluation_data(tmp_path):
+    from dalle_hf.data.shapes import render_scene, scene_from_caption
     from dalle_hf.train_clip import CandidateBank
 
     verdicts = [[True, False, True, False], [True] * 4, [False] * 4, [False, False, False, True]]
@@ -428,6 +431,13 @@ def test_candidate_bank_keeps_mixed_prompts_and_refuses_evaluation_data(tmp_path
     assert pixels.shape == (12, 3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1 and len(prompts) == 3
     assert passed.shape == (3, 4) and all(passed[i].tolist() == verdicts[[0, 3][bank.prompts.index(p)]]
                                           for i, p in enumerate(prompts))  # fmt: skip
+    # a candidate showing a held-out pair (drawn unasked) takes its prompt out of the bank
+    path = _write_bank(tmp_path / "held-out", ["counting"] * 4, verdicts)
+    data = dict(np.load(os.path.join(path, "bank.npz")))
+    green_circle = render_scene(scene_from_caption("a green circle", random.Random(0)))
+    data["images"][3, 1] = np.asarray(green_circle.convert("RGB"))
+    np.savez_compressed(os.path.join(path, "bank.npz"), **data)
+    assert CandidateBank([path]).prompts == ["two circles"]
     with pytest.raises(ValueError, match="novel"):
         CandidateBank([_write_bank(tmp_path / "novel", ["novel"] * 4, verdicts)])
     with pytest.raises(ValueError, match="prompt seed 1, one the evaluation uses"):
