@@ -382,7 +382,6 @@ def candidate_ranking_loss(logits: torch.Tensor, passed: torch.Tensor) -> torch.
     return -log_probs.masked_fill(~passed, float("-inf")).logsumexp(dim=-1).mean()
 
 
-
 def contrastive_loss(logits_per_image: torch.Tensor, false_negative_mask: torch.Tensor) -> torch.Tensor:
     """
     CLIP's symmetric cross-entropy with extra text columns.
@@ -576,10 +575,10 @@ def main(args: argparse.Namespace) -> dict:
         optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
     )
 
+    data_size = IMAGE_SIZE if args.dataset == "shapes" else image_size  # shapes renders are 64 px, resized later
     vae = None
     if args.vae_roundtrip_prob > 0:
         vae = load_frozen_vae(args.vae_name_or_path).to(accelerator.device)
-        data_size = IMAGE_SIZE if args.dataset == "shapes" else image_size  # shapes renders are 64 px, resized later
         if vae.config.image_size != data_size:
             raise ValueError(
                 f"--vae_name_or_path takes {vae.config.image_size}px images, the training images are {data_size}px."
@@ -587,6 +586,9 @@ def main(args: argparse.Namespace) -> dict:
 
     bank = CandidateBank(args.candidate_bank) if args.candidate_bank else None
     if bank is not None:
+        if bank.images.shape[2] != data_size:  # its candidates share the forward with the training images
+            raise ValueError(f"--candidate_bank holds {bank.images.shape[2]}px images, the training images are "
+                             f"{data_size}px.")
         logger.info(f"Candidate banks: {len(bank)} prompts with both verdicts, {bank.images.shape[1]} candidates each")
 
     # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.

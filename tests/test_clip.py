@@ -459,5 +459,8 @@ def test_train_clip_with_a_candidate_bank(tmp_path):
     assert result["images_seen"] == 8  # counts the contrastive batch, not the bank's candidates
     card = open(os.path.join(out, "clip_model", "README.md")).read()
     assert f"{bank}: 3 prompts with both verdicts; 2 per update, loss weight 0.5" in card
+    small = _write_bank(tmp_path / "small", ["counting"], [[True, False]], size=32)
+    with pytest.raises(ValueError, match="holds 32px images, the training images are 64px"):
+        train_clip.main(train_clip.parse_args([*argv[:-6], "--candidate_bank", small]))
     with pytest.raises(ValueError, match="candidate_prompts_per_step"):
         train_clip.parse_args(["--output_dir", out, "--candidate_prompts_per_step", "0"])
