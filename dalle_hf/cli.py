@@ -45,6 +45,7 @@ def cmd_generate(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
         generator=generator,
     )
     os.makedirs(args.out, exist_ok=True)
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_k", type=int, default=None)
     gen.add_argument("--top_p", type=float, default=None)
     gen.add_argument("--guidance_scale", type=float, default=None, help="default: the checkpoint's default_guidance_scale")
+    gen.add_argument("--negative_prompt", default=None, help="what guidance steers away from, e.g. 'a square' for "
+                     "'a cyan square' (needs guidance > 1)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
     gen.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")
@@ -190,8 +193,12 @@ def main(argv=None) -> int:
         module = importlib.import_module(TRAINERS[argv[1]])
         module.main(module.parse_args(argv[2:]))
         return 0
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad input found by the library (e.g. a sampling setting): a message, not a trace
+        parser.exit(2, f"dalle-hf {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ def test_generate_and_eval_vae(pipeline_dir, tmp_path):
                           "--keep", "2", "--out", str(tmp_path / "gen"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["00.png", "01.png"]
+    result = dalle_hf_cli("generate", "a red circle", "--pipeline", str(pipeline_dir), "--candidates", "2",
+                          "--keep", "1", "--guidance_scale", "3", "--negative_prompt", "a circle",
+                          "--out", str(tmp_path / "steered"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "steered").iterdir()) == ["00.png"]
+    result = dalle_hf_cli("generate", "a red circle", "--pipeline", str(pipeline_dir), "--guidance_scale", "1",
+                          "--negative_prompt", "a circle", "--out", str(tmp_path / "refused"))  # fmt: skip
+    assert result.returncode == 2 and "dalle-hf generate: error: a negative prompt needs guidance_scale > 1" in result.stderr
+    assert "Traceback" not in result.stderr
     result = dalle_hf_cli("eval", "vae", "--pipeline", str(pipeline_dir), "--n-per-task", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0.0 <= json.loads(result.stdout)["fidelity"] <= 1.0
