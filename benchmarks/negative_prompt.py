@@ -30,7 +30,7 @@ PROMPTS = (
     "a red circle",
     "a blue square and a yellow triangle",
 )
-ARTICLES = {"a": "a", "an": "a"}
+ARTICLES = ("a", "an")
 
 
 def without_colours(prompt: str) -> str:
@@ -51,7 +51,7 @@ def without_colours(prompt: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", default="checkpoints/dalle-shapes")
-    parser.add_argument("--groups", type=int, default=4, help="calls of 16 candidates per prompt and setting")
+    parser.add_argument("--groups", type=int, default=16, help="calls of 16 candidates per prompt and setting")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
