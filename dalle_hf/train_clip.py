@@ -337,11 +337,12 @@ class CandidateBank:
             if prompt_seed in EVALUATION_PROMPT_SEEDS:
                 raise ValueError(f"{path} was built on prompt seed {prompt_seed}, one the evaluation uses "
                                  f"{EVALUATION_PROMPT_SEEDS}: build the training bank on another.")
-            data = np.load(os.path.join(path, "bank.npz"))
-            mixed = data["passed"].any(axis=1) & ~data["passed"].all(axis=1)  # (P,)
-            keep = np.array([m and not shows_held_out_pair(group) for m, group in zip(mixed, data["images"])])
-            images.append(data["images"][keep])
-            passed.append(data["passed"][keep])
+            with np.load(os.path.join(path, "bank.npz")) as data:  # each key access decompresses: read once
+                bank_images, bank_passed = data["images"], data["passed"]
+            mixed = bank_passed.any(axis=1) & ~bank_passed.all(axis=1)  # (P,)
+            keep = np.array([m and not shows_held_out_pair(group) for m, group in zip(mixed, bank_images)])
+            images.append(bank_images[keep])
+            passed.append(bank_passed[keep])
             prompts += [p for p, k in zip(meta["prompts"], keep) if k]
         if not prompts:
             raise ValueError(f"no prompt in {paths} has both passing and failing candidates and no held-out pair.")
