@@ -46,6 +46,10 @@ def build(args) -> None:
     )
     tasks = _validate_tasks(args.tasks.split(","))
     sampling = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    if args.top_k is not None:
+        sampling["top_k"] = args.top_k
     # The calls and generator seeds of evaluate_pipeline's reranked pass, so the two draw the same images.
     plan = _plan_calls(tasks, [("rerank", args.candidates)], args.prompts_per_task, args.prompt_seed, args.batch_size)
     images, prompts, task_of, passed = [], [], [], []
@@ -116,6 +120,8 @@ def main() -> None:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     b.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    b.add_argument("--temperature", type=float, default=None, help="default: the pipeline's own (1)")
+    b.add_argument("--top-k", type=int, default=None, help="default: no top-k filter")
     b.set_defaults(func=build)
     s = sub.add_parser("score", help="pick accuracy of each CLIP on the bank")
     s.add_argument("--bank", required=True)
