@@ -48,6 +48,35 @@ logger = logging.getLogger(__name__)
 UNIFORM_TASK_WEIGHTS = {task: 1.0 for task in TASKS}
 
 
+def apply_word_dropout(
+    input_ids: torch.Tensor, p: float, pad_token_id: int, keep_token_ids: tuple[int, ...] = (), generator=None
+) -> torch.Tensor:
+    """
+    Replace each caption token by padding with probability `p` (word dropout: Iyyer et al. 2015, Bowman et al. 2016).
+
+    The image then has to be predicted from the words that remain, so no single word (say the shape in "a purple
+    triangle") can carry what another (the colour) means. Padding and `keep_token_ids` (e.g. end-of-text) are left as
+    they are; the padding that replaces a word is that position's own padding token, as for short captions.
+
+    Args:
+        input_ids (`torch.Tensor` of shape `(B, L)`): caption token ids.
+        p (`float`): drop probability per token, in [0, 1).
+        pad_token_id (`int`): the id that means "no text here".
+        keep_token_ids (`tuple[int, ...]`, *optional*): ids that are never dropped.
+        generator (`torch.Generator`, *optional*): for reproducible drops.
+
+    Returns:
+        `torch.Tensor`: a new `(B, L)` tensor; `input_ids` is not modified.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"word dropout p must be in [0, 1), got {p!r}")
+    droppable = input_ids != pad_token_id
+    for token_id in keep_token_ids:
+        droppable &= input_ids != token_id
+    drop = droppable & (torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < p)
+    return input_ids.masked_fill(drop, pad_token_id)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the DALL-E transformer.")
     add_common_args(parser)
@@ -73,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention_types", default=None, help=f"Comma-separated per-layer layouts from {ATTENTION_TYPES}; default full."
     )
     parser.add_argument("--caption_dropout", type=float, default=0.1, help="P(caption -> all padding), for guidance.")
+    parser.add_argument("--word_dropout", type=float, default=0.0, help="P(one caption token -> padding); 0: off.")
     parser.add_argument(
         "--task_weights",
         type=str,
@@ -91,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.task_weights = parse_task_weights(args.task_weights, UNIFORM_TASK_WEIGHTS)
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+    if not 0 <= args.word_dropout < 1:
+        raise ValueError(f"--word_dropout must be in [0, 1), got {args.word_dropout}.")
     if args.attention_types is not None:
         args.attention_types = args.attention_types.split(",")
         if len(args.attention_types) != args.n_layer:
@@ -218,8 +250,11 @@ def main(args: argparse.Namespace) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{n_params:,} parameters; {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} captions per update")
 
+    # Word dropout never removes the end-of-text marker: it tells the model where the caption stops.
+    keep_ids = tuple(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None)
+
     def to_tokens(batch):
-        """-> input_ids (B, L), image_ids (B, N) on the device, with caption dropout."""
+        """-> input_ids (B, L), image_ids (B, N) on the device, with word and caption dropout."""
         if isinstance(batch, dict):
             with torch.no_grad():
                 image_ids = vae.get_codebook_indices(batch["pixel_values"].to(accelerator.device)).flatten(1)
@@ -227,6 +262,8 @@ def main(args: argparse.Namespace) -> dict:
         else:
             input_ids, image_ids = batch
         input_ids = input_ids.to(accelerator.device).clone()
+        if args.word_dropout > 0:
+            input_ids = apply_word_dropout(input_ids, args.word_dropout, tokenizer.pad_token_id, keep_ids)
         drop = torch.rand(input_ids.shape[0], device=input_ids.device) < args.caption_dropout
         input_ids[drop] = tokenizer.pad_token_id
         return input_ids, image_ids.to(accelerator.device)
@@ -295,7 +332,7 @@ def main(args: argparse.Namespace) -> dict:
             results = {"final image loss": history[-1]["image_loss"], "final text loss": history[-1]["text_loss"], **results}
         hyperparameters = {k: getattr(args, k) for k in (
             "n_layer", "n_head", "n_embd", "text_seq_len", "train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_warmup_steps", "weight_decay", "caption_dropout", "mixed_precision")}
+            "learning_rate", "lr_warmup_steps", "weight_decay", "caption_dropout", "word_dropout", "mixed_precision")}
         hyperparameters.update({"parameters": f"{n_params:,}", "captions seen": images_seen})
         if args.dataset == "shapes":
             hyperparameters["task weights"] = ", ".join(f"{t}={w:g}" for t, w in args.task_weights.items())

@@ -110,3 +110,45 @@ def test_start_from_pretrained_transformer(tiny_vae_dir, tmp_path):
     assert second["history"][0]["image_loss"] < fresh["history"][0]["image_loss"]
     with pytest.raises(ValueError, match="different config"):
         main(tiny_args(tiny_vae_dir, tmp_path / "bad", "--transformer_name_or_path", str(first), "--n_embd", "64"))
+
+
+def test_word_dropout_replaces_words_only():
+    from dalle_hf.train_dalle import apply_word_dropout
+
+    pad, eos = 0, 1
+    ids = torch.tensor([[67, 318, 281, eos, pad, pad]] * 2000)  # "a purple triangle" <eos>, padded
+    assert torch.equal(apply_word_dropout(ids, 0.0, pad, (eos,)), ids)
+    dropped = apply_word_dropout(ids, 0.3, pad, (eos,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids[0], torch.tensor([67, 318, 281, eos, pad, pad]))  # the input is not modified
+    assert (dropped[:, 3] == eos).all() and (dropped[:, 4:] == pad).all()  # end-of-text and padding stay
+    words = dropped[:, :3]
+    assert ((words == ids[:, :3]) | (words == pad)).all()  # a word is kept or becomes padding, nothing else
+    rate = (words == pad).float().mean().item()
+    assert 0.27 < rate < 0.33, rate  # each word independently, p = 0.3
+    both = ((words[:, 1] == pad) & (words[:, 2] == pad)).float().mean().item()
+    assert 0.06 < both < 0.12, both  # independent drops: 0.3 * 0.3
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        apply_word_dropout(ids, 1.0, pad)
+
+
+def test_word_dropout_flag(tiny_vae_dir, tmp_path, monkeypatch):
+    import dalle_hf.train_dalle as train_dalle
+
+    with pytest.raises(ValueError, match="word_dropout"):
+        tiny_args(tiny_vae_dir, tmp_path, "--word_dropout", "1.0")
+    calls = []
+
+    def spy(input_ids, p, pad_token_id, keep_token_ids=(), generator=None):
+        calls.append((p, keep_token_ids))
+        return apply(input_ids, p, pad_token_id, keep_token_ids, generator)
+
+    apply = train_dalle.apply_word_dropout
+    monkeypatch.setattr(train_dalle, "apply_word_dropout", spy)
+    out = tmp_path / "run"
+    result = main(tiny_args(tiny_vae_dir, out, "--word_dropout", "0.2", "--max_train_steps", "2"))
+    assert len(result["history"]) == 2
+    assert len(calls) == 2 and all(p == 0.2 and 1 in keep for p, keep in calls)  # every batch; <eos> (id 1) kept
+    calls.clear()
+    main(tiny_args(tiny_vae_dir, tmp_path / "off", "--max_train_steps", "1"))
+    assert calls == []  # off by default
+    assert "| word_dropout | 0.2 |" in (out / "README.md").read_text()  # recorded in the card
