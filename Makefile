@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install browser test app bench
+.PHONY: install browser test lint app bench
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -13,6 +13,9 @@ browser:  # Debian's Chromium for the browser test (Playwright drives it; never 
 
 test: install browser
 	$(PYTHON) -m pytest -q
+
+lint:  # pycodestyle + pyflakes via ruff (settings in pyproject.toml); tests/test_code_quality.py runs it too
+	ruff check .
 
 app: install
 	$(PYTHON) app.py

@@ -56,7 +56,8 @@ def save_random_pipeline(path, size: str = "shapes", seed: int = 0) -> Path:
         text_vocab_size=len(tokenizer), text_seq_len=s["text_seq_len"], image_vocab_size=s["image_vocab"],
         image_grid_size=s["grid"], n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"])).eval()
     vae = DalleVAE(DalleVAEConfig(image_size=s["image_size"], num_groups=s["num_groups"], n_hid=s["n_hid"],
-                                  n_init=s["n_init"], n_blk_per_group=s["n_blk_per_group"], vocab_size=s["image_vocab"])).eval()
+                                  n_init=s["n_init"], n_blk_per_group=s["n_blk_per_group"],
+                                  vocab_size=s["image_vocab"])).eval()
     assert vae.config.grid_size == s["grid"]
     clip = CLIPModel(make_clip_config(len(tokenizer), text_seq_len=s["text_seq_len"], **s["clip"])).eval()
     pipe = DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip,
@@ -107,7 +108,9 @@ def time_request(client, prompt: str, candidates: int, keep: int, seed: int) -> 
     job = client.submit(None, prompt, candidates, keep, 1.0, 0, 1.0, 1.0, seed, False, api_name="/generate")
     first_preview = None
     while not job.done():
-        if first_preview is None and any(gallery and gallery[0]["caption"] == "sampling…" for gallery, *_ in job.outputs()):
+        if first_preview is None and any(
+            gallery and gallery[0]["caption"] == "sampling…" for gallery, *_ in job.outputs()
+        ):
             first_preview = time.perf_counter() - start
         time.sleep(0.01)
     result = job.result()
@@ -120,7 +123,9 @@ def time_request(client, prompt: str, candidates: int, keep: int, seed: int) -> 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(SHAPES_CHECKPOINT))
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)), help="torch threads in the app.")
+    parser.add_argument(
+        "--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)), help="torch threads in the app."
+    )
     parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--keep", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
@@ -142,7 +147,9 @@ def main():
         try:
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             time_request(client, args.prompt, args.candidates, args.keep, seed=0)  # warm-up
-            runs = [time_request(client, args.prompt, args.candidates, args.keep, seed=i + 1) for i in range(args.repeats)]
+            runs = [
+                time_request(client, args.prompt, args.candidates, args.keep, seed=i + 1) for i in range(args.repeats)
+            ]
         finally:
             stop_app(proc)
     totals = [t for t, _, _ in runs]

@@ -36,7 +36,9 @@ import time
 import torch
 
 PRECISIONS = ("fp32", "bf16", "int8-dynamic", "bnb-int8")
-SHIPPED = dict(text_vocab_size=512, text_seq_len=16, image_vocab_size=512, image_grid_size=16, n_layer=6, n_head=4, n_embd=256)
+SHIPPED = dict(
+    text_vocab_size=512, text_seq_len=16, image_vocab_size=512, image_grid_size=16, n_layer=6, n_head=4, n_embd=256
+)
 LARGE = dict(SHIPPED, n_layer=24, n_head=16, n_embd=1024)
 VAE = dict(image_size=64, num_groups=3, n_hid=32, n_blk_per_group=2, vocab_size=512)  # the shipped dVAE's size
 PROMPT = "a red circle left of a blue square"
@@ -164,7 +166,12 @@ def worker(args) -> dict:
 
     grid = None
     if pipe is not None and B == 16:
-        grid = timed(lambda: pipe(PROMPT, num_images_per_prompt=16, num_images_to_keep=4, generator=torch.Generator().manual_seed(0)), args.repeats)
+        grid = timed(
+            lambda: pipe(
+                PROMPT, num_images_per_prompt=16, num_images_to_keep=4, generator=torch.Generator().manual_seed(0)
+            ),
+            args.repeats,
+        )
     return {
         "config": args.config, "precision": args.precision, "batch": B, "image_tokens": N,
         "layers": config.n_layer, "width": config.n_embd, "threads": torch.get_num_threads(),
@@ -215,15 +222,25 @@ def print_table(rows: list[dict]) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pipeline", default="checkpoints/dalle-shapes", help="the shipped checkpoint (random model of its size if missing)")
+    parser.add_argument(
+        "--pipeline",
+        default="checkpoints/dalle-shapes",
+        help="the shipped checkpoint (random model of its size if missing)",
+    )
     parser.add_argument("--configs", default="shipped,large")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="decode steps timed per repeat, around the middle position")
-    parser.add_argument("--scaling", action="store_true", help="cost vs image tokens: the shipped size at 8x8, 16x16, 32x32")
-    parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "dalle_hf_bench_generate"), help="random checkpoints")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="decode steps timed per repeat, around the middle position"
+    )
+    parser.add_argument(
+        "--scaling", action="store_true", help="cost vs image tokens: the shipped size at 8x8, 16x16, 32x32"
+    )
+    parser.add_argument(
+        "--folder", default=os.path.join(tempfile.gettempdir(), "dalle_hf_bench_generate"), help="random checkpoints"
+    )
     parser.add_argument("--out", default=None, help="write the raw results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -241,7 +258,11 @@ def main():
         configs, precisions = ["grid8", "grid16", "grid32"], args.precisions.split(",")
         batches = [int(b) for b in args.batches.split(",")]
     else:
-        configs, precisions, batches = args.configs.split(","), args.precisions.split(","), [int(b) for b in args.batches.split(",")]
+        configs, precisions, batches = (
+            args.configs.split(","),
+            args.precisions.split(","),
+            [int(b) for b in args.batches.split(",")],
+        )
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     shipped = args.pipeline or f"random model of the shipped size ({args.pipeline or 'checkpoint missing'})"
     print(f"threads={args.threads} repeats={args.repeats} steps={args.steps} load average at start: {load_avg}; "
@@ -269,7 +290,9 @@ def main():
     print_table(rows)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"peaks": peaks, "threads": args.threads, "load_average": load_avg, "results": results}, f, indent=1)
+            json.dump(
+                {"peaks": peaks, "threads": args.threads, "load_average": load_avg, "results": results}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def main():
 
     torch.manual_seed(0)
     config = DalleConfig(text_vocab_size=512, text_seq_len=args.text_seq_len, image_vocab_size=512,
-                         image_grid_size=args.grid, n_layer=args.layers, n_head=max(1, args.width // 64), n_embd=args.width)
+                         image_grid_size=args.grid, n_layer=args.layers, n_head=max(1, args.width // 64),
+                         n_embd=args.width)
     model = DalleForImageGeneration(config).eval()
     text = torch.randint(3, 512, (args.batch, args.text_seq_len))
     n_tokens = args.batch * config.image_seq_len

@@ -50,7 +50,10 @@ def main():
         if args.checkpoint and (Path(args.checkpoint) / "model_index.json").is_file():
             checkpoint, what = Path(args.checkpoint), f"checkpoint {args.checkpoint}"
         else:
-            checkpoint, what = save_random_pipeline(Path(tmp) / "random", args.size), f"random weights, {args.size} size"
+            checkpoint, what = (
+                save_random_pipeline(Path(tmp) / "random", args.size),
+                f"random weights, {args.size} size",
+            )
         port = free_port()
         queue_size = args.clients * 2
         log = open(Path(tmp) / "app.log", "w")
@@ -87,11 +90,12 @@ def main():
                     begin = time.perf_counter()
                     try:
                         if r % 2:
-                            out = client.predict(None, handle_file(reference), "", 1, args.candidates, args.keep, 1.0, 0,
-                                                 1.0, 1.0, index * 100 + r, False, api_name="/variations")
+                            out = client.predict(None, handle_file(reference), "", 1, args.candidates, args.keep,
+                                                 1.0, 0, 1.0, 1.0, index * 100 + r, False, api_name="/variations")
                         else:
-                            out = client.predict(None, "a blue square and a yellow triangle", args.candidates, args.keep,
-                                                 1.0, 0, 1.0, 1.0, index * 100 + r, False, api_name="/generate")
+                            out = client.predict(None, "a blue square and a yellow triangle", args.candidates,
+                                                 args.keep, 1.0, 0, 1.0, 1.0, index * 100 + r, False,
+                                                 api_name="/generate")
                         assert len(out[0]) == args.keep, out
                         with lock:
                             latencies.append(time.perf_counter() - begin)
@@ -120,10 +124,12 @@ def main():
             server_log = (Path(tmp) / "app.log").read_text()
 
     total = args.clients * args.requests * args.rounds
-    print(f"load test: {args.rounds} x {args.clients} clients x {args.requests} requests ({args.candidates} candidates -> {args.keep}, "
+    print(f"load test: {args.rounds} x {args.clients} clients x {args.requests} requests "
+          f"({args.candidates} candidates -> {args.keep}, "
           f"text and variations), {what}, app --concurrency {args.concurrency} --max-queue {queue_size}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"  succeeded {len(latencies)}/{total} in {wall:.1f} s; latency median {statistics.median(latencies or [0]):.2f} s, "
+    print(f"  succeeded {len(latencies)}/{total} in {wall:.1f} s; "
+          f"latency median {statistics.median(latencies or [0]):.2f} s, "
           f"max {max(latencies or [0]):.2f} s")
     growth = (end_rss - start_rss) / start_rss
     rounds = ", ".join(f"{r:.0f}" for r in after_rounds)

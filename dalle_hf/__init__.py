@@ -31,10 +31,23 @@ _LAZY = {
     "make_clip_processor": "clip",
 }
 
-__all__ = sorted(
-    list(_LAZY)
-    + ["DalleConfig", "DalleVAEConfig", "DalleForImageGeneration", "DalleKVCache", "DalleOutput", "DalleVAE", "DalleVAEOutput"]
-) + ["__version__"]
+# Written out (not built from _LAZY) so linters see the re-exports above; a test checks it against _LAZY.
+__all__ = [
+    "DalleConfig",
+    "DalleForImageGeneration",
+    "DalleImageVariationPipeline",
+    "DalleKVCache",
+    "DalleOutput",
+    "DallePipeline",
+    "DallePipelineOutput",
+    "DalleVAE",
+    "DalleVAEConfig",
+    "DalleVAEOutput",
+    "make_clip_config",
+    "make_clip_processor",
+    "train_text_tokenizer",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -27,7 +27,10 @@ def load_pipeline(path: str, dtype: str = "float32", quantization: str = "none")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if quantization == "int8-dynamic" and dtype != "float32":
         raise ValueError("--quantization int8-dynamic quantizes a float32 model: use --dtype float32")
-    config = {"bnb-int8": lambda: bnb_quantization_config(8), "bnb-nf4": lambda: bnb_quantization_config(4)}.get(quantization)
+    config = {
+        "bnb-int8": lambda: bnb_quantization_config(8),
+        "bnb-nf4": lambda: bnb_quantization_config(4),
+    }.get(quantization)
     pipe = DallePipeline.from_pretrained(path, dtype=torch_dtype, quantization_config=config() if config else None)
     return quantize_dynamic_int8(pipe) if quantization == "int8-dynamic" else pipe
 
@@ -133,12 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top_k", type=int, default=None)
     gen.add_argument("--top_p", type=float, default=None)
-    gen.add_argument("--guidance_scale", type=float, default=None, help="default: the checkpoint's default_guidance_scale")
+    gen.add_argument(
+        "--guidance_scale", type=float, default=None, help="default: the checkpoint's default_guidance_scale"
+    )
     gen.add_argument("--negative_prompt", default=None, help="what guidance steers away from, e.g. 'a square' for "
                      "'a cyan square' (needs guidance > 1)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
-    gen.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")
+    gen.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul"
+    )
+    gen.add_argument(
+        "--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory"
+    )
     gen.add_argument("--out", default="outputs", help="folder for the PNGs")
     gen.set_defaults(func=cmd_generate)
 
@@ -161,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--temperature", type=float, default=None, help="default: the pipeline's")
     shapes.add_argument("--top-k", dest="top_k", type=int, default=None, help="default: the pipeline's")
     shapes.add_argument("--top-p", dest="top_p", type=float, default=None, help="default: the pipeline's")
-    shapes.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=None, help="default: the pipeline's")
-    shapes.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul")
-    shapes.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory")
+    shapes.add_argument(
+        "--guidance-scale", dest="guidance_scale", type=float, default=None, help="default: the pipeline's"
+    )
+    shapes.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul"
+    )
+    shapes.add_argument(
+        "--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory"
+    )
     shapes.add_argument("--out", required=True, help="folder for report.json and the sample sheets")
     shapes.set_defaults(func=cmd_eval_shapes)
     vae = ev.add_parser("vae", help="dVAE fidelity: reconstructions that still pass the ShapesEval checker")

@@ -92,13 +92,17 @@ class DalleConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation: raises `ValueError` naming the field and what was expected."""
-        for name in ("text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size", "n_layer", "n_head", "n_embd"):
+        for name in (
+            "text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size", "n_layer", "n_head", "n_embd"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.pad_token_id is None or not 0 <= self.pad_token_id < self.text_vocab_size:
-            raise ValueError(f"pad_token_id must be a text token id in [0, {self.text_vocab_size}), got {self.pad_token_id}")
+            raise ValueError(
+                f"pad_token_id must be a text token id in [0, {self.text_vocab_size}), got {self.pad_token_id}"
+            )
         if len(self.attention_types) != self.n_layer:
             raise ValueError(
                 f"attention_types must list one layout per layer ({self.n_layer}), got {len(self.attention_types)}"

@@ -66,7 +66,8 @@ class DalleVAEConfig(PreTrainedConfig):
     logit_laplace_eps: float = 0.1  # paper appendix A.3: eps = 0.1
     kl_weight: float = 6.6  # paper appendix A.2: beta = 6.6 gave better codebook usage and reconstruction
     code_usage_weight: float = 0.1  # not in the paper; without it only ~16 codes stayed in use on CPU-sized runs
-    initializer_factor: float = 1.0  # OpenAI's init (std 1/sqrt(fan_in)) as is; PyTorch's default left the encoder blank
+    # OpenAI's init (std 1/sqrt(fan_in)) as is; PyTorch's default left the encoder blank
+    initializer_factor: float = 1.0
 
     @property
     def downsampling(self) -> int:
@@ -92,7 +93,10 @@ class DalleVAEConfig(PreTrainedConfig):
         if self.decoder_n_hid is not None and self.decoder_n_hid < 1:
             raise ValueError(f"`decoder_n_hid` must be a positive integer or None, got {self.decoder_n_hid}.")
         if self.num_groups > 4:
-            raise ValueError(f"`num_groups` must be between 1 and 4 (OpenAI's channel multipliers 1, 2, 4, 8), got {self.num_groups}.")
+            raise ValueError(
+                "`num_groups` must be between 1 and 4 (OpenAI's channel multipliers 1, 2, 4, 8), "
+                f"got {self.num_groups}."
+            )
         if self.image_size % self.downsampling != 0:
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by the downsampling 2 ** (num_groups - 1) = "

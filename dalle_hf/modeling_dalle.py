@@ -59,7 +59,8 @@ class DalleKVCache:
         self.keys, self.values = self._views(capacity)
 
     def _views(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffers laid out for `capacity` positions: keys (L, B, nh, hs, capacity), values (L, B, nh, capacity, hs)."""
+        """The buffers laid out for `capacity` positions: keys (L, B, nh, hs, capacity),
+        values (L, B, nh, capacity, hs)."""
         L, B, nh, hs = self._dims
         numel = L * B * nh * hs * capacity
         keys = self._key_buffer[:numel].view(L, B, nh, hs, capacity)
@@ -271,7 +272,9 @@ class DallePreTrainedModel(PreTrainedModel):
         # GPT-2's scaled init of the two residual projections per block: std / sqrt(2 * n_layer).
         # Checked on the Linear itself: modules are initialized parent-first, so a parent's init would be undone.
         if isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
+            init.normal_(
+                module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            )
         if isinstance(module, DalleForImageGeneration):
             init.normal_(module.bos_embedding, mean=0.0, std=self.config.initializer_range)
 
@@ -342,7 +345,9 @@ class DalleForImageGeneration(DallePreTrainedModel):
         config = self.config
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.shape[1] != config.text_seq_len:
-                raise ValueError(f"input_ids must be (batch, text_seq_len={config.text_seq_len}), got {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"input_ids must be (batch, text_seq_len={config.text_seq_len}), got {tuple(input_ids.shape)}"
+                )
             if past_key_values is not None and past_key_values.length > 0:
                 raise ValueError("input_ids (text) can only be given at the start, with an empty cache")
             if input_ids.min() < 0 or input_ids.max() >= config.text_vocab_size:
@@ -407,7 +412,12 @@ class DalleForImageGeneration(DallePreTrainedModel):
             batch = (input_ids if input_ids is not None else image_ids).shape[0]
             past_key_values = DalleKVCache(self.config, batch, device=self.bos_embedding.device, dtype=self.cache_dtype)
         start = past_key_values.length if past_key_values is not None else 0
-        if start + (0 if input_ids is None else 1 + input_ids.shape[1]) + (0 if image_ids is None else image_ids.shape[1]) > self.config.total_seq_len:
+        if (
+            start
+            + (0 if input_ids is None else 1 + input_ids.shape[1])
+            + (0 if image_ids is None else image_ids.shape[1])
+            > self.config.total_seq_len
+        ):
             raise ValueError(f"the sequence is longer than config.total_seq_len={self.config.total_seq_len}")
 
         x, positions = self.embed(input_ids, image_ids, start)  # (B, T, C), (T,)
@@ -472,7 +482,9 @@ class DalleForImageGeneration(DallePreTrainedModel):
         """Logits mask (paper; DALLE-pytorch's `logits_mask`): position `j` predicts token `j + 1`, so positions
         before the last text token score only text (and padding) tokens, the rest only image codes."""
         predicts_text = (positions < self.config.text_seq_len)[:, None]  # (T, 1)
-        is_text_token = (torch.arange(self.vocab_size, device=logits.device) < self.image_token_offset)[None, :]  # (1, V)
+        is_text_token = (
+            torch.arange(self.vocab_size, device=logits.device) < self.image_token_offset
+        )[None, :]  # (1, V)
         allowed = predicts_text == is_text_token  # (T, V)
         return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
 

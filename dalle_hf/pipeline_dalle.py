@@ -24,7 +24,8 @@ class DallePipelineOutput(BaseOutput):
     """Output of [`DallePipeline`] and [`DalleImageVariationPipeline`].
 
     Args:
-        images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(n, H, W, 3)` or `torch.Tensor` of shape `(n, 3, H, W)`):
+        images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(n, H, W, 3)` or `torch.Tensor` of shape
+            `(n, 3, H, W)`):
             `len(prompts) * num_images_to_keep` images grouped by prompt, best first when CLIP ranks them.
         clip_scores (`torch.FloatTensor` of shape `(len(prompts), num_images_to_keep)`, *optional*):
             CLIP similarity (cosine x logit scale) of each kept image; `None` without a CLIP model.
@@ -95,16 +96,27 @@ class DallePipeline(DiffusionPipeline):
     # Steps shared with DalleImageVariationPipeline
     # ----------------------------------------------------------------------------------------------------------
     def check_sampling_inputs(
-        self, num_images_per_prompt, num_images_to_keep, temperature, top_k, top_p, guidance_scale, output_type, generator
+        self,
+        num_images_per_prompt,
+        num_images_to_keep,
+        temperature,
+        top_k,
+        top_p,
+        guidance_scale,
+        output_type,
+        generator,
     ) -> int:
         """Validate the sampling settings; returns `num_images_to_keep` resolved."""
         if not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_IMAGES_PER_PROMPT:
-            raise ValueError(f"num_images_per_prompt must be an int in [1, {MAX_IMAGES_PER_PROMPT}], got {num_images_per_prompt!r}")
+            raise ValueError(
+                f"num_images_per_prompt must be an int in [1, {MAX_IMAGES_PER_PROMPT}], got {num_images_per_prompt!r}"
+            )
         if num_images_to_keep is None:
             num_images_to_keep = num_images_per_prompt
         if not isinstance(num_images_to_keep, int) or not 1 <= num_images_to_keep <= num_images_per_prompt:
             raise ValueError(
-                f"num_images_to_keep must be an int in [1, num_images_per_prompt={num_images_per_prompt}], got {num_images_to_keep!r}"
+                f"num_images_to_keep must be an int in [1, num_images_per_prompt={num_images_per_prompt}], "
+                f"got {num_images_to_keep!r}"
             )
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
@@ -131,7 +143,9 @@ class DallePipeline(DiffusionPipeline):
         for p in prompts:
             if self.prompt_token_count(p) > L:
                 logger.warning(f"The prompt {p!r} is longer than the model's {L} text tokens and was truncated.")
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=L, return_tensors="pt")["input_ids"]
+        ids = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=L, return_tensors="pt"
+        )["input_ids"]
         empty = torch.tensor([not p.strip() for p in prompts])
         ids[empty] = self.transformer.config.pad_token_id
         return ids.to(self._execution_device)
@@ -139,7 +153,9 @@ class DallePipeline(DiffusionPipeline):
     def unconditional_ids(self, batch_size: int) -> torch.LongTensor:
         """All-padding text (B, L): the guidance branch, trained by caption dropout."""
         L = self.transformer.config.text_seq_len
-        return torch.full((batch_size, L), self.transformer.config.pad_token_id, dtype=torch.long, device=self._execution_device)
+        return torch.full(
+            (batch_size, L), self.transformer.config.pad_token_id, dtype=torch.long, device=self._execution_device
+        )
 
     @torch.no_grad()
     def sample_image_tokens(
@@ -224,7 +240,8 @@ class DallePipeline(DiffusionPipeline):
         return images[idx.to(images.device)], tokens[idx.to(tokens.device)], top.values
 
     def postprocess(self, images: torch.Tensor, output_type: str):
-        """(B, 3, H, W) float in [0, 1] -> PIL list, uint8-range float np array (B, H, W, 3) in [0, 1], or the tensor."""
+        """(B, 3, H, W) float in [0, 1] -> PIL list, uint8-range float np array (B, H, W, 3) in [0, 1], or the
+        tensor."""
         if output_type == "pt":
             return images.cpu()
         array = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
@@ -237,7 +254,9 @@ class DallePipeline(DiffusionPipeline):
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-            raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}: {prompt!r}")
+            raise ValueError(
+                f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}: {prompt!r}"
+            )
         return prompt
 
     def check_negative_prompt(self, negative_prompt, num_prompts: int) -> list[str] | None:
@@ -342,7 +361,9 @@ class DallePipeline(DiffusionPipeline):
 
         # 5. Rerank with CLIP and keep the best
         scores_fn = self.clip_text_scorer(prompts, num_images_per_prompt)
-        images, tokens, scores = self.rank_and_keep(images, tokens, scores_fn, len(prompts), num_images_per_prompt, keep)
+        images, tokens, scores = self.rank_and_keep(
+            images, tokens, scores_fn, len(prompts), num_images_per_prompt, keep
+        )
 
         # 6. Postprocess
         g = self.transformer.config.image_grid_size

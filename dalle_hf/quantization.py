@@ -2,7 +2,7 @@
 
 | option | how | where it pays |
 |---|---|---|
-| bf16 | `DallePipeline.from_pretrained(path, dtype=torch.bfloat16)` | CPUs with native bf16 matmul (AVX-512 BF16/AMX), GPUs |
+| bf16 | `DallePipeline.from_pretrained(path, dtype=torch.bfloat16)` | CPUs with bf16 matmul (AVX-512 BF16, AMX), GPUs |
 | int8, dynamic | `quantize_dynamic_int8(pipe)` after loading (torch.ao, fbgemm/x86 kernels) | CPU speed |
 | int8, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(8))` | GPU memory (LLM.int8) |
 | nf4, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(4))` | GPU memory |
@@ -106,7 +106,9 @@ def bnb_quantization_config(bits: int = 8, compute_dtype: torch.dtype | None = N
     else:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     kwargs["llm_int8_skip_modules"] = list(INT8_SKIP_MODULES)
-    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=list(components))
+    return PipelineQuantizationConfig(
+        quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=list(components)
+    )
 
 
 def unpack_bnb_4bit_cpu_weights(module: nn.Module, *args, **kwargs) -> None:

@@ -172,12 +172,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset == "imagefolder" and args.num_hard_negatives > 0:
         raise ValueError("--num_hard_negatives needs --dataset shapes (an imagefolder has no scenes to corrupt).")
     if args.pretrained_model_name_or_path is not None and args.tokenizer_name_or_path is None:
-        raise ValueError("--pretrained_model_name_or_path needs --tokenizer_name_or_path (the tokenizer it was trained with).")
+        raise ValueError(
+            "--pretrained_model_name_or_path needs --tokenizer_name_or_path (the tokenizer it was trained with)."
+        )
     args.task_weights = parse_task_weights(args.task_weights, TASK_WEIGHTS)
     if not 0.0 <= args.vae_roundtrip_prob <= 1.0:
         raise ValueError(f"--vae_roundtrip_prob must be in [0, 1], got {args.vae_roundtrip_prob}.")
     if args.vae_roundtrip_prob > 0 and args.vae_name_or_path is None:
-        raise ValueError("--vae_roundtrip_prob > 0 needs --vae_name_or_path (the dVAE whose reconstructions to train on).")
+        raise ValueError(
+            "--vae_roundtrip_prob > 0 needs --vae_name_or_path (the dVAE whose reconstructions to train on)."
+        )
     if args.candidate_bank_weight < 0 or args.candidate_prompts_per_step < 1:
         raise ValueError("--candidate_bank_weight must be >= 0 and --candidate_prompts_per_step >= 1, got "
                          f"{args.candidate_bank_weight} and {args.candidate_prompts_per_step}.")
@@ -556,8 +560,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.pretrained_model_name_or_path is not None:
         model = load_pretrained_clip(args.pretrained_model_name_or_path)
         if model.config.text_config.vocab_size != len(tokenizer):
-            raise ValueError(f"{args.pretrained_model_name_or_path} has a text vocabulary of "
-                             f"{model.config.text_config.vocab_size}, the tokenizer {len(tokenizer)}: pass its tokenizer.")  # fmt: skip
+            raise ValueError(
+                f"{args.pretrained_model_name_or_path} has a text vocabulary of "
+                f"{model.config.text_config.vocab_size}, the tokenizer {len(tokenizer)}: pass its tokenizer."
+            )
     else:
         model = CLIPModel(make_clip_config(
             text_vocab_size=len(tokenizer),

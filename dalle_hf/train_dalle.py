@@ -81,16 +81,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the DALL-E transformer.")
     add_common_args(parser)
     add_dataset_args(parser)
-    parser.add_argument("--vae_name_or_path", required=True, help="A trained DalleVAE (folder, vae/ of a pipeline, hub id).")
+    parser.add_argument(
+        "--vae_name_or_path", required=True, help="A trained DalleVAE (folder, vae/ of a pipeline, hub id)."
+    )
     parser.add_argument(
         "--tokenizer_name_or_path", default=None, help="A saved tokenizer; default: train a BPE on the shapes captions."
     )
-    parser.add_argument("--clip_name_or_path", default=None, help="A folder with clip_model/ and clip_processor/ to ship.")
+    parser.add_argument(
+        "--clip_name_or_path", default=None, help="A folder with clip_model/ and clip_processor/ to ship."
+    )
     parser.add_argument(
         "--transformer_name_or_path",
         default=None,
-        help="Start from these transformer weights (a pipeline folder or transformer/ folder) instead of a random init; "
-        "the model flags must match its config.",
+        help="Start from these transformer weights (a pipeline folder or transformer/ folder) instead of a random "
+        "init; the model flags must match its config.",
     )
     parser.add_argument("--text_seq_len", type=int, default=16, help="Text tokens per caption (paper: 256).")
     parser.add_argument("--text_vocab_size", type=int, default=512, help="BPE vocabulary when training a tokenizer.")
@@ -99,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n_embd", type=int, default=256)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument(
-        "--attention_types", default=None, help=f"Comma-separated per-layer layouts from {ATTENTION_TYPES}; default full."
+        "--attention_types",
+        default=None,
+        help=f"Comma-separated per-layer layouts from {ATTENTION_TYPES}; default full.",
     )
     parser.add_argument("--caption_dropout", type=float, default=0.1, help="P(caption -> all padding), for guidance.")
     parser.add_argument("--word_dropout", type=float, default=0.0, help="P(one caption token -> padding); 0: off.")
@@ -112,8 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr_warmup_steps", type=int, default=500)
     parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices only (nanoGPT).")
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--validation_steps", type=int, default=1000, help="Sample the validation prompts every N steps.")
-    parser.add_argument("--eval_prompts_per_task", type=int, default=0, help="ShapesEval prompts per task at the end (0: skip).")
+    parser.add_argument(
+        "--validation_steps", type=int, default=1000, help="Sample the validation prompts every N steps."
+    )
+    parser.add_argument(
+        "--eval_prompts_per_task", type=int, default=0, help="ShapesEval prompts per task at the end (0: skip)."
+    )
     args = parser.parse_args(argv)
     check_common_args(args)
     if args.task_weights is not None and args.dataset != "shapes":
@@ -126,7 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.attention_types is not None:
         args.attention_types = args.attention_types.split(",")
         if len(args.attention_types) != args.n_layer:
-            raise ValueError(f"--attention_types needs {args.n_layer} comma-separated layouts, got {len(args.attention_types)}.")
+            raise ValueError(
+                f"--attention_types needs {args.n_layer} comma-separated layouts, got {len(args.attention_types)}."
+            )
     if args.validation_steps < 1:
         raise ValueError("--validation_steps must be at least 1.")
     return args
@@ -154,7 +166,11 @@ def tokenize_dataset(dataset, vae, tokenizer, text_seq_len: int, batch_size: int
         pixels = torch.stack([e["pixel_values"] for e in examples])
         image_ids.append(vae.get_codebook_indices(pixels).flatten(1))
         texts = [e["text"] for e in examples]
-        text_ids.append(tokenizer(texts, padding="max_length", truncation=True, max_length=text_seq_len, return_tensors="pt")["input_ids"])
+        text_ids.append(
+            tokenizer(
+                texts, padding="max_length", truncation=True, max_length=text_seq_len, return_tensors="pt"
+            )["input_ids"]
+        )
     return TensorDataset(torch.cat(text_ids), torch.cat(image_ids))
 
 
@@ -172,7 +188,9 @@ def build_pipeline(tokenizer, transformer, vae, args):
 
         clip_model = CLIPModel.from_pretrained(args.clip_name_or_path, subfolder="clip_model").eval()
         clip_processor = CLIPProcessor.from_pretrained(args.clip_name_or_path, subfolder="clip_processor")
-    pipe = DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model, clip_processor=clip_processor)
+    pipe = DallePipeline(
+        tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model, clip_processor=clip_processor
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -223,19 +241,26 @@ def main(args: argparse.Namespace) -> dict:
         subfolder = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else ""
         model = DalleForImageGeneration.from_pretrained(path, subfolder=subfolder)
         mismatched = {k: (v, getattr(model.config, k)) for k, v in config.to_diff_dict().items()
-                      if k in ("text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size", "n_layer", "n_head", "n_embd")
+                      if k in ("text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size",
+                               "n_layer", "n_head", "n_embd")
                       and getattr(model.config, k) != v}
         if mismatched:
-            raise ValueError(f"--transformer_name_or_path has a different config (flag value, checkpoint value): {mismatched}")
+            raise ValueError(
+                f"--transformer_name_or_path has a different config (flag value, checkpoint value): {mismatched}"
+            )
     else:
         model = DalleForImageGeneration(config)
     optimizer = make_optimizer(model, args)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, 0.1))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, 0.1)
+    )
 
     # 3. Data: a stream is tokenized on the fly, a finite dataset once
     dataset = build_train_dataset(args, image_size=vae.config.image_size, seed=args.seed + first_step)
     if isinstance(dataset, IterableDataset):
-        dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step)
+        dataloader = build_dataloader(
+            dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step
+        )
     else:
         cached = tokenize_dataset(dataset, vae, tokenizer, args.text_seq_len)
         dataloader = DataLoader(cached, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
@@ -248,7 +273,10 @@ def main(args: argparse.Namespace) -> dict:
     clock = WallClock(trainer_state.get("wall_time_seconds", 0.0))
     images_seen = trainer_state.get("images_seen", 0)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"{n_params:,} parameters; {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} captions per update")
+    logger.info(
+        f"{n_params:,} parameters; "
+        f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} captions per update"
+    )
 
     # Word dropout never removes the end-of-text marker: it tells the model where the caption stops.
     keep_ids = tuple(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None)
@@ -258,7 +286,9 @@ def main(args: argparse.Namespace) -> dict:
         if isinstance(batch, dict):
             with torch.no_grad():
                 image_ids = vae.get_codebook_indices(batch["pixel_values"].to(accelerator.device)).flatten(1)
-            input_ids = tokenizer(batch["text"], padding="max_length", truncation=True, max_length=args.text_seq_len, return_tensors="pt")["input_ids"]
+            input_ids = tokenizer(
+                batch["text"], padding="max_length", truncation=True, max_length=args.text_seq_len, return_tensors="pt"
+            )["input_ids"]
         else:
             input_ids, image_ids = batch
         input_ids = input_ids.to(accelerator.device).clone()
@@ -270,7 +300,12 @@ def main(args: argparse.Namespace) -> dict:
 
     # 4. Train
     model.train()
-    progress = tqdm(range(args.max_train_steps), initial=first_step, disable=not accelerator.is_local_main_process, desc="transformer")
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=first_step,
+        disable=not accelerator.is_local_main_process,
+        desc="transformer",
+    )
     running, window_batches = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
     window_start, window_tokens = clock.seconds, 0
     history, step = [], first_step
@@ -298,7 +333,11 @@ def main(args: argparse.Namespace) -> dict:
         if step % args.logging_steps == 0 or step == args.max_train_steps:
             elapsed = clock.seconds - window_start
             log = {k: v / window_batches for k, v in running.items()}
-            log.update(step=step, lr=lr_scheduler.get_last_lr()[0], tokens_per_second=round(window_tokens * accelerator.num_processes / max(elapsed, 1e-9)))
+            log.update(
+                step=step,
+                lr=lr_scheduler.get_last_lr()[0],
+                tokens_per_second=round(window_tokens * accelerator.num_processes / max(elapsed, 1e-9)),
+            )
             history.append(log)
             progress.set_postfix(loss=f"{log['loss']:.4f}", img=f"{log['image_loss']:.3f}")
             logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()))
@@ -329,7 +368,11 @@ def main(args: argparse.Namespace) -> dict:
                                        prompts_per_task=args.eval_prompts_per_task, progress=False)
             results = {"ShapesEval (best-of-1)": report["shapes_eval"], "novel": report["novel"]}
         if history:
-            results = {"final image loss": history[-1]["image_loss"], "final text loss": history[-1]["text_loss"], **results}
+            results = {
+                "final image loss": history[-1]["image_loss"],
+                "final text loss": history[-1]["text_loss"],
+                **results,
+            }
         hyperparameters = {k: getattr(args, k) for k in (
             "n_layer", "n_head", "n_embd", "text_seq_len", "train_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_warmup_steps", "weight_decay", "caption_dropout", "word_dropout", "mixed_precision")}
@@ -338,7 +381,8 @@ def main(args: argparse.Namespace) -> dict:
             hyperparameters["task weights"] = ", ".join(f"{t}={w:g}" for t, w in args.task_weights.items())
         write_model_card(
             os.path.join(args.output_dir, "README.md"),
-            title=f"dalle-hf pipeline ({config.n_layer} layers x {config.n_embd}, {config.image_grid_size}x{config.image_grid_size} image tokens)",
+            title=f"dalle-hf pipeline ({config.n_layer} layers x {config.n_embd}, "
+            f"{config.image_grid_size}x{config.image_grid_size} image tokens)",
             description=(
                 "A DALL-E (Ramesh et al. 2021) pipeline: BPE tokenizer, dVAE, decoder-only transformer"
                 + (" and a CLIP reranker" if args.clip_name_or_path else "")

@@ -57,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=64, help="Side of the square training images.")
     parser.add_argument("--num_groups", type=int, default=3, help="Resolution groups: downsampling 2**(n-1).")
     parser.add_argument(
-        "--n_hid", type=int, default=32, help="Width of the first group (x1, x2, x4, x8); paper 256; 32 runs ~80 img/s on one core."
+        "--n_hid",
+        type=int,
+        default=32,
+        help="Width of the first group (x1, x2, x4, x8); paper 256; 32 runs ~80 img/s on one core.",
     )
     parser.add_argument(
         "--decoder_n_hid", type=int, default=None, help="Decoder width, if not --n_hid (OpenAI's are separate)."
@@ -69,12 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="mse",
         choices=["logit_laplace", "mse"],
-        help="Paper: logit_laplace; in runs of a few thousand steps its learned scale gave up on object colours (grey shapes).",
+        help="Paper: logit_laplace; in runs of a few thousand steps its learned scale gave up on object colours "
+        "(grey shapes).",
     )
     parser.add_argument("--code_usage_weight", type=float, default=0.01, help="Weight of the batch code-usage term.")
     # Objective schedules (paper appendix A.2, expressed as fractions of the run).
     parser.add_argument(
-        "--kl_weight", type=float, default=0.01, help="Final KL weight beta (paper: 6.6 with logit_laplace; MSE is ~100x smaller)."
+        "--kl_weight",
+        type=float,
+        default=0.01,
+        help="Final KL weight beta (paper: 6.6 with logit_laplace; MSE is ~100x smaller).",
     )
     parser.add_argument(
         "--kl_warmup_fraction", type=float, default=0.3, help="beta is cosine-warmed up from 0 over this fraction."
@@ -111,7 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="NHWC memory format (about 2x faster convs on CPU).",
     )
     parser.add_argument(
-        "--eval_n_per_task", type=int, default=100, help="Shapes scenes per task for the final fidelity check (0: skip)."
+        "--eval_n_per_task",
+        type=int,
+        default=100,
+        help="Shapes scenes per task for the final fidelity check (0: skip).",
     )
     args = parser.parse_args(argv)
 
@@ -125,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_n_per_task < 0:
         raise ValueError("--eval_n_per_task must be >= 0.")
     if args.train_decoder_only and args.pretrained_model_name_or_path is None:
-        raise ValueError("--train_decoder_only needs --pretrained_model_name_or_path (the encoder whose codes to keep).")
+        raise ValueError(
+            "--train_decoder_only needs --pretrained_model_name_or_path (the encoder whose codes to keep)."
+        )
     if args.decoder_n_hid is not None and args.decoder_n_hid < 1:
         raise ValueError(f"--decoder_n_hid must be positive, got {args.decoder_n_hid}.")
     return args
@@ -225,7 +237,9 @@ def main(args: argparse.Namespace) -> dict:
     if resume_dir:
         has_ema = os.path.isfile(os.path.join(resume_dir, "custom_checkpoint_0.pkl"))
         if has_ema != args.use_ema:
-            raise ValueError(f"{resume_dir} was saved {'with' if has_ema else 'without'} --use_ema; resume the same way.")
+            raise ValueError(
+                f"{resume_dir} was saved {'with' if has_ema else 'without'} --use_ema; resume the same way."
+            )
         logger.info(f"Resuming from {resume_dir} (step {first_step})")
         accelerator.load_state(resume_dir)
         set_seed(args.seed + first_step)  # new Gumbel noise after a resume
@@ -254,7 +268,9 @@ def main(args: argparse.Namespace) -> dict:
             pixel_values = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W)
             if args.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            outputs = model(pixel_values, temperature=temperature, kl_weight=kl_weight, hard_codes=args.train_decoder_only)
+            outputs = model(
+                pixel_values, temperature=temperature, kl_weight=kl_weight, hard_codes=args.train_decoder_only
+            )
             accelerator.backward(outputs.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -328,8 +344,9 @@ def main(args: argparse.Namespace) -> dict:
             f"{config.vocab_size} codes)",
             description=(
                 "A discrete VAE in the layout of OpenAI's `dall_e` encoder/decoder (Ramesh et al. 2021, §2.1), "
-                f"trained with the Gumbel-softmax relaxation, a {RECONSTRUCTION_LOSS_NAMES[config.reconstruction_loss]} "
-                "reconstruction loss and a KL term to the uniform prior. "
+                "trained with the Gumbel-softmax relaxation, a "
+                f"{RECONSTRUCTION_LOSS_NAMES[config.reconstruction_loss]} reconstruction loss and a KL term to the "
+                "uniform prior. "
                 "Load with `dalle_hf.DalleVAE.from_pretrained(...)`."
             ),
             data=describe_dataset(args),

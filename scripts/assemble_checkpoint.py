@@ -7,8 +7,9 @@ The transformer run (`train_dalle --output_dir`) holds tokenizer/, transformer/,
 run (`train_clip --output_dir`) holds clip_model/ and clip_processor/. Each `--*_run` can repeat for a model trained
 in stages (continued or fine-tuned): the last one is shipped, every stage's card is quoted. The last `--vae_run`
 replaces the transformer run's dVAE only if its encoder is the same (a decoder fine-tuned with
-`train_dvae --train_decoder_only`): the transformer was trained on that encoder's codes. The result is one `DallePipeline` saved with
-`save_pretrained` (safetensors only), plus a README.md that stitches the three model cards together.
+`train_dvae --train_decoder_only`): the transformer was trained on that encoder's codes. The result is one
+`DallePipeline` saved with `save_pretrained` (safetensors only), plus a README.md that stitches the three model cards
+together.
 """
 
 import argparse
@@ -73,8 +74,10 @@ def main():
         if vae.encoder.state_dict().keys() != trained_on.keys() or not all(
             torch.equal(value, trained_on[key]) for key, value in vae.encoder.state_dict().items()
         ):
-            raise ValueError(f"{args.vae_run[-1]}/vae has another encoder than {args.transformer_run[-1]}/vae: the "
-                             "transformer was trained on the codes of its own (fine-tune only the decoder).")  # fmt: skip
+            raise ValueError(
+                f"{args.vae_run[-1]}/vae has another encoder than {args.transformer_run[-1]}/vae: the "
+                "transformer was trained on the codes of its own (fine-tune only the decoder)."
+            )
         pipe.register_modules(vae=vae)
     if args.clip_run:
         pipe.register_modules(
@@ -88,8 +91,8 @@ def main():
     sections = [
         "---\nlibrary_name: diffusers\ntags:\n- dalle-hf\n- text-to-image\n---\n",
         "# dalle-shapes\n",
-        "A DALL-E (Ramesh et al. 2021) pipeline trained from scratch on this repository's procedural shapes world, on a "
-        "2-core CPU. Load it with `DallePipeline.from_pretrained(\"checkpoints/dalle-shapes\")`.\n",
+        "A DALL-E (Ramesh et al. 2021) pipeline trained from scratch on this repository's procedural shapes world, "
+        "on a 2-core CPU. Load it with `DallePipeline.from_pretrained(\"checkpoints/dalle-shapes\")`.\n",
         "Assembled with:\n\n```bash\npython scripts/assemble_checkpoint.py "
         + " ".join(f"--transformer_run {run}" for run in args.transformer_run)
         + "".join(f" --vae_run {run}" for run in args.vae_run)

@@ -69,6 +69,8 @@ def clip(tokenizer):
 def pipe(tokenizer, transformer, vae, clip):
     from dalle_hf.pipeline_dalle import DallePipeline
 
-    pipe = DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip[0], clip_processor=clip[1])
+    pipe = DallePipeline(
+        tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip[0], clip_processor=clip[1]
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -74,7 +74,9 @@ def app_server(tmp_path_factory) -> str:
         checkpoints = tiny_checkpoints(tmp_path_factory)
         port = free_port()
         log = open(checkpoints.parent / "app.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+        env = {
+            **os.environ, "OMP_NUM_THREADS": "1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"
+        }
         proc = subprocess.Popen([sys.executable, "app.py", "--checkpoints", str(checkpoints), "--threads", "1"],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         _SHARED["proc"], _SHARED["log"] = proc, log
@@ -570,7 +572,10 @@ def test_client_bad_input_is_a_message_and_the_app_keeps_serving(client, tmp_pat
 
 
 def test_client_api_is_the_two_tasks(client):
-    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/generate", "/variations"}
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/generate",
+        "/variations",
+    }
 
 
 def test_server_is_local_and_queued(server):

@@ -26,7 +26,8 @@ def pipeline_dir(tmp_path_factory):
     tokenizer = train_text_tokenizer(all_captions(2000, seed=0), vocab_size=300, text_seq_len=16)
     vae = DalleVAE(DalleVAEConfig(image_size=64, num_groups=4, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32))
     transformer = DalleForImageGeneration(DalleConfig(
-        text_vocab_size=len(tokenizer), text_seq_len=16, image_vocab_size=32, image_grid_size=8, n_layer=2, n_head=2, n_embd=32))
+        text_vocab_size=len(tokenizer), text_seq_len=16, image_vocab_size=32, image_grid_size=8, n_layer=2, n_head=2,
+        n_embd=32))
     path = tmp_path_factory.mktemp("pipe")
     DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae).save_pretrained(path)
     return path
@@ -84,7 +85,10 @@ def test_generate_and_eval_vae(pipeline_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "steered").iterdir()) == ["00.png"]
     result = dalle_hf_cli("generate", "a red circle", "--pipeline", str(pipeline_dir), "--guidance_scale", "1",
                           "--negative_prompt", "a circle", "--out", str(tmp_path / "refused"))  # fmt: skip
-    assert result.returncode == 2 and "dalle-hf generate: error: a negative prompt needs guidance_scale > 1" in result.stderr
+    assert (
+        result.returncode == 2
+        and "dalle-hf generate: error: a negative prompt needs guidance_scale > 1" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     result = dalle_hf_cli("eval", "vae", "--pipeline", str(pipeline_dir), "--n-per-task", "2")
     assert result.returncode == 0, result.stderr[-3000:]

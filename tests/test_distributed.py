@@ -1,6 +1,5 @@
 """A 2-process DDP smoke test on CPU: `torchrun --nproc_per_node 2` (gloo) runs the training scripts unchanged."""
 
-import json
 import os
 import socket
 import subprocess
@@ -30,7 +29,9 @@ def torchrun(module: str, *flags: str, cwd) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_train_dalle_ddp_two_processes(tmp_path):
     torch.manual_seed(0)
-    DalleVAE(DalleVAEConfig(image_size=64, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)).save_pretrained(tmp_path / "vae")
+    DalleVAE(
+        DalleVAEConfig(image_size=64, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)
+    ).save_pretrained(tmp_path / "vae")
     out = tmp_path / "run"
     result = torchrun(
         "dalle_hf.train_dalle", "--vae_name_or_path", str(tmp_path / "vae"), "--output_dir", str(out),

@@ -71,8 +71,12 @@ def test_openai_parameter_names():
     # OpenAI: input 7x7, encoder res_path 3,3,3,1; decoder res_path 1,3,3,3; output 1x1 to vocab / 6 stats.
     state = DalleVAE(config).state_dict()
     assert state["encoder.blocks.input.w"].shape == (8, 3, 7, 7)
-    assert [state[f"encoder.blocks.group_2.block_1.res_path.conv_{i}.w"].shape[-1] for i in (1, 2, 3, 4)] == [3, 3, 3, 1]
-    assert [state[f"decoder.blocks.group_2.block_1.res_path.conv_{i}.w"].shape[-1] for i in (1, 2, 3, 4)] == [1, 3, 3, 3]
+    assert [
+        state[f"encoder.blocks.group_2.block_1.res_path.conv_{i}.w"].shape[-1] for i in (1, 2, 3, 4)
+    ] == [3, 3, 3, 1]
+    assert [
+        state[f"decoder.blocks.group_2.block_1.res_path.conv_{i}.w"].shape[-1] for i in (1, 2, 3, 4)
+    ] == [1, 3, 3, 3]
     assert state["encoder.blocks.output.conv.w"].shape == (32, 64, 1, 1)  # 8 * n_hid -> vocab
     assert state["decoder.blocks.input.w"].shape == (8, 32, 1, 1)  # vocab -> n_init
     assert state["decoder.blocks.output.conv.w"].shape == (6, 8, 1, 1)

@@ -154,7 +154,9 @@ def test_save_load_round_trip(tmp_path, transformer):
     transformer.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
     loaded = DalleForImageGeneration.from_pretrained(tmp_path).eval()
-    assert torch.equal(loaded(input_ids=text, image_ids=image).logits, transformer(input_ids=text, image_ids=image).logits)
+    assert torch.equal(
+        loaded(input_ids=text, image_ids=image).logits, transformer(input_ids=text, image_ids=image).logits
+    )
 
 
 def test_auto_classes(tmp_path, transformer):

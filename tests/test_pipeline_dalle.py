@@ -94,7 +94,9 @@ def test_negative_prompt_replaces_the_unconditional_branch(pipe):
     cached = pipe.sample_image_tokens(input_ids, guidance_scale=3.0, generator=gen(5), negative_ids=negative_ids)
     assert torch.equal(cached, reference_sample(pipe, input_ids, gen(5), 3.0, negative_ids))
     seen = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("input_ids")), with_kwargs=True)
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("input_ids")), with_kwargs=True
+    )
     try:
         out = pipe(prompts, num_images_per_prompt=2, guidance_scale=3.0, negative_prompt=negatives, generator=gen(1))
     finally:
@@ -104,14 +106,18 @@ def test_negative_prompt_replaces_the_unconditional_branch(pipe):
     assert out.image_tokens.shape == (4, 4, 4)
     # one str applies to every prompt; the empty one is the unconditional text itself
     one = pipe(prompts, guidance_scale=3.0, negative_prompt="a circle", generator=gen(2)).image_tokens
-    assert torch.equal(one, pipe(prompts, guidance_scale=3.0, negative_prompt=["a circle"] * 2, generator=gen(2)).image_tokens)
+    assert torch.equal(
+        one, pipe(prompts, guidance_scale=3.0, negative_prompt=["a circle"] * 2, generator=gen(2)).image_tokens
+    )
     empty = pipe(prompts, guidance_scale=3.0, negative_prompt="", generator=gen(2)).image_tokens
     assert torch.equal(empty, pipe(prompts, guidance_scale=3.0, generator=gen(2)).image_tokens)
 
 
 def test_guidance_batch_is_unconditional_then_conditional(pipe):
     seen = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("input_ids")), with_kwargs=True)
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("input_ids")), with_kwargs=True
+    )
     try:
         pipe(["a red circle", "a blue square"], guidance_scale=2.0, generator=gen())
     finally:
@@ -181,7 +187,11 @@ def test_documented_defaults_match_the_signature():
 
 def test_callback_streams_tokens(pipe):
     lengths = []
-    pipe("a red circle", generator=gen(), callback_on_step_end=lambda p, i, t, kw: lengths.append(kw["image_tokens"].shape[1]))
+    pipe(
+        "a red circle",
+        generator=gen(),
+        callback_on_step_end=lambda p, i, t, kw: lengths.append(kw["image_tokens"].shape[1]),
+    )
     assert lengths == list(range(1, 17))
 
 
@@ -231,7 +241,9 @@ def test_from_pretrained_hf_cache_offline(pipe, tmp_path):
         "p = DallePipeline.from_pretrained('dalle-hf/tiny-shapes'); p.set_progress_bar_config(disable=True);"
         "print(p('a red circle', generator=torch.Generator().manual_seed(0)).image_tokens.flatten().tolist())"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")
+    }
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = pipe("a red circle", generator=gen(0)).image_tokens.flatten().tolist()

@@ -31,7 +31,9 @@ def saved_pipeline(tmp_path_factory, tokenizer):
 
     torch.manual_seed(0)
     transformer = DalleForImageGeneration(tiny_dalle_config(n_embd=128, n_head=4)).eval()
-    vae = DalleVAE(DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)).eval()
+    vae = DalleVAE(
+        DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)
+    ).eval()
     path = tmp_path_factory.mktemp("pipe")
     DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae).save_pretrained(path)
     return path

@@ -226,7 +226,8 @@ def test_evaluate_pipeline_reranking(tmp_path):
         images_per_prompt=2, candidates=3, prompts_per_task=4, tasks=tasks, progress=False,
     )
     assert unranked["reranked_accuracy"] == {task: 0.0 for task in tasks}  # keeps the first of 3 without CLIP
-    assert unranked["best_of_n_oracle"] == {task: 1.0 for task in tasks}  # a good one was among the 3: the ranker failed
+    # a good one was among the 3: the ranker failed
+    assert unranked["best_of_n_oracle"] == {task: 1.0 for task in tasks}
     assert unranked["reranked_by_clip"] is False
     assert {call for call in unranked_pipe.calls} == {(4, 2, 2), (4, 3, 3)}  # batch 16: 4 prompts x 2, 4 x 3
 

@@ -25,10 +25,14 @@ def test_shipped_pipeline_generates():
     pipe = DallePipeline.from_pretrained(CHECKPOINT)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.default_guidance_scale == 3.0  # chosen on ShapesEval dev candidates for reranking (card)
-    out = pipe("a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0)
+    )
     assert len(out.images) == 1 and out.images[0].size == (64, 64)
     assert out.clip_scores.shape == (1, 1)
     assert out.image_tokens.shape == (1, 16, 16)
     # the same seed gives the same image
-    again = pipe("a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0))
+    again = pipe(
+        "a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out.image_tokens, again.image_tokens)

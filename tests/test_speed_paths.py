@@ -77,7 +77,9 @@ def test_temperature_one_is_the_plain_softmax(pipe):
 
 
 def test_bf16_pipeline_on_cpu(tokenizer, transformer, vae, clip, tmp_path):
-    DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip[0], clip_processor=clip[1]).save_pretrained(tmp_path)
+    DallePipeline(
+        tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip[0], clip_processor=clip[1]
+    ).save_pretrained(tmp_path)
     pipe = DallePipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16

@@ -105,7 +105,9 @@ def test_start_from_pretrained_transformer(tiny_vae_dir, tmp_path):
     tokenizer = str(first / "tokenizer")
     second = main(tiny_args(tiny_vae_dir, tmp_path / "second", "--transformer_name_or_path", str(first),
                             "--tokenizer_name_or_path", tokenizer, "--max_train_steps", "1"))
-    fresh = main(tiny_args(tiny_vae_dir, tmp_path / "fresh", "--tokenizer_name_or_path", tokenizer, "--max_train_steps", "1"))
+    fresh = main(
+        tiny_args(tiny_vae_dir, tmp_path / "fresh", "--tokenizer_name_or_path", tokenizer, "--max_train_steps", "1")
+    )
     # the continued run starts from the trained weights: its first loss is below a fresh model's
     assert second["history"][0]["image_loss"] < fresh["history"][0]["image_loss"]
     with pytest.raises(ValueError, match="different config"):

@@ -104,7 +104,9 @@ class ImageFolderCaptions(Dataset):
                     raise ValueError(f"{metadata_path}:{line_number} must have a string 'text' (the caption).")
                 path = os.path.join(self.root, row["file_name"])
                 if not os.path.isfile(path):
-                    raise ValueError(f"{metadata_path}:{line_number}: image {row['file_name']!r} not found in {self.root!r}.")
+                    raise ValueError(
+                        f"{metadata_path}:{line_number}: image {row['file_name']!r} not found in {self.root!r}."
+                    )
                 records.append((path, row["text"]))
         if not records:
             raise ValueError(f"{metadata_path} lists no images.")
