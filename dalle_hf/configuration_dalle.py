@@ -43,6 +43,13 @@ class DalleConfig(PreTrainedConfig):
             `conv_kernel_size x conv_kernel_size` neighbourhood. Every image token always sees all text tokens.
         conv_kernel_size (`int`, *optional*, defaults to 11):
             Neighbourhood of the `"conv"` layout (paper: 11 x 11); odd.
+        text_self_attention (`bool`, *optional*, defaults to `True`):
+            Whether text tokens attend to earlier text tokens, as in the paper. `False` lets each text token see
+            only BOS and itself, so no text position mixes words: an image token then reads a colour word and a
+            shape word at their own positions and must bind them itself, instead of reading a noun token that
+            has already merged them into one (colour, shape) feature, which cannot represent a pair never seen
+            in training. A compositional-generalization probe for the shapes world's `novel` task; the text
+            loss then only predicts each next word from the current one.
         image_loss_weight (`float`, *optional*, defaults to 7.0):
             The loss is `(text_loss + image_loss_weight * image_loss) / (1 + image_loss_weight)`; the paper weights
             text:image as 1:7 "since we are primarily interested in image modeling".
@@ -78,6 +85,7 @@ class DalleConfig(PreTrainedConfig):
     dropout: float | int = 0.0
     attention_types: list[str] | None = None
     conv_kernel_size: int = 11
+    text_self_attention: bool = True
     image_loss_weight: float | int = 7.0
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02

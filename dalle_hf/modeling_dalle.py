@@ -143,17 +143,20 @@ class DalleOutput(ModelOutput):
 def attention_mask_for_layout(
     attention_type: str, config: DalleConfig, query_positions: torch.Tensor, key_length: int
 ) -> torch.Tensor | None:
-    """Boolean mask (T, S), True where attention is allowed, or `None` for plain full causal attention.
+    """Boolean mask (T, S), True where attention is allowed.
 
     Positions index `[BOS ; text ; image]`. Every layout is causal and lets image tokens see all text tokens
-    (paper §B.1); the sparse ones restrict image-to-image attention.
+    (paper §B.1); the sparse ones restrict image-to-image attention, and `config.text_self_attention=False`
+    text-to-text attention.
     """
     q = query_positions[:, None]  # (T, 1)
     k = torch.arange(key_length, device=query_positions.device)[None, :]  # (1, S)
     causal = k <= q
+    text_end = 1 + config.text_seq_len  # BOS and text occupy positions [0, text_end)
+    if not config.text_self_attention:  # a text token sees BOS and itself only
+        causal = causal & ~((q >= 1) & (q < text_end) & (k >= 1) & (k != q))
     if attention_type == "full":
         return causal
-    text_end = 1 + config.text_seq_len  # BOS and text occupy positions [0, text_end)
     g = config.image_grid_size
     q_img, k_img = (q - text_end).clamp(min=0), (k - text_end).clamp(min=0)
     q_row, q_col, k_row, k_col = q_img // g, q_img % g, k_img // g, k_img % g
@@ -196,7 +199,7 @@ class DalleAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
             S = k.shape[2]
-            if self.attention_type == "full" and S == T:
+            if self.attention_type == "full" and S == T and self.config.text_self_attention:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
             else:
                 mask = attention_mask_for_layout(self.attention_type, self.config, positions, S)  # (T, S)

@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"Comma-separated per-layer layouts from {ATTENTION_TYPES}; default full.",
     )
+    parser.add_argument(
+        "--no_text_self_attention",
+        action="store_true",
+        help="Text tokens see only BOS and themselves (DalleConfig.text_self_attention=False); default: causal text.",
+    )
     parser.add_argument("--caption_dropout", type=float, default=0.1, help="P(caption -> all padding), for guidance.")
     parser.add_argument("--word_dropout", type=float, default=0.0, help="P(one caption token -> padding); 0: off.")
     parser.add_argument(
@@ -235,6 +240,7 @@ def main(args: argparse.Namespace) -> dict:
         n_embd=args.n_embd,
         dropout=args.dropout,
         attention_types=args.attention_types,
+        text_self_attention=not args.no_text_self_attention,
     )
     if args.transformer_name_or_path:
         path = args.transformer_name_or_path
@@ -242,7 +248,7 @@ def main(args: argparse.Namespace) -> dict:
         model = DalleForImageGeneration.from_pretrained(path, subfolder=subfolder)
         mismatched = {k: (v, getattr(model.config, k)) for k, v in config.to_diff_dict().items()
                       if k in ("text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size",
-                               "n_layer", "n_head", "n_embd")
+                               "n_layer", "n_head", "n_embd", "text_self_attention")
                       and getattr(model.config, k) != v}
         if mismatched:
             raise ValueError(

@@ -60,10 +60,19 @@ def test_per_position_padding_tokens(transformer):
     assert torch.equal(before[1], after[1])
 
 
-@pytest.mark.parametrize("attention_types", [None, ["row", "column"], ["conv", "full"]])
-def test_kv_cache_matches_full_recomputation(attention_types):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {},
+        {"attention_types": ["row", "column"]},
+        {"attention_types": ["conv", "full"]},
+        {"text_self_attention": False},
+        {"attention_types": ["conv", "full"], "text_self_attention": False},
+    ],
+)
+def test_kv_cache_matches_full_recomputation(layout):
     torch.manual_seed(0)
-    model = DalleForImageGeneration(tiny_dalle_config(attention_types=attention_types, conv_kernel_size=3)).eval()
+    model = DalleForImageGeneration(tiny_dalle_config(conv_kernel_size=3, **layout)).eval()
     text, image = batch()
     full = model(input_ids=text, image_ids=image).logits  # (B, 25, V)
     out = model(input_ids=text, image_ids=image[:, :3], use_cache=True)  # prefill text + 3 image tokens
@@ -141,6 +150,28 @@ def test_sparse_layouts_restrict_image_attention():
     assert img(row) == [[0] * 4, [0] * 4, [1, 1, 1, 1], [0] * 4]
     assert img(col) == [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1], [0] * 4]
     assert img(conv) == [[0] * 4, [0, 0, 1, 1], [0, 0, 1, 1], [0] * 4]
+
+
+@torch.no_grad()
+def test_text_self_attention_off_isolates_text_tokens():
+    config = tiny_dalle_config(text_self_attention=False)
+    text_end = 1 + config.text_seq_len
+    positions = torch.arange(config.total_seq_len)
+    mask = attention_mask_for_layout("full", config, positions, config.total_seq_len)
+    assert mask[3, :text_end].tolist() == [True, False, False, True] + [False] * (text_end - 4)  # BOS and itself
+    assert mask[text_end + 2, : text_end + 3].all()  # an image token still sees BOS, every word, earlier codes
+    torch.manual_seed(0)
+    isolated = DalleForImageGeneration(config).eval()
+    causal = DalleForImageGeneration(tiny_dalle_config()).eval()
+    causal.load_state_dict(isolated.state_dict())  # same weights: only the mask differs
+    text, image = batch()
+    changed = text.clone()
+    changed[:, 0] = text[:, 0] % 200 + 3  # a different first word
+    for model, text_moves in ((isolated, False), (causal, True)):
+        before, after = model(input_ids=text, image_ids=image).logits, model(input_ids=changed, image_ids=image).logits
+        # position 1 holds the first word; positions 2.. text_end - 1 hold later words and predict the next one
+        assert torch.allclose(before[:, 2:text_end], after[:, 2:text_end]) != text_moves
+        assert not torch.allclose(before[:, text_end:], after[:, text_end:])  # the image reads every word
 
 
 def test_residual_init_is_scaled(transformer):

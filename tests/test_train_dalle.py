@@ -112,6 +112,17 @@ def test_start_from_pretrained_transformer(tiny_vae_dir, tmp_path):
     assert second["history"][0]["image_loss"] < fresh["history"][0]["image_loss"]
     with pytest.raises(ValueError, match="different config"):
         main(tiny_args(tiny_vae_dir, tmp_path / "bad", "--transformer_name_or_path", str(first), "--n_embd", "64"))
+    # a causal-text checkpoint cannot silently become a text-isolated one
+    with pytest.raises(ValueError, match="text_self_attention"):
+        main(tiny_args(tiny_vae_dir, tmp_path / "bad2", "--transformer_name_or_path", str(first),
+                       "--no_text_self_attention"))
+
+
+def test_no_text_self_attention_flag_is_saved(tiny_vae_dir, tmp_path):
+    out = tmp_path / "isolated"
+    main(tiny_args(tiny_vae_dir, out, "--no_text_self_attention", "--max_train_steps", "2"))
+    assert json.loads((out / "transformer" / "config.json").read_text())["text_self_attention"] is False
+    assert DallePipeline.from_pretrained(out).transformer.config.text_self_attention is False
 
 
 def test_word_dropout_replaces_words_only():
