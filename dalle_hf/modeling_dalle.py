@@ -142,7 +142,7 @@ class DalleOutput(ModelOutput):
 
 def attention_mask_for_layout(
     attention_type: str, config: DalleConfig, query_positions: torch.Tensor, key_length: int
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """Boolean mask (T, S), True where attention is allowed.
 
     Positions index `[BOS ; text ; image]`. Every layout is causal and lets image tokens see all text tokens
