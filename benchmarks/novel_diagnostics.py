@@ -2,16 +2,17 @@
 
     # the dVAE and the transformer, on fresh renders of each held-out pair and of the same shape in seen colours
     OMP_NUM_THREADS=2 python benchmarks/novel_diagnostics.py likelihood --pipeline checkpoints/dalle-shapes
-    # CLIP, on the passing candidates of a rerank_bank.py bank (dev prompts): true caption vs its colour swap
+    # CLIP, on the passing candidates of a rerank_bank.py bank (dev prompts): true caption vs its shape swap
     OMP_NUM_THREADS=2 python benchmarks/novel_diagnostics.py binding --pipeline checkpoints/dalle-shapes \
         --bank runs/rerank-bank-novel-g3 --bank runs/rerank-bank-dev-g3
 
 `likelihood` asks two questions of every held-out pair ("a purple triangle") and of the same shape in two seen
 colours ("a red triangle", "a blue triangle"), 64 fresh renders each:
-- are the dVAE codes of the renders ones the transformer was trained on? (the share of object codes that occur
-  fewer than 20 times, or never, in 800 training renders per task);
+- are the dVAE codes of the renders ones the transformer was trained on? (the share of object codes, those of
+  grid cells with any non-white pixel, that occur fewer than 20 times, or never, in 800 training renders per task);
 - how many nats the transformer spends on the renders' codes, teacher-forced, under the true caption and under
-  other captions, and per code from the 17th non-background code on (after the colour is set).
+  other captions, and per object code from the 5th object code on (raster order: the apex or top edge has set
+  the colour by then).
 
 `binding` takes every candidate the checker passes for a two-phrase prompt ("an orange diamond and a green
 circle") and asks whether CLIP scores it higher under its true caption or under the caption with its two shape
@@ -34,7 +35,8 @@ from dalle_hf.clip import clip_text_image_scores
 from dalle_hf.data.shapes import HELD_OUT_PAIRS, TASKS, render_scene, sample_example, scene_from_caption
 
 SEEN_COLOURS = ("red", "blue")  # every shape is drawn in these in training
-TAIL_FROM = 16  # codes after the first 16 non-background ones: the object's colour is set by then
+TAIL_FROM = 4  # object codes after the first 4 in raster order: the object's colour is drawn by then
+WHITE = 240  # a grid cell with any channel of any pixel below this shows part of an object
 
 
 def _article(word: str) -> str:
@@ -43,7 +45,14 @@ def _article(word: str) -> str:
 
 def _codes(vae, images) -> torch.LongTensor:
     pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
-    return vae.get_codebook_indices(pixels.float().div(255.0)).flatten(1)  # (B, 256)
+    return vae.get_codebook_indices(pixels.float().div(255.0)).flatten(1)  # (B, g * g)
+
+
+def _object_cells(images, grid: int) -> torch.BoolTensor:
+    """(B, g * g) True where the grid cell has a non-white pixel, in the codes' raster order."""
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (B, H, W, 3)
+    dark = (pixels < WHITE).any(dim=-1).float()[:, None]  # (B, 1, H, W)
+    return F.max_pool2d(dark, pixels.shape[1] // grid).flatten(1).bool()  # (B, g * g)
 
 
 def _image_nll(pipe, captions: list[str], codes: torch.LongTensor) -> torch.Tensor:
@@ -62,31 +71,36 @@ def likelihood(args) -> dict:
     train_codes = torch.cat([_codes(pipe.vae, [sample_example(rng, task)[0] for _ in range(args.train_renders)])
                              for task in TASKS])  # fmt: skip
     counts = collections.Counter(train_codes.flatten().tolist())
-    background = counts.most_common(1)[0][0]
+    grid = pipe.vae.config.grid_size
     result = {"train_renders": len(train_codes), "codes_in_training": len(counts), "captions": {}}
     for colour, shape in sorted(HELD_OUT_PAIRS):
         for c in (colour,) + SEEN_COLOURS:
             caption = f"{_article(c)} {c} {shape}"
             rng = random.Random(f"novel-diagnostics/{caption}")
-            codes = _codes(pipe.vae, [render_scene(scene_from_caption(caption, rng)) for _ in range(args.renders)])
-            objects = codes[codes != background].tolist()
+            images = [render_scene(scene_from_caption(caption, rng)) for _ in range(args.renders)]
+            codes, cells = _codes(pipe.vae, images), _object_cells(images, grid)  # (B, g * g) each
+            objects = codes[cells].tolist()
             others = [f"{_article(SEEN_COLOURS[0])} {SEEN_COLOURS[0]} {shape}",
                       f"{_article(colour)} {colour} {'square' if shape == 'circle' else 'circle'}", f"a {shape}"]
             nats = {}
             for text in dict.fromkeys([caption] + others):  # the true caption first, no repeats
                 nats[text] = float(_image_nll(pipe, [text] * len(codes), codes).sum(1).mean())
             per_code = _image_nll(pipe, [caption] * len(codes), codes)
-            rank = (codes != background).long().cumsum(1) * (codes != background)  # 1-based among object codes
+            rank = cells.long().cumsum(1) * cells  # 1-based rank among the object's codes, 0 off the object
             result["captions"][caption] = {
                 "held_out": (c, shape) in HELD_OUT_PAIRS,
                 "object_codes_seen_under_20_times": float(np.mean([counts[k] < 20 for k in objects])),
                 "object_codes_never_seen": float(np.mean([counts[k] == 0 for k in objects])),
                 "nats_per_image": {k: round(v, 1) for k, v in nats.items()},
-                "nats_per_code_after_16": round(float(per_code[rank > TAIL_FROM].mean()), 3),
+                "nats_per_object_code": round(float(per_code[cells].mean()), 3),
+                f"nats_per_object_code_after_{TAIL_FROM}": round(float(per_code[rank > TAIL_FROM].mean()), 3),
+                "nats_per_blank_code": round(float(per_code[~cells].mean()), 3),
             }
             row = result["captions"][caption]
             print(f"{caption:20} held-out={row['held_out']!s:5} rare={row['object_codes_seen_under_20_times']:.3f} "
-                  f"unseen={row['object_codes_never_seen']:.3f} nats/code(>16)={row['nats_per_code_after_16']:.2f} "
+                  f"unseen={row['object_codes_never_seen']:.3f} nats/object code {row['nats_per_object_code']:.2f} "
+                  f"(after {TAIL_FROM}: {row[f'nats_per_object_code_after_{TAIL_FROM}']:.2f}), "
+                  f"nats/blank code {row['nats_per_blank_code']:.3f}; "
                   f"nats: " + ", ".join(f"{k!r} {v}" for k, v in row["nats_per_image"].items()), flush=True)
     return result
 
