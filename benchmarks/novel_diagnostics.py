@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from dalle_hf import DallePipeline
 from dalle_hf.clip import clip_text_image_scores
+from dalle_hf.data.imagefolder import pil_to_tensor
 from dalle_hf.data.shapes import HELD_OUT_PAIRS, TASKS, render_scene, sample_example, scene_from_caption
 
 SEEN_COLOURS = ("red", "blue")  # every shape is drawn in these in training
@@ -44,8 +45,8 @@ def _article(word: str) -> str:
 
 
 def _codes(vae, images) -> torch.LongTensor:
-    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
-    return vae.get_codebook_indices(pixels.float().div(255.0)).flatten(1)  # (B, g * g)
+    pixels = torch.stack([pil_to_tensor(image) for image in images])  # (B, 3, H, W) in [0, 1]
+    return vae.get_codebook_indices(pixels).flatten(1)  # (B, g * g)
 
 
 def _object_cells(images, grid: int) -> torch.BoolTensor:
@@ -58,7 +59,7 @@ def _object_cells(images, grid: int) -> torch.BoolTensor:
 def _image_nll(pipe, captions: list[str], codes: torch.LongTensor) -> torch.Tensor:
     """(B, n) nats per image code, teacher-forced, each row under its own caption."""
     transformer, L = pipe.transformer, pipe.transformer.config.text_seq_len
-    input_ids = pipe.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    input_ids = pipe.encode_prompt(captions)  # (B, L), as the pipeline samples from them
     logits = transformer(input_ids=input_ids, image_ids=codes).logits  # (B, 1 + L + n, V)
     logits = transformer.image_logits(logits[:, L : L + codes.shape[1]]).float()  # position L predicts code 0
     return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (B, n)
@@ -119,16 +120,17 @@ def binding(args) -> dict:
     pipe = DallePipeline.from_pretrained(args.pipeline, dtype=torch.bfloat16)
     result = {}
     for bank in args.bank:
-        data = np.load(os.path.join(bank, "bank.npz"))
+        with np.load(os.path.join(bank, "bank.npz")) as data:  # each key access decompresses: read once
+            images, passed = data["images"], data["passed"]  # (P, N, H, W, 3) uint8, (P, N) bool
         with open(os.path.join(bank, "bank.json")) as f:
             meta = json.load(f)
         prefers_swap = collections.defaultdict(list)
         for i, (prompt, task) in enumerate(zip(meta["prompts"], meta["tasks"])):
             swapped = _shape_swap(prompt)
-            passing = np.flatnonzero(data["passed"][i])
+            passing = np.flatnonzero(passed[i])
             if task not in ("novel", "color_attr") or swapped is None or len(passing) == 0:
                 continue
-            pixels = torch.from_numpy(data["images"][i][passing]).permute(0, 3, 1, 2).float() / 255  # (P, 3, H, W)
+            pixels = torch.from_numpy(images[i][passing]).permute(0, 3, 1, 2).float() / 255  # (P, 3, H, W)
             true = clip_text_image_scores(pipe.clip_model, pipe.clip_processor, pixels, [prompt] * len(pixels))
             swap = clip_text_image_scores(pipe.clip_model, pipe.clip_processor, pixels, [swapped] * len(pixels))
             prefers_swap[task] += (swap > true).tolist()
