@@ -26,10 +26,12 @@ import uuid
 import warnings
 from pathlib import Path
 
+import diffusers
 import gradio as gr
 import numpy as np
 import PIL.Image
 import torch
+import transformers
 from PIL import ImageOps
 
 from dalle_hf.data.shapes import SHOWCASE_PROMPTS
@@ -653,7 +655,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # What a user reads at start: our own lines (what loaded, from where, how fast) and Gradio's URL. Libraries log
+    # at WARNING and up (httpx logs every request at INFO), and the per-file weight-loading bars are off.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     limit_malloc_arenas()
     # Concurrent requests each get their share of the cores: oversubscribed OpenMP threads spin against each
     # other (measured here: 16 candidates took 4.4 s with 1 thread, 117 s with 2 on 2 busy cores).
@@ -664,9 +671,16 @@ def main(argv=None):
         logger.warning(no_checkpoint_message(root) + " Starting anyway.")
     else:
         name = next(iter(models))
-        logger.info("Models: %s; loading %s", ", ".join(models), name)
+        logger.info("Models in %s: %s", root, ", ".join(models))
         try:
-            load_pipelines(models[name])  # warm: the first request does not wait for it
+            start = time.perf_counter()
+            pipe, _ = load_pipelines(models[name])  # warm: the first request does not wait for it
+            config = pipe.transformer.config
+            logger.info(
+                "Loaded %s in %.1f s: transformer %d x %d, %d x %d image codes, CLIP reranking %s; %d torch thread(s)",
+                name, time.perf_counter() - start, config.n_layer, config.n_embd, config.image_grid_size,
+                config.image_grid_size, "on" if pipe.clip_model is not None else "off", torch.get_num_threads(),
+            )
         except Exception:
             logger.exception("Loading %s failed; the app starts and reports it on each request", name)
     demo = build_demo(root)

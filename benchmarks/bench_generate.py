@@ -149,7 +149,7 @@ def worker(args) -> dict:
     middle = 1 + L + N // 2
 
     prefill = timed(lambda: model(input_ids=text, use_cache=True, logits_to_keep=1), args.repeats)
-    cache = model(input_ids=text, use_cache=True, logits_to_keep=1).past_key_values
+    cache = model(input_ids=text, use_cache=True, logits_to_keep=1).cache
 
     def steps():
         cache.length = middle  # the cost of a step depends on the position, not on the cached values

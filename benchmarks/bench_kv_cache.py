@@ -24,7 +24,7 @@ def sample_cached(model, text, generator):
         nxt = torch.multinomial(model.image_logits(out.logits[:, -1]).float().softmax(-1), 1, generator=generator)
         tokens.append(nxt)
         if i + 1 < model.config.image_seq_len:
-            out = model(image_ids=nxt, past_key_values=out.past_key_values, logits_to_keep=1)
+            out = model(image_ids=nxt, cache=out.cache, logits_to_keep=1)
     return torch.cat(tokens, 1)
 
 

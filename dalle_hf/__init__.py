@@ -2,11 +2,12 @@
 
 A discrete VAE turns images into a grid of codes, a decoder-only transformer models
 [text tokens ; image tokens], and CLIP reranks the samples. The models are imported here and registered with
-`AutoConfig` / `AutoModel` (the only import-time effect); pipelines and training code load lazily on first
-use, so `import dalle_hf` does not pull in diffusers.
+`AutoConfig` / `AutoModel`, and one bitsandbytes log message is filtered (the only import-time effects);
+pipelines and training code load lazily on first use, so `import dalle_hf` does not pull in diffusers.
 """
 
 import importlib
+import logging
 
 from transformers import AutoConfig, AutoModel
 
@@ -21,6 +22,21 @@ AutoConfig.register(DalleConfig.model_type, DalleConfig, exist_ok=True)
 AutoConfig.register(DalleVAEConfig.model_type, DalleVAEConfig, exist_ok=True)
 AutoModel.register(DalleConfig, DalleForImageGeneration, exist_ok=True)
 AutoModel.register(DalleVAEConfig, DalleVAE, exist_ok=True)
+
+
+class _OptionalKernelFilter(logging.Filter):
+    """Drop bitsandbytes' import-time warning that its optional `kernels` package is missing.
+
+    bitsandbytes 0.50 logs "Failed to load CPU gemm_4bit_forward from kernels-community" whenever it is imported on a
+    CPU with AVX-512 bf16 (diffusers imports it when it is installed): that kernel would only speed up 4-bit on the
+    CPU and is fetched from the Hub, which our users cannot fix and need not. Every other bitsandbytes message passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelFilter())
 
 _LAZY = {
     "DallePipeline": "pipeline_dalle",

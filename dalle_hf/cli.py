@@ -24,14 +24,14 @@ def load_pipeline(path: str, dtype: str = "float32", quantization: str = "none")
     from .pipeline_dalle import DallePipeline
     from .quantization import bnb_quantization_config, quantize_dynamic_int8
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if quantization == "int8-dynamic" and dtype != "float32":
         raise ValueError("--quantization int8-dynamic quantizes a float32 model: use --dtype float32")
     config = {
         "bnb-int8": lambda: bnb_quantization_config(8),
         "bnb-nf4": lambda: bnb_quantization_config(4),
     }.get(quantization)
-    pipe = DallePipeline.from_pretrained(path, dtype=torch_dtype, quantization_config=config() if config else None)
+    pipe = DallePipeline.from_pretrained(path, dtype=compute_dtype, quantization_config=config() if config else None)
     return quantize_dynamic_int8(pipe) if quantization == "int8-dynamic" else pipe
 
 

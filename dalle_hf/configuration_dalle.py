@@ -73,7 +73,7 @@ class DalleConfig(PreTrainedConfig):
     ```"""
 
     model_type = "dalle"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
     attribute_map = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
     text_vocab_size: int = 16384

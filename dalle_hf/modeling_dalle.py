@@ -130,14 +130,15 @@ class DalleOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             Next-token logits over the joint vocabulary `[text ; per-position padding ; image]`, masked so text
             positions only score text tokens and image positions only image tokens.
-        past_key_values (`DalleKVCache`, *optional*, returned with `use_cache=True`).
+        cache (`DalleKVCache`, *optional*, returned with `use_cache=True`):
+            The filled KV cache. Named `cache` as in transformers >= 5.24 (earlier: `past_key_values`).
     """
 
     loss: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
     image_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: DalleKVCache | None = None
+    cache: DalleKVCache | None = None
 
 
 def attention_mask_for_layout(
@@ -344,19 +345,19 @@ class DalleForImageGeneration(DallePreTrainedModel):
         per_position = self.config.text_vocab_size + torch.arange(L, device=input_ids.device)  # (L,)
         return torch.where(input_ids == self.config.pad_token_id, per_position, input_ids)
 
-    def _check_inputs(self, input_ids, image_ids, past_key_values):
+    def _check_inputs(self, input_ids, image_ids, cache):
         config = self.config
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.shape[1] != config.text_seq_len:
                 raise ValueError(
                     f"input_ids must be (batch, text_seq_len={config.text_seq_len}), got {tuple(input_ids.shape)}"
                 )
-            if past_key_values is not None and past_key_values.length > 0:
+            if cache is not None and cache.length > 0:
                 raise ValueError("input_ids (text) can only be given at the start, with an empty cache")
             if input_ids.min() < 0 or input_ids.max() >= config.text_vocab_size:
                 raise ValueError(f"input_ids must be text token ids in [0, {config.text_vocab_size})")
-        elif past_key_values is None or past_key_values.length == 0:
-            raise ValueError("input_ids (text) are required unless continuing from past_key_values")
+        elif cache is None or cache.length == 0:
+            raise ValueError("input_ids (text) are required unless continuing from cache")
         if image_ids is not None:
             if image_ids.dim() != 2:
                 raise ValueError(f"image_ids must be (batch, num_image_tokens), got {tuple(image_ids.shape)}")
@@ -388,7 +389,7 @@ class DalleForImageGeneration(DallePreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         image_ids: torch.LongTensor | None = None,
-        past_key_values: DalleKVCache | None = None,
+        cache: DalleKVCache | None = None,
         use_cache: bool = False,
         return_loss: bool = False,
         logits_to_keep: int = 0,
@@ -400,8 +401,8 @@ class DalleForImageGeneration(DallePreTrainedModel):
                 Tokenized captions padded with `config.pad_token_id`. Required on the first call.
             image_ids (`torch.LongTensor` of shape `(batch_size, n)`, *optional*):
                 dVAE codes in raster order (`0 <= n <= image_seq_len`): the whole image for training, a prefix for
-                variations, or one new token per step when continuing from `past_key_values`.
-            past_key_values (`DalleKVCache`, *optional*):
+                variations, or one new token per step when continuing from `cache`.
+            cache (`DalleKVCache`, *optional*):
                 A cache to continue from; it is filled in place and returned.
             use_cache (`bool`, *optional*, defaults to `False`):
                 Allocate a `DalleKVCache` when none is given, and return it.
@@ -410,11 +411,11 @@ class DalleForImageGeneration(DallePreTrainedModel):
             logits_to_keep (`int`, *optional*, defaults to 0):
                 Return logits for only the last `logits_to_keep` positions (0: all), e.g. 1 when sampling.
         """
-        self._check_inputs(input_ids, image_ids, past_key_values)
-        if use_cache and past_key_values is None:
+        self._check_inputs(input_ids, image_ids, cache)
+        if use_cache and cache is None:
             batch = (input_ids if input_ids is not None else image_ids).shape[0]
-            past_key_values = DalleKVCache(self.config, batch, device=self.bos_embedding.device, dtype=self.cache_dtype)
-        start = past_key_values.length if past_key_values is not None else 0
+            cache = DalleKVCache(self.config, batch, device=self.bos_embedding.device, dtype=self.cache_dtype)
+        start = cache.length if cache is not None else 0
         if (
             start
             + (0 if input_ids is None else 1 + input_ids.shape[1])
@@ -426,10 +427,10 @@ class DalleForImageGeneration(DallePreTrainedModel):
         x, positions = self.embed(input_ids, image_ids, start)  # (B, T, C), (T,)
         x = self.drop(x)
         for block in self.h:
-            x = block(x, positions, past_key_values)
+            x = block(x, positions, cache)
         x = self.ln_f(x)
-        if past_key_values is not None:
-            past_key_values.length += x.shape[1]
+        if cache is not None:
+            cache.length += x.shape[1]
 
         if logits_to_keep:
             x, positions = x[:, -logits_to_keep:], positions[-logits_to_keep:]
@@ -444,28 +445,27 @@ class DalleForImageGeneration(DallePreTrainedModel):
             text_loss=text_loss,
             image_loss=image_loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            cache=cache if use_cache or cache is not None else None,
         )
 
-    def decode_step(self, image_ids: torch.LongTensor, past_key_values: DalleKVCache) -> torch.Tensor:
+    def decode_step(self, image_ids: torch.LongTensor, cache: DalleKVCache) -> torch.Tensor:
         r"""
         One sampling step: the image-code logits that follow one new image token per row.
 
-        Computes what `image_logits(forward(image_ids=image_ids, past_key_values=past_key_values,
+        Computes what `image_logits(forward(image_ids=image_ids, cache=cache,
         logits_to_keep=1).logits[:, -1])` does, minus the per-call work that costs more than the matmuls at
         sampling batch sizes: no input validation (the caller owns the loop), no logits over the text
         vocabulary and no logits mask (an image position only scores image codes).
 
         Args:
             image_ids (`torch.LongTensor` of shape `(batch_size, 1)`):
-                The dVAE code sampled at position `past_key_values.length`, an image position.
-            past_key_values (`DalleKVCache`):
+                The dVAE code sampled at position `cache.length`, an image position.
+            cache (`DalleKVCache`):
                 The cache after the prefill; filled in place and advanced by one position.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, image_vocab_size)` in the model's compute dtype.
         """
-        cache = past_key_values
         start = cache.length
         i = start - 1 - self.config.text_seq_len  # raster index of this image token
         g = self.config.image_grid_size

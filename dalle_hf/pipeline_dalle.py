@@ -193,7 +193,7 @@ class DallePipeline(DiffusionPipeline):
 
         # Prefill: the text (and the kept rows) in one forward, then one token per step.
         out = transformer(input_ids=text, image_ids=prefix, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache
         logits = transformer.image_logits(out.logits[:, -1])  # (B', V_i)
         # The loop does only the sampling step per token beyond the model (docs/performance.md).
         with self.progress_bar(total=n_total - p) as progress_bar:

@@ -517,6 +517,7 @@ def predict_generate(client, prompt, seed=3, **settings):
                           s["guidance_scale"], seed, False, api_name="/generate")
 
 
+@pytest.mark.latest
 def test_client_text_to_grid_and_variations(client):
     from gradio_client import handle_file
 

@@ -248,6 +248,7 @@ def test_parse_args_validates():
     assert args.dataset == "shapes" and args.num_hard_negatives == 8 and args.train_batch_size == 64
 
 
+@pytest.mark.latest
 def test_train_clip_end_to_end_and_resume(tmp_path):
     from dalle_hf import train_clip
 

@@ -20,7 +20,7 @@ def test_forward_shapes_and_loss_weighting(transformer):
     text, image = batch()
     out = transformer(input_ids=text, image_ids=image, return_loss=True)
     assert out.logits.shape == (2, 1 + 8 + 16, 300 + 8 + 32)
-    assert out.past_key_values is None
+    assert out.cache is None
     # loss = (text + 7 * image) / 8, paper §2.2
     assert torch.allclose(out.loss, (out.text_loss + 7 * out.image_loss) / 8)
     # recompute both terms by hand from the logits
@@ -76,10 +76,10 @@ def test_kv_cache_matches_full_recomputation(layout):
     text, image = batch()
     full = model(input_ids=text, image_ids=image).logits  # (B, 25, V)
     out = model(input_ids=text, image_ids=image[:, :3], use_cache=True)  # prefill text + 3 image tokens
-    assert isinstance(out.past_key_values, DalleKVCache) and out.past_key_values.length == 12
+    assert isinstance(out.cache, DalleKVCache) and out.cache.length == 12
     steps = [out.logits[:, -1]]
     for i in range(3, 16):
-        out = model(image_ids=image[:, i : i + 1], past_key_values=out.past_key_values)
+        out = model(image_ids=image[:, i : i + 1], cache=out.cache)
         steps.append(out.logits[:, -1])
     incremental = torch.stack(steps, dim=1)  # (B, 14, V)
     assert torch.allclose(model.image_logits(incremental), model.image_logits(full[:, 11:25]), atol=1e-5)
@@ -87,7 +87,7 @@ def test_kv_cache_matches_full_recomputation(layout):
 
 def decode_all(model, text, image, cache):
     """Prefill the text into `cache`, then feed the image one token per `decode_step`: (B, 16, V_i) logits."""
-    model(input_ids=text, past_key_values=cache)
+    model(input_ids=text, cache=cache)
     steps = [model.decode_step(image[:, i : i + 1], cache) for i in range(image.shape[1])]
     return torch.stack(steps, dim=1)
 
@@ -102,7 +102,7 @@ def test_kv_cache_grows_window_by_window_and_stays_exact():
     full = model.image_logits(model(input_ids=text, image_ids=image).logits[:, 9:25])  # (B, 16, V_i)
     cache = DalleKVCache(model.config, 3)
     cache.window_size = 4
-    model(input_ids=text, past_key_values=cache)
+    model(input_ids=text, cache=cache)
     assert cache.length == 9 and cache.capacity == 12
     steps = []
     for i in range(16):
@@ -124,7 +124,7 @@ def test_kv_cache_reorder_keeps_the_selected_rows():
     text, image = batch(B=2)
     cache = DalleKVCache(model.config, 2)
     cache.window_size = 4
-    model(input_ids=text, past_key_values=cache)
+    model(input_ids=text, cache=cache)
     for i in range(5):
         model.decode_step(image[:, i : i + 1], cache)
     index = torch.tensor([1, 0, 1])

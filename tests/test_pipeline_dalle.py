@@ -80,6 +80,7 @@ def reference_sample(pipe, input_ids, generator, guidance_scale=1.0, negative_id
     return tokens
 
 
+@pytest.mark.latest
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_kv_cached_sampling_equals_full_recomputation(pipe, guidance_scale):
     input_ids = pipe.encode_prompt(["a red circle", "a blue square"])
@@ -195,6 +196,7 @@ def test_callback_streams_tokens(pipe):
     assert lengths == list(range(1, 17))
 
 
+@pytest.mark.latest
 def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -229,6 +231,7 @@ def test_default_guidance_scale_travels_with_the_checkpoint(pipe, tmp_path):
             DallePipeline(**pipe.components, default_guidance_scale=bad)
 
 
+@pytest.mark.latest
 def test_from_pretrained_hf_cache_offline(pipe, tmp_path):
     """The real `from_pretrained("org/name")` path, resolved from an HF-cache-shaped folder with HF_HUB_OFFLINE=1."""
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -253,6 +256,7 @@ def test_from_pretrained_hf_cache_offline(pipe, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Variations
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.latest
 def test_variation_keeps_the_input_rows(pipe):
     variations = DalleImageVariationPipeline(**pipe.components)
     image = pipe("a red circle", generator=gen(), output_type="pt").images[0]

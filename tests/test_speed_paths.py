@@ -28,7 +28,7 @@ def test_decode_step_matches_forward(attention_types):
     text, image = prefill(model)
     with torch.no_grad():
         full = model.image_logits(model(input_ids=text, image_ids=image).logits)  # (B, 25, V_i)
-        cache = model(input_ids=text, image_ids=image[:, :2], use_cache=True).past_key_values
+        cache = model(input_ids=text, image_ids=image[:, :2], use_cache=True).cache
         steps = []
         for i in range(2, 16):
             steps.append(model.decode_step(image[:, i : i + 1], cache))
@@ -44,8 +44,8 @@ def test_decode_step_bf16_uses_a_bf16_cache():
         reference = model.image_logits(model(input_ids=text, image_ids=image).logits[:, -1])
         model.to(torch.bfloat16)
         out = model(input_ids=text, image_ids=image[:, :15], use_cache=True, logits_to_keep=1)
-        assert out.past_key_values.keys.dtype == torch.bfloat16 and model.cache_dtype == torch.bfloat16
-        logits = model.decode_step(image[:, 15:], out.past_key_values)
+        assert out.cache.keys.dtype == torch.bfloat16 and model.cache_dtype == torch.bfloat16
+        logits = model.decode_step(image[:, 15:], out.cache)
     assert logits.dtype == torch.bfloat16 and logits.shape == (2, 32)
     assert torch.allclose(logits.float(), reference, atol=0.05)
 
@@ -80,7 +80,7 @@ def test_bf16_pipeline_on_cpu(tokenizer, transformer, vae, clip, tmp_path):
     DallePipeline(
         tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip[0], clip_processor=clip[1]
     ).save_pretrained(tmp_path)
-    pipe = DallePipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    pipe = DallePipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
     kwargs = dict(num_images_per_prompt=3, num_images_to_keep=2, guidance_scale=2.0, output_type="pt")

@@ -27,6 +27,7 @@ def tiny_args(vae_dir, out, *extra):
     ])
 
 
+@pytest.mark.latest
 def test_train_dalle_end_to_end_and_resume(tiny_vae_dir, tmp_path):
     out = tmp_path / "run"
     result = main(tiny_args(tiny_vae_dir, out))

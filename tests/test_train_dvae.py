@@ -15,6 +15,7 @@ TINY = [
 ]
 
 
+@pytest.mark.latest
 def test_train_save_and_resume(tmp_path):
     out = str(tmp_path / "run")
     result = main(parse_args(TINY + ["--output_dir", out, "--max_train_steps", "4", "--checkpoints_total_limit", "1"]))
