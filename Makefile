@@ -7,6 +7,7 @@ export OMP_NUM_THREADS ?= 1
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps -e .
+	$(PYTHON) -m pip install -q --no-deps DALL-E==0.1  # OpenAI's dVAE classes for the parity test; its declared deps pull torchvision
 
 browser:  # Debian's Chromium for the browser test (Playwright drives it; never `playwright install`)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
