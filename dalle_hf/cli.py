@@ -4,6 +4,7 @@
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
     dalle-hf eval vae --pipeline checkpoints/dalle-shapes
     dalle-hf eval clip --pipeline checkpoints/dalle-shapes
+    dalle-hf convert-openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae
     dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
 """
 
@@ -124,6 +125,13 @@ def cmd_eval_clip(args) -> int:
     return 0
 
 
+def cmd_convert_openai_dvae(args) -> int:
+    from .convert_openai_dvae import convert_openai_dvae_files
+
+    convert_openai_dvae_files(args.encoder, args.decoder, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--n-captions", dest="n_captions", type=int, default=32, help="the true one and N - 1 false ones")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(func=cmd_eval_clip)
+
+    conv = sub.add_parser(
+        "convert-openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a DalleVAE folder"
+    )
+    conv.add_argument("--encoder", required=True, help="encoder.pkl (unpickled here, and only here) or a state dict")
+    conv.add_argument("--decoder", required=True, help="decoder.pkl or a state dict (.pt / .safetensors)")
+    conv.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
+    conv.set_defaults(func=cmd_convert_openai_dvae)
 
     train = sub.add_parser("train", help="train a model (see python -m dalle_hf.train_<name> --help)", add_help=False)
     train.add_argument("model", choices=sorted(TRAINERS))
