@@ -41,6 +41,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelFilt
 _LAZY = {
     "DallePipeline": "pipeline_dalle",
     "DallePipelineOutput": "pipeline_dalle",
+    "DalleScoreOutput": "pipeline_dalle",
     "DalleImageVariationPipeline": "pipeline_dalle_variation",
     "train_text_tokenizer": "tokenization",
     "make_clip_config": "clip",
@@ -56,6 +57,7 @@ __all__ = [
     "DalleOutput",
     "DallePipeline",
     "DallePipelineOutput",
+    "DalleScoreOutput",
     "DalleVAE",
     "DalleVAEConfig",
     "DalleVAEOutput",

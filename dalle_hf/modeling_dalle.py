@@ -132,6 +132,9 @@ class DalleOutput(ModelOutput):
             positions only score text tokens and image positions only image tokens.
         cache (`DalleKVCache`, *optional*, returned with `use_cache=True`):
             The filled KV cache. Named `cache` as in transformers >= 5.24 (earlier: `past_key_values`).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, n_embd)`):
+            The final LayerNorm's output at the positions `logits` covers: what `image_log_probs` projects in
+            float64 for likelihoods and compression (docs/likelihood.md).
     """
 
     loss: torch.FloatTensor | None = None
@@ -139,6 +142,7 @@ class DalleOutput(ModelOutput):
     image_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: DalleKVCache | None = None
+    last_hidden_state: torch.FloatTensor | None = None
 
 
 def attention_mask_for_layout(
@@ -446,6 +450,7 @@ class DalleForImageGeneration(DallePreTrainedModel):
             image_loss=image_loss,
             logits=logits,
             cache=cache if use_cache or cache is not None else None,
+            last_hidden_state=x,
         )
 
     def decode_step(self, image_ids: torch.LongTensor, cache: DalleKVCache) -> torch.Tensor:
@@ -466,6 +471,14 @@ class DalleForImageGeneration(DallePreTrainedModel):
         Returns:
             `torch.Tensor` of shape `(batch_size, image_vocab_size)` in the model's compute dtype.
         """
+        x = self.decode_step_hidden_state(image_ids, cache)  # (B, C)
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return F.linear(x, head.weight[self.image_token_offset :])  # (B, V_i): only the image rows of the head
+        return self.image_logits(head(x))  # a quantized head: compute all, keep the image slice
+
+    def decode_step_hidden_state(self, image_ids: torch.LongTensor, cache: DalleKVCache) -> torch.Tensor:
+        """`decode_step` up to the head: the final LayerNorm's output (B, C) after one new image token per row."""
         start = cache.length
         i = start - 1 - self.config.text_seq_len  # raster index of this image token
         g = self.config.image_grid_size
@@ -475,11 +488,30 @@ class DalleForImageGeneration(DallePreTrainedModel):
         for block in self.h:
             x = block(x, positions, cache)
         cache.length += 1
-        x = self.ln_f(x[:, -1])  # (B, C)
+        return self.ln_f(x[:, -1])  # (B, C)
+
+    def image_log_probs(self, hidden_states: torch.Tensor) -> torch.DoubleTensor:
+        r"""
+        Log-probabilities of the next image code, with the head's projection and the softmax in float64.
+
+        Float32 probabilities of one model differ by about 1e-6 between a teacher-forced pass and KV-cached steps,
+        and between thread counts; an arithmetic decoder that sees the other side's numbers decodes wrong codes.
+        In float64 those paths agreed (docs/likelihood.md). A quantized head is applied as it is, then cast.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(..., n_embd)`):
+                Outputs of the final LayerNorm (`DalleOutput.last_hidden_state`, `decode_step_hidden_state`) at
+                positions that predict an image code.
+
+        Returns:
+            `torch.DoubleTensor` of shape `(..., image_vocab_size)`: log-softmax over the image codes.
+        """
         head = self.lm_head
         if type(head) is nn.Linear and head.bias is None:
-            return F.linear(x, head.weight[self.image_token_offset :])  # (B, V_i): only the image rows of the head
-        return self.image_logits(head(x))  # a quantized head: compute all, keep the image slice
+            logits = F.linear(hidden_states.double(), head.weight[self.image_token_offset :].double())  # (..., V_i)
+        else:
+            logits = self.image_logits(head(hidden_states)).double()
+        return logits.log_softmax(dim=-1)
 
     def mask_logits(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits mask (paper; DALLE-pytorch's `logits_mask`): position `j` predicts token `j + 1`, so positions

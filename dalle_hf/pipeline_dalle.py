@@ -4,6 +4,7 @@ Paper §2.3: "we rerank the samples drawn from the transformer using a pretraine
 best `k` of `N`. Classifier-free guidance ("super-conditioning", as in min-dalle and DALL-E mega) is optional.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,34 @@ class DallePipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     clip_scores: torch.FloatTensor | None
+    image_tokens: torch.LongTensor
+
+
+@dataclass
+class DalleScoreOutput(BaseOutput):
+    """Output of [`DallePipeline.score`]: how likely the transformer finds each image's dVAE codes.
+
+    The log-likelihood of a code grid is the sum over its tokens of `log p(code_i | caption, codes before i)`, the
+    teacher-forced cross-entropy with its sign flipped; `-log_likelihood_bits` is the length in bits of the best code
+    for the grid under the model, what `dalle_hf.compression` writes (docs/likelihood.md).
+
+    Args:
+        log_likelihood (`torch.DoubleTensor` of shape `(n,)`):
+            `log p(codes | caption)` in nats.
+        log_likelihood_bits (`torch.DoubleTensor` of shape `(n,)`):
+            The same in bits (`log_likelihood / ln 2`).
+        unconditional_log_likelihood (`torch.DoubleTensor` of shape `(n,)`):
+            `log p(codes | empty text)` in nats: the all-padding text the model saw under caption dropout.
+        unconditional_log_likelihood_bits (`torch.DoubleTensor` of shape `(n,)`):
+            The same in bits.
+        image_tokens (`torch.LongTensor` of shape `(n, grid, grid)`):
+            The codes that were scored.
+    """
+
+    log_likelihood: torch.DoubleTensor
+    log_likelihood_bits: torch.DoubleTensor
+    unconditional_log_likelihood: torch.DoubleTensor
+    unconditional_log_likelihood_bits: torch.DoubleTensor
     image_tokens: torch.LongTensor
 
 
@@ -250,6 +279,112 @@ class DallePipeline(DiffusionPipeline):
         return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
     # ----------------------------------------------------------------------------------------------------------
+    # Likelihoods
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.LongTensor:
+        """dVAE codes (n, grid, grid) of a list of images (PIL, `np.ndarray` or `torch.Tensor`, each converted as
+        [`DalleImageVariationPipeline`] converts its input) or of one batched float tensor (n, 3, H, W) in [0, 1]."""
+        from .pipeline_dalle_variation import image_to_tensor
+
+        size = self.vae.config.image_size
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
+        elif isinstance(images, (list, tuple)) and images:
+            pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
+        else:
+            raise ValueError(f"images must be a non-empty list of images or a (n, 3, H, W) tensor, got {images!r:.80}")
+        vae_dtype = next(self.vae.parameters()).dtype
+        codes = [self.vae.get_codebook_indices(chunk.to(self._execution_device, vae_dtype)) for chunk in
+                 pixel_values.split(64)]  # fmt: skip
+        return torch.cat(codes)  # (n, g, g)
+
+    def check_image_tokens(self, image_tokens) -> torch.LongTensor:
+        """(n, grid, grid) or (n, grid * grid) dVAE codes -> (n, grid * grid), validated."""
+        g, V = self.transformer.config.image_grid_size, self.transformer.config.image_vocab_size
+        if not isinstance(image_tokens, torch.Tensor) or image_tokens.dtype != torch.long:
+            raise ValueError(f"image_tokens must be a torch.LongTensor, got {type(image_tokens).__name__}")
+        if image_tokens.dim() == 3 and image_tokens.shape[1:] == (g, g):
+            image_tokens = image_tokens.flatten(1)  # (n, g * g)
+        if image_tokens.dim() != 2 or image_tokens.shape[1] != g * g or not len(image_tokens):
+            raise ValueError(f"image_tokens must be (n, {g}, {g}) or (n, {g * g}), got {tuple(image_tokens.shape)}")
+        if image_tokens.min() < 0 or image_tokens.max() >= V:
+            raise ValueError(f"image_tokens must be dVAE codes in [0, {V})")
+        return image_tokens
+
+    @torch.no_grad()
+    def code_log_likelihood(
+        self, image_tokens: torch.LongTensor, input_ids: torch.LongTensor, batch_size: int = 32
+    ) -> torch.DoubleTensor:
+        """`log p(codes | text)` in nats for (n, N) codes and (n, L) text ids: one teacher-forced forward per batch
+        of rows, the head's projection and softmax in float64 (`image_log_probs`). Returns (n,) float64."""
+        transformer = self.transformer
+        L = transformer.config.text_seq_len
+        totals = []
+        for codes, text in zip(image_tokens.split(batch_size), input_ids.split(batch_size)):
+            codes = codes.to(self._execution_device)
+            out = transformer(input_ids=text, image_ids=codes[:, :-1])  # positions L .. L + N - 1 predict the codes
+            log_probs = transformer.image_log_probs(out.last_hidden_state[:, L:])  # (b, N, V_i) float64
+            totals.append(log_probs.gather(-1, codes[..., None])[..., 0].sum(-1).cpu())  # (b,)
+        return torch.cat(totals)
+
+    @torch.no_grad()
+    def score(
+        self,
+        images=None,
+        captions: str | list[str] = "",
+        image_tokens: torch.LongTensor | None = None,
+        batch_size: int = 32,
+    ) -> DalleScoreOutput:
+        r"""
+        The log-likelihood of each image's dVAE codes under the transformer, given its caption and given empty text.
+
+        Args:
+            images (`list` of `PIL.Image.Image` / `np.ndarray` / `torch.Tensor`, or a `torch.Tensor` (n, 3, H, W)):
+                The images; each is encoded to dVAE codes first (converted as in [`DalleImageVariationPipeline`]).
+                Give either `images` or `image_tokens`.
+            captions (`str` or `list[str]`, *optional*, defaults to `""`):
+                One caption for all images or one per image. `""` is the unconditional (all-padding) text.
+            image_tokens (`torch.LongTensor` of shape `(n, grid, grid)`, *optional*, defaults to `None`):
+                Codes to score directly (e.g. `DallePipelineOutput.image_tokens`) instead of `images`.
+            batch_size (`int`, *optional*, defaults to 32):
+                Rows per teacher-forced forward.
+
+        Returns:
+            [`DalleScoreOutput`]: log-likelihoods in nats and bits, conditional and unconditional.
+
+        Example:
+
+        ```python
+        >>> out = pipe.score(images, ["a red circle", "two squares"])
+        >>> out.log_likelihood_bits / out.image_tokens[0].numel()  # bits per image token
+        ```
+        """
+        # 1. Check inputs and get the codes
+        if (images is None) == (image_tokens is None):
+            raise ValueError("give exactly one of images or image_tokens")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        codes = self.check_image_tokens(self.encode_images(images) if image_tokens is None else image_tokens)
+        n = len(codes)
+        if isinstance(captions, str):
+            captions = [captions] * n
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions) or len(captions) != n:
+            raise ValueError(f"captions must be a str or a list of {n} str (one per image), got {captions!r:.80}")
+
+        # 2. Teacher-forced log-likelihoods given each caption and given empty text
+        log_likelihood = self.code_log_likelihood(codes, self.encode_prompt(captions), batch_size)  # (n,)
+        unconditional = self.code_log_likelihood(codes, self.unconditional_ids(n), batch_size)  # (n,)
+        g = self.transformer.config.image_grid_size
+        return DalleScoreOutput(
+            log_likelihood=log_likelihood,
+            log_likelihood_bits=log_likelihood / math.log(2),
+            unconditional_log_likelihood=unconditional,
+            unconditional_log_likelihood_bits=unconditional / math.log(2),
+            image_tokens=codes.view(n, g, g).cpu(),
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt):
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -375,4 +510,4 @@ class DallePipeline(DiffusionPipeline):
         return DallePipelineOutput(images=images, clip_scores=scores, image_tokens=tokens)
 
 
-__all__ = ["DallePipeline", "DallePipelineOutput", "MAX_IMAGES_PER_PROMPT", "filter_logits"]
+__all__ = ["DallePipeline", "DallePipelineOutput", "DalleScoreOutput", "MAX_IMAGES_PER_PROMPT", "filter_logits"]
