@@ -8,8 +8,10 @@ run (`train_clip --output_dir`) holds clip_model/ and clip_processor/. Each `--*
 in stages (continued or fine-tuned): the last one is shipped, every stage's card is quoted. The last `--vae_run`
 replaces the transformer run's dVAE only if its encoder is the same (a decoder fine-tuned with
 `train_dvae --train_decoder_only`): the transformer was trained on that encoder's codes. The result is one
-`DallePipeline` saved with `save_pretrained` (safetensors only), plus a README.md that stitches the three model cards
-together.
+`DallePipeline` saved with `save_pretrained` (safetensors only), plus `card_data.json` (every stage's card, the
+assembly command, the evaluation report and notes, and what `--card_info` says about the world: name, license, data
+sources, limitations, sample prompts) and the README.md that `dalle_hf.model_card` writes from it, the same
+generator `dalle-hf push` publishes with.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import os
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
+from dalle_hf.model_card import CARD_DATA_NAME, write_model_card
 from dalle_hf.modeling_dvae import DalleVAE
 from dalle_hf.pipeline_dalle import DallePipeline
 
@@ -32,19 +35,9 @@ def read_card(path: str) -> str:
     return ("\n" + text.strip()).replace("\n## ", "\n#### ").replace("\n# ", "\n### ").strip()
 
 
-def eval_section(report: dict) -> str:
-    """A ShapesEval report.json as a markdown table: best-of-1 per task, CLIP best-of-N when it was run, and the
-    checker's best-of-N (a prompt passes if any candidate does: the ceiling of any reranker) when reported."""
-    columns = [("best-of-1", report["accuracy"], report["shapes_eval"])]
-    if report.get("reranked_accuracy"):
-        columns.append(("CLIP best-of-N", report["reranked_accuracy"], report["shapes_eval_reranked"]))
-    if report.get("best_of_n_oracle"):
-        columns.append(("checker best-of-N", report["best_of_n_oracle"], report["shapes_eval_best_of_n_oracle"]))
-    rows = ["| task | " + " | ".join(name for name, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
-    for task in report["accuracy"]:
-        rows.append(f"| {task} | " + " | ".join(f"{values[task]:.3f}" for _, values, _ in columns) + " |")
-    rows.append("| **six-task mean** | " + " | ".join(f"**{mean:.3f}**" for _, _, mean in columns) + " |")
-    return f"## ShapesEval\n\n`{json.dumps(report.get('config', {}))}`\n\n" + "\n".join(rows) + "\n"
+def stage(component: str, number: int, run: str, card_path: str) -> dict:
+    """One training stage of the card: which model, which run folder, and that run's own card."""
+    return {"component": component, "stage": number, "run": run, "card": read_card(card_path)}
 
 
 def main():
@@ -65,6 +58,11 @@ def main():
         help="the guidance the pipeline uses when a call does not give one (saved in model_index.json)",
     )
     parser.add_argument("--notes", default=None, help="a markdown file appended to the card (e.g. evaluation commands)")
+    parser.add_argument(
+        "--card_info", default=None,
+        help="a JSON of the card's world-specific fields (name, summary, license, data_sources, limitations, "
+        "sample_prompts, evaluation name/mean_key/mean_label), e.g. the previous checkpoint's card_data.json",
+    )
     args = parser.parse_args()
 
     pipe = DallePipeline.from_pretrained(args.transformer_run[-1])
@@ -88,33 +86,40 @@ def main():
         pipe = DallePipeline(**pipe.components, default_guidance_scale=args.default_guidance_scale)
     pipe.save_pretrained(args.out, safe_serialization=True)
 
-    sections = [
-        "---\nlibrary_name: diffusers\ntags:\n- dalle-hf\n- text-to-image\n---\n",
-        "# dalle-shapes\n",
-        "A DALL-E (Ramesh et al. 2021) pipeline trained from scratch on this repository's procedural shapes world, "
-        "on a 2-core CPU. Load it with `DallePipeline.from_pretrained(\"checkpoints/dalle-shapes\")`.\n",
-        "Assembled with:\n\n```bash\npython scripts/assemble_checkpoint.py "
+    command = (
+        "python scripts/assemble_checkpoint.py "
         + " ".join(f"--transformer_run {run}" for run in args.transformer_run)
         + "".join(f" --vae_run {run}" for run in args.vae_run)
         + "".join(f" --clip_run {run}" for run in args.clip_run)
         + (f" --eval_report {args.eval_report}" if args.eval_report else "")
         + (f" --notes {args.notes}" if args.notes else "")
+        + (f" --card_info {args.card_info}" if args.card_info else "")
         + ("" if args.default_guidance_scale is None else f" --default_guidance_scale {args.default_guidance_scale:g}")
-        + f" --out {args.out}\n```\n",
-    ]
-    for stage, run in enumerate(args.transformer_run, 1):
-        sections.append(f"## Transformer, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "README.md")) + "\n")
-    for stage, run in enumerate(args.vae_run, 1):
-        sections.append(f"## dVAE, stage {stage} ({run})\n\n" + read_card(os.path.join(run, "vae", "README.md")) + "\n")
-    for stage, run in enumerate(args.clip_run, 1):
-        card = read_card(os.path.join(run, "clip_model", "README.md"))
-        sections.append(f"## CLIP reranker, stage {stage} ({run})\n\n" + card + "\n")
+        + f" --out {args.out}"
+    )
+    card_data = {}
+    if args.card_info:
+        with open(args.card_info, encoding="utf-8") as f:
+            card_data = {k: v for k, v in json.load(f).items() if k not in ("assembly_command", "stages", "notes")}
+        card_data.get("evaluation", {}).pop("report", None)  # the previous checkpoint's numbers are not this one's
+    card_data["assembly_command"] = command
+    card_data["stages"] = (
+        [stage("Transformer", i, run, os.path.join(run, "README.md")) for i, run in enumerate(args.transformer_run, 1)]
+        + [stage("dVAE", i, run, os.path.join(run, "vae", "README.md")) for i, run in enumerate(args.vae_run, 1)]
+        + [stage("CLIP reranker", i, run, os.path.join(run, "clip_model", "README.md"))
+           for i, run in enumerate(args.clip_run, 1)]
+    )  # fmt: skip
     if args.eval_report:
-        sections.append(eval_section(json.load(open(args.eval_report))))
+        if "evaluation" not in card_data:
+            raise ValueError("--eval_report needs --card_info with an 'evaluation' entry (name, mean_key, mean_label)")
+        with open(args.eval_report, encoding="utf-8") as f:
+            card_data["evaluation"]["report"] = json.load(f)
     if args.notes:
-        sections.append(open(args.notes, encoding="utf-8").read().strip() + "\n")
-    with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(sections))
+        card_data["notes"] = open(args.notes, encoding="utf-8").read().strip()
+    with open(os.path.join(args.out, CARD_DATA_NAME), "w", encoding="utf-8") as f:
+        json.dump(card_data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    write_model_card(args.out, name_or_path=args.out)
     print(f"wrote {args.out}")
 
 

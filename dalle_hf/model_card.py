@@ -1,0 +1,209 @@
+"""The model card of a saved `DallePipeline`: one generator for the shipped `checkpoints/*/README.md` and for the card
+published by `push_to_hub` / `dalle-hf push`, so the two never drift.
+
+    python -m dalle_hf.model_card checkpoints/dalle-shapes             # rewrites checkpoints/dalle-shapes/README.md
+    python -m dalle_hf.model_card checkpoints/dalle-shapes --sample-grid   # and draws samples.png
+
+The generator knows no world. It reads `card_data.json` beside `model_index.json` (written by
+`scripts/assemble_checkpoint.py`): the name and summary, the license, the data sources with their licenses, the
+assembly command, each training stage's own card (command, seed, steps, wall time, hyperparameters, evaluation),
+the world's benchmark report (the per-task table), free-form evaluation notes, the limitations, and the prompts of
+the sample grid. The YAML front matter is a `huggingface_hub.ModelCardData` (license, `library_name`,
+`pipeline_tag: text-to-image`, tags, data sources), so `ModelCard.load(...).data` reads it back.
+"""
+
+import argparse
+import json
+import os
+import re
+
+from huggingface_hub import ModelCard, ModelCardData
+
+CARD_DATA_NAME = "card_data.json"  # the structured source of a checkpoint's card
+SAMPLE_GRID_NAME = "samples.png"  # the sample grid shown in the card
+DEFAULT_LICENSE = "mit"  # dalle-hf's own license (pyproject.toml); a checkpoint's card_data.json may say otherwise
+BASE_TAGS = ["dalle-hf", "dall-e", "text-to-image"]
+# What every DALL-E-sized-for-a-CPU checkpoint shares; a world adds its own lines in card_data.json.
+BASE_LIMITATIONS = [
+    "It draws only what its training data showed: captions outside that data give images unrelated to the text.",
+    "Small, low-resolution images from a model trained on a CPU; not a general-purpose text-to-image model.",
+]
+SAMPLE_GRID_DEFAULTS = {"images_per_prompt": 4, "candidates": 8, "seed": 0}  # `sample_grid`'s defaults
+_WALL_TIME = re.compile(r"Wall time: [^(\n]*\((\d+) s\)")
+
+
+def read_card_data(folder: str) -> dict:
+    """`card_data.json` of a pipeline folder, or `{}` when it has none (a freshly trained pipeline)."""
+    path = os.path.join(folder, CARD_DATA_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def total_wall_time_s(card_data: dict) -> int | None:
+    """The sum of the stages' wall times ("Wall time: 26m20s (1580 s)" in each stage's card), or None."""
+    times = [int(m) for stage in card_data.get("stages", []) for m in _WALL_TIME.findall(stage.get("card", ""))]
+    return sum(times) if times else None
+
+
+def format_duration(seconds: int) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def card_metadata(card_data: dict) -> ModelCardData:
+    """The front matter: license, library, pipeline tag, tags and the data sources with their licenses."""
+    sources = card_data.get("data_sources", [])
+    return ModelCardData(
+        license=card_data.get("license", DEFAULT_LICENSE),
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=BASE_TAGS + [t for t in card_data.get("tags", []) if t not in BASE_TAGS],
+        datasets=card_data.get("datasets") or None,  # Hub dataset ids only; other sources go to data_sources
+        data_sources=[{"name": s["name"], "license": s["license"]} for s in sources] or None,
+    )
+
+
+def eval_section(evaluation: dict) -> str:
+    """A benchmark report as a markdown table: best-of-1 per task, CLIP best-of-N when it was run, and the checker's
+    best-of-N (a prompt passes if any candidate does: the ceiling of any reranker) when reported.
+
+    `evaluation` holds `name` (the heading), `report` (the benchmark's report.json), `mean_key` (the report's key of
+    the headline mean, e.g. `shapes_eval`; `<mean_key>_reranked` and `<mean_key>_best_of_n_oracle` for the other
+    columns) and `mean_label` (its row name).
+    """
+    report, mean_key = evaluation["report"], evaluation["mean_key"]
+    columns = [("best-of-1", report["accuracy"], report[mean_key])]
+    if report.get("reranked_accuracy"):
+        columns.append(("CLIP best-of-N", report["reranked_accuracy"], report[f"{mean_key}_reranked"]))
+    if report.get("best_of_n_oracle"):
+        columns.append(("checker best-of-N", report["best_of_n_oracle"], report[f"{mean_key}_best_of_n_oracle"]))
+    rows = ["| task | " + " | ".join(name for name, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for task in report["accuracy"]:
+        rows.append(f"| {task} | " + " | ".join(f"{values[task]:.3f}" for _, values, _ in columns) + " |")
+    label = evaluation.get("mean_label", "mean")
+    rows.append(f"| **{label}** | " + " | ".join(f"**{mean:.3f}**" for _, _, mean in columns) + " |")
+    config = json.dumps(report.get("config", {}))
+    return f"## {evaluation['name']}\n\n`{config}`\n\n" + "\n".join(rows) + "\n"
+
+
+def usage_section(name_or_path: str, repo_id: str | None) -> str:
+    if repo_id is None:
+        return (
+            f"Load it with `DallePipeline.from_pretrained(\"{name_or_path}\")`. A copy published with "
+            "`dalle-hf push` carries the pipeline and model code, so it also loads without dalle-hf installed:\n"
+        )
+    return (
+        "## Usage\n\nWith diffusers and transformers (no dalle-hf needed: the repository carries the pipeline and "
+        "model code, so read it before you trust it):\n\n```python\nimport torch\nfrom diffusers import "
+        f"DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained(\"{repo_id}\", trust_remote_code=True)\n"
+        "out = pipe(\"...\", num_images_per_prompt=16, num_images_to_keep=4, generator=torch.Generator()."
+        "manual_seed(0))\nout.images[0].save(\"best.png\")\n```\n"
+    )
+
+
+def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = None, sample_grid: bool = False):
+    """The card of a pipeline folder as a `huggingface_hub.ModelCard`.
+
+    Args:
+        card_data (`dict`): the folder's `card_data.json` (`{}` gives a minimal card).
+        name_or_path (`str`): how the folder is named in the shipped card's load line.
+        repo_id (`str`, *optional*, defaults to `None`): the Hub repository the card is published to; it adds the
+            usage section for `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
+        sample_grid (`bool`, *optional*, defaults to `False`): show `samples.png` (the folder has one).
+    """
+    title = card_data.get("name", os.path.basename(os.path.normpath(name_or_path)))
+    summary = card_data.get("summary", "A DALL-E (Ramesh et al. 2021) pipeline made with dalle-hf.")
+    sections = [f"# {title}\n", f"{summary} " + usage_section(name_or_path, repo_id)]
+    if repo_id is None:
+        sections[-1] += (
+            "\n```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
+            "\"<org>/<name>\", trust_remote_code=True)\n```\n"
+        )
+    if sample_grid:
+        settings = {**SAMPLE_GRID_DEFAULTS, **card_data.get("sample_grid", {})}
+        prompts = ", ".join(f'"{p}"' for p in card_data.get("sample_prompts", [""]))
+        sections.append(
+            f"![samples]({SAMPLE_GRID_NAME})\n\nOne row per prompt ({prompts}): the CLIP-best "
+            f"{settings['images_per_prompt']} of {settings['candidates']} samples, seed {settings['seed']}, the "
+            "pipeline's default sampling settings.\n"
+        )
+    if card_data.get("data_sources"):
+        rows = ["| data | license | what |", "|---|---|---|"]
+        rows += [f"| {s['name']} | {s['license']} | {s.get('description', '')} |" for s in card_data["data_sources"]]
+        sections.append("## Training data\n\n" + "\n".join(rows) + "\n")
+    wall = total_wall_time_s(card_data)
+    if card_data.get("stages"):
+        lines = ["## Training\n"]
+        if wall is not None:
+            lines.append(f"Wall time of all training stages together: {format_duration(wall)} ({wall} s).\n")
+        if card_data.get("assembly_command"):
+            lines.append(f"Assembled with:\n\n```bash\n{card_data['assembly_command']}\n```\n")
+        sections.append("\n".join(lines))
+        for stage in card_data["stages"]:
+            heading = f"## {stage['component']}, stage {stage['stage']} ({stage['run']})"
+            sections.append(f"{heading}\n\n{stage['card'].strip()}\n")
+    if card_data.get("evaluation", {}).get("report"):
+        sections.append(eval_section(card_data["evaluation"]))
+    if card_data.get("notes"):
+        sections.append(card_data["notes"].strip() + "\n")
+    limitations = BASE_LIMITATIONS + card_data.get("limitations", [])
+    sections.append("## Limitations\n\n" + "\n".join(f"- {line}" for line in limitations) + "\n")
+    return ModelCard(f"---\n{card_metadata(card_data).to_yaml()}\n---\n\n" + "\n".join(sections))
+
+
+def sample_grid(pipe, prompts: list[str], images_per_prompt: int = 4, candidates: int = 8, seed: int = 0):
+    """One row per prompt: the CLIP-best `images_per_prompt` of `candidates` samples (seed `seed`), as a PIL image."""
+    import torch
+    from PIL import Image
+
+    out = pipe(prompts, num_images_per_prompt=candidates, num_images_to_keep=images_per_prompt,
+               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    w, h = out.images[0].size
+    grid = Image.new("RGB", (w * images_per_prompt, h * len(prompts)), "white")
+    for i, image in enumerate(out.images):
+        grid.paste(image, ((i % images_per_prompt) * w, (i // images_per_prompt) * h))
+    return grid
+
+
+def write_model_card(folder: str, name_or_path: str | None = None, repo_id: str | None = None) -> ModelCard:
+    """Write `folder/README.md` from `folder/card_data.json` (and show `samples.png` if the folder has one)."""
+    card = make_model_card(
+        read_card_data(folder),
+        folder if name_or_path is None else name_or_path,
+        repo_id=repo_id,
+        sample_grid=os.path.isfile(os.path.join(folder, SAMPLE_GRID_NAME)),
+    )
+    card.save(os.path.join(folder, "README.md"))
+    return card
+
+
+def write_sample_grid(folder: str, pipe=None) -> str:
+    """Draw `folder/samples.png` from the card data's `sample_prompts` (`[""]`, unconditional, without any)."""
+    card_data = read_card_data(folder)
+    if pipe is None:
+        from .pipeline_dalle import DallePipeline
+
+        pipe = DallePipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+    settings = {**SAMPLE_GRID_DEFAULTS, **card_data.get("sample_grid", {})}
+    grid = sample_grid(pipe, card_data.get("sample_prompts", [""]), **settings)
+    path = os.path.join(folder, SAMPLE_GRID_NAME)
+    grid.save(path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a pipeline folder's README.md from its card_data.json.")
+    parser.add_argument("folder")
+    parser.add_argument("--sample-grid", dest="sample_grid", action="store_true", help="also draw samples.png")
+    args = parser.parse_args(argv)
+    if args.sample_grid:
+        print(f"wrote {write_sample_grid(args.folder)}")
+    write_model_card(args.folder, os.path.relpath(args.folder) if os.path.isdir(args.folder) else args.folder)
+    print(f"wrote {os.path.join(args.folder, 'README.md')}")
+
+
+if __name__ == "__main__":
+    main()
