@@ -196,6 +196,15 @@ def _text_input_ids(texts_or_input_ids, clip_processor: CLIPProcessor, batch_siz
     return input_ids
 
 
+def _onload(clip_model: CLIPModel) -> None:
+    """Run the offload hook of `pipe.enable_model_cpu_offload()`, if any: it moves a model to the GPU when its
+    `forward` is called, and scoring calls `get_image_features` / `get_text_features` instead (diffusers'
+    `apply_forward_hook` does the same for a VAE's `decode`)."""
+    hook = getattr(clip_model, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(clip_model)
+
+
 def _image_embeds(clip_model: CLIPModel, clip_processor: CLIPProcessor, images: torch.Tensor) -> torch.Tensor:
     pixel_values = clip_pixel_values(images.to(device=clip_model.device, dtype=clip_model.dtype), clip_processor)
     return F.normalize(clip_model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
@@ -228,6 +237,7 @@ def clip_text_image_scores(
     ```
     """
     _check_images(images)
+    _onload(clip_model)
     input_ids = _text_input_ids(texts_or_input_ids, clip_processor, images.shape[0]).to(clip_model.device)
     image_embeds = _image_embeds(clip_model, clip_processor, images)  # (B, D)
     text_embeds = F.normalize(clip_model.get_text_features(input_ids=input_ids).pooler_output.float(), dim=-1)
@@ -261,6 +271,7 @@ def clip_image_image_scores(
     """
     _check_images(images)
     _check_images(reference_images, "reference_images")
+    _onload(clip_model)
     if reference_images.shape[0] not in (1, images.shape[0]):
         raise ValueError(
             f"reference_images must have 1 or len(images) = {images.shape[0]} entries, "

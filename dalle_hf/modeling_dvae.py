@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -254,6 +255,7 @@ class DalleVAE(DalleVAEPreTrainedModel):
                 f"`pixel_values` must be {size}x{size} (config.image_size), got {tuple(pixel_values.shape[2:])}."
             )
 
+    @apply_forward_hook  # with pipe.enable_model_cpu_offload(), moves the dVAE to the GPU (not a forward)
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         r"""
         Encode images to logits over codes.
@@ -293,6 +295,7 @@ class DalleVAE(DalleVAEPreTrainedModel):
         # OpenAI: unmap_pixels(sigmoid(x_stats[:, :3])); sigmoid(mu) is the median of the logit-Laplace.
         return unmap_pixels(torch.sigmoid(mu), self.config.logit_laplace_eps)
 
+    @apply_forward_hook  # with pipe.enable_model_cpu_offload(), moves the dVAE to the GPU (not a forward)
     @torch.no_grad()
     def decode_code(self, ids: torch.LongTensor) -> torch.FloatTensor:
         r"""

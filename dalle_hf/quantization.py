@@ -111,6 +111,53 @@ def bnb_quantization_config(bits: int = 8, compute_dtype: torch.dtype | None = N
     )
 
 
+PRECISIONS = ("fp32", "bf16", "bnb-int8", "bnb-nf4")
+
+
+def precision_kwargs(precision: str, device: str | torch.device = "cpu") -> dict:
+    r"""
+    `from_pretrained` keyword arguments that load a pipeline (or a model) in one of `PRECISIONS` for `device`.
+
+    | precision | transformer's Linear layers | everything else (embeddings, norms, head, dVAE, CLIP) |
+    |---|---|---|
+    | `"fp32"` | float32 | float32 |
+    | `"bf16"` | bfloat16 | bfloat16 |
+    | `"bnb-int8"` | LLM.int8 | float16 on CUDA, float32 on CPU |
+    | `"bnb-nf4"` | nf4, computed in bfloat16 | bfloat16 |
+
+    LLM.int8 quantizes float16 activations and casts any other dtype, with a warning, at every call; on CPU there
+    are no float16 kernels, so float32 there.
+
+    bitsandbytes places a quantized transformer on the GPU while loading when CUDA is available; call
+    `pipe.to(device)` after loading to move the rest.
+
+    Args:
+        precision (`str`):
+            One of `PRECISIONS`.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
+            Where the pipeline will run; only `"bnb-int8"` depends on it.
+
+    Example:
+
+    ```python
+    >>> from dalle_hf import DallePipeline
+    >>> from dalle_hf.quantization import precision_kwargs
+    >>> pipe = DallePipeline.from_pretrained("checkpoints/dalle-shapes", **precision_kwargs("bnb-nf4", "cuda"))
+    >>> pipe = pipe.to("cuda")
+    ```
+    """
+    if precision == "fp32":
+        return {"dtype": torch.float32}
+    if precision == "bf16":
+        return {"dtype": torch.bfloat16}
+    if precision == "bnb-int8":
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return {"dtype": dtype, "quantization_config": bnb_quantization_config(8)}
+    if precision == "bnb-nf4":
+        return {"dtype": torch.bfloat16, "quantization_config": bnb_quantization_config(4, torch.bfloat16)}
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def unpack_bnb_4bit_cpu_weights(module: nn.Module, *args, **kwargs) -> None:
     """Undo bitsandbytes' CPU repacking of 4-bit weights, exactly, before a state dict is taken.
 
@@ -153,4 +200,11 @@ def weight_bytes(pipe_or_model) -> int:
     return sum(_tensor_bytes(t) for t in _transformer_of(pipe_or_model).state_dict().values())
 
 
-__all__ = ["bnb_quantization_config", "quantize_dynamic_int8", "unpack_bnb_4bit_cpu_weights", "weight_bytes"]
+__all__ = [
+    "PRECISIONS",
+    "bnb_quantization_config",
+    "precision_kwargs",
+    "quantize_dynamic_int8",
+    "unpack_bnb_4bit_cpu_weights",
+    "weight_bytes",
+]

@@ -44,15 +44,14 @@ def transformer():
     return DalleForImageGeneration(tiny_dalle_config()).eval()
 
 
-@pytest.fixture
-def vae():
+def tiny_vae() -> DalleVAE:
     torch.manual_seed(0)
     config = DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)
     return DalleVAE(config).eval()
 
 
-@pytest.fixture
-def clip(tokenizer):
+def tiny_clip(tokenizer):
+    """(CLIPModel, CLIPProcessor) for 16x16 images and the tiny tokenizer."""
     from transformers import CLIPModel
 
     from dalle_hf.clip import make_clip_config, make_clip_processor
@@ -63,6 +62,32 @@ def clip(tokenizer):
         text_width=32, text_layers=2, projection_dim=32, head_dim=16,
     )
     return CLIPModel(config).eval(), make_clip_processor(tokenizer, image_size=16)
+
+
+def save_tiny_pipeline(path, tokenizer, with_clip: bool = False):
+    """Save a float32 pipeline whose Linear shapes suit bitsandbytes' kernels (width 128: K and N multiples of 32
+    and of two 4-bit blocks of 64, so a transposed `absmax` would show); returns `path`."""
+    from dalle_hf.pipeline_dalle import DallePipeline
+
+    torch.manual_seed(0)
+    transformer = DalleForImageGeneration(tiny_dalle_config(n_embd=128, n_head=4)).eval()
+    clip_model, clip_processor = tiny_clip(tokenizer) if with_clip else (None, None)
+    pipe = DallePipeline(
+        tokenizer=tokenizer, transformer=transformer, vae=tiny_vae(), clip_model=clip_model,
+        clip_processor=clip_processor,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def vae():
+    return tiny_vae()
+
+
+@pytest.fixture
+def clip(tokenizer):
+    return tiny_clip(tokenizer)
 
 
 @pytest.fixture

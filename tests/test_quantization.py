@@ -7,11 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from dalle_hf.modeling_dalle import DalleForImageGeneration
 from dalle_hf.pipeline_dalle import DallePipeline
-from dalle_hf.quantization import bnb_quantization_config, quantize_dynamic_int8, weight_bytes
+from dalle_hf.quantization import (
+    PRECISIONS,
+    bnb_quantization_config,
+    precision_kwargs,
+    quantize_dynamic_int8,
+    weight_bytes,
+)
 
-from .conftest import tiny_dalle_config
+from .conftest import save_tiny_pipeline
 
 
 def gen(seed=0):
@@ -24,19 +29,8 @@ def sample(pipe, seed=0):
 
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory, tokenizer):
-    """A float32 pipeline on disk whose Linear shapes suit bitsandbytes' CPU kernels (width 128: K and N multiples
-    of 32 and of two 4-bit blocks of 64, so a transposed `absmax` would show)."""
-    from dalle_hf.configuration_dvae import DalleVAEConfig
-    from dalle_hf.modeling_dvae import DalleVAE
-
-    torch.manual_seed(0)
-    transformer = DalleForImageGeneration(tiny_dalle_config(n_embd=128, n_head=4)).eval()
-    vae = DalleVAE(
-        DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32)
-    ).eval()
-    path = tmp_path_factory.mktemp("pipe")
-    DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae).save_pretrained(path)
-    return path
+    """A float32 pipeline on disk whose Linear shapes suit bitsandbytes' CPU kernels (`save_tiny_pipeline`)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipe"), tokenizer)
 
 
 def load(path, **kwargs):
@@ -147,3 +141,39 @@ def test_cli_loads_each_precision(saved_pipeline):
         load_pipeline(str(saved_pipeline), "bfloat16", "int8-dynamic")
     args = build_parser().parse_args(["eval", "shapes", "--pipeline", "p", "--out", "o", "--quantization", "bnb-nf4"])
     assert args.quantization == "bnb-nf4" and args.dtype == "float32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# precision_kwargs: one name per precision, shared by the CUDA tests and benchmarks/gpu_check.py
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_precision_kwargs_load_and_generate_on_cpu(saved_pipeline, precision):
+    if precision.startswith("bnb"):
+        pytest.importorskip("bitsandbytes")
+    pipe = load(saved_pipeline, **precision_kwargs(precision))
+    model = pipe.transformer
+    expected_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "bnb-int8": torch.float32}.get(
+        precision, torch.bfloat16
+    )
+    assert model.bos_embedding.dtype == expected_dtype and next(pipe.vae.parameters()).dtype == expected_dtype
+    c_fc = model.h[0].mlp.c_fc
+    if precision == "bnb-int8":
+        assert type(c_fc).__name__ == "Linear8bitLt" and c_fc.weight.dtype == torch.int8
+    elif precision == "bnb-nf4":
+        assert type(c_fc).__name__ == "Linear4bit" and c_fc.compute_dtype == torch.bfloat16
+    else:
+        assert type(c_fc) is nn.Linear and c_fc.weight.dtype == expected_dtype
+    assert type(model.lm_head) is nn.Linear
+    a, b = sample(pipe, 3), sample(pipe, 3)
+    assert a.image_tokens.shape == (4, 4, 4) and torch.equal(a.image_tokens, b.image_tokens)
+
+
+def test_precision_kwargs_int8_uses_float16_on_cuda_only():
+    pytest.importorskip("bitsandbytes")
+    assert precision_kwargs("bnb-int8", "cuda")["dtype"] == torch.float16
+    assert precision_kwargs("bnb-int8", torch.device("cuda", 0))["dtype"] == torch.float16
+    assert precision_kwargs("bnb-int8")["dtype"] == torch.float32
+    config = precision_kwargs("bnb-nf4", "cuda")["quantization_config"]
+    assert config.quant_kwargs["bnb_4bit_compute_dtype"] == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision_kwargs("fp16")
