@@ -17,11 +17,13 @@ import html
 import json
 import logging
 import math
+import numbers
 import os
 import queue
 import random
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from pathlib import Path
@@ -180,18 +182,28 @@ def release_memory():
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks: clear messages instead of stack traces
 # ----------------------------------------------------------------------------------------------------------------
+def shown(value, limit: int = 60) -> str:
+    """`repr(value)` for a message: HTML-escaped, and cut if long (an API client can send anything)."""
+    text = repr(value)
+    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…", quote=False)
+
+
 def check_number(name: str, value, low: float, high: float, integer: bool = False):
-    if value is None or isinstance(value, bool):
-        raise gr.Error(f"{name} is missing: expected a number in [{low}, {high}].")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a number, got {html.escape(repr(value), quote=False)}.") from None
+    """`value` as a number in [low, high] (an `int` if `integer`), else a `gr.Error` naming the setting and the range.
+
+    Only numbers pass: text ("3", "nan"), lists and true/false are refused, not converted.
+    """
+    expected = f"{'a whole' if integer else 'a'} number in [{low}, {high}]"
+    if value is None:
+        raise gr.Error(f"{name} is missing: expected {expected}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise gr.Error(f"{name} must be {expected}, got {shown(value)}.")
+    x = float(value)
     if not math.isfinite(x) or not low <= x <= high:
-        raise gr.Error(f"{name} must be in [{low}, {high}], got {value!r}.")
+        raise gr.Error(f"{name} must be in [{low}, {high}], got {shown(value)}.")
     if integer:
         if x != int(x):
-            raise gr.Error(f"{name} must be a whole number, got {value!r}.")
+            raise gr.Error(f"{name} must be {expected}, got {shown(value)}.")
         return int(x)
     return x
 
@@ -274,6 +286,58 @@ class ImageUpload(gr.Image):
                            title="Not an image") from None
 
 
+# Gradio checks a slider's or number box's API input against its bounds before it looks at the type, so null,
+# text or a list failed inside Gradio, before any handler ran, with its generic "the upstream Gradio app has raised
+# an exception"; a textbox turned anything into text, a checkbox took anything. These components check the type
+# and range first and answer with the setting's name (issue 22); the handlers check again for Python callers.
+def setting_name(component: gr.components.Component) -> str:
+    return (component.label or "The value").split(" (")[0]  # "Top-k (0 = off)" -> "Top-k"
+
+
+class CheckedSlider(gr.Slider):
+    """A `gr.Slider` whose input must be a number in its range: else a message with its name and range."""
+
+    is_template = True  # drawn by the frontend's Slider component
+
+    def preprocess(self, payload):
+        check_number(setting_name(self), payload, self.minimum, self.maximum, integer=self.precision == 0)
+        return super().preprocess(payload)
+
+
+class CheckedNumber(gr.Number):
+    """A `gr.Number` whose input must be empty (None, "") or a number in its range: else a message, as above."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None or payload == "":
+            return None
+        check_number(setting_name(self), payload, self.minimum, self.maximum, integer=self.precision == 0)
+        return super().preprocess(payload)
+
+
+class CheckedCheckbox(gr.Checkbox):
+    """A `gr.Checkbox` whose input must be true or false."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if not isinstance(payload, bool):
+            raise gr.Error(f"{setting_name(self)} must be true or false, got {shown(payload)}.")
+        return super().preprocess(payload)
+
+
+class CheckedTextbox(gr.Textbox):
+    """A `gr.Textbox` whose input must be text or empty (None), not a number or a list turned into text."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is not None and not isinstance(payload, str):
+            raise gr.Error(f"{setting_name(self)} must be text, got {shown(payload)}.")
+        return super().preprocess(payload)
+
+
 def to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     """A high-bit-depth gray image as uint8: by its format's range (16-bit, or [0, 1] floats), else min-max."""
     low, high = 0.0, 65535.0 if mode.startswith("I;16") else 1.0 if mode == "F" else 255.0
@@ -349,6 +413,29 @@ def preview_images(pipe: DallePipeline, tokens: torch.LongTensor, count: int) ->
     return pipe.postprocess(images, "pil")
 
 
+def without_tracebacks(exc: BaseException) -> BaseException:
+    """`exc` ready to outlive its thread: the traceback of `exc` and of the exceptions chained to it written into a
+    note on `exc` (for the log) and dropped, their frames cleared.
+
+    A traceback holds the frames it passed through, with their locals: the sampling loop's KV cache (two 54 MB
+    buffers for the shipped model). An exception kept with its traceback (in the request's queue, or in the frame
+    that re-raises it) closes a reference cycle that only a full garbage collection frees, and that rarely runs
+    in this app: about 100 MB per cancelled request stayed until then (issue 22).
+    """
+    if exc.__traceback__ is not None:
+        exc.add_note("Raised in the sampling thread:\n" + "".join(traceback.format_exception(exc)).rstrip())
+    pending, seen = [exc], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # frames still running (this thread's) are skipped
+        e.__traceback__ = None
+        pending += [e.__cause__, e.__context__]
+    return exc
+
+
 def stream_sampling(pipe: DallePipeline, call, preview_count: int):
     """Run `call(callback_on_step_end)` in a worker thread; yield partial images each time a row of tokens is
     complete (at most every PREVIEW_INTERVAL s); return the pipeline output.
@@ -370,8 +457,13 @@ def stream_sampling(pipe: DallePipeline, call, preview_count: int):
     def work():
         try:
             updates.put(("done", call(callback)))
-        except BaseException as e:  # handed to the request's thread, which reports it
-            updates.put(("error", e))
+        except BaseException as e:
+            without_tracebacks(e)  # (see there: a kept traceback keeps the request's KV cache)
+            if not cancelled.is_set():  # handed to the request's thread, which reports it
+                updates.put(("error", e))
+        finally:
+            if cancelled.is_set():  # the request is gone and its thread has released memory already
+                release_memory()
 
     worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="dalle-hf-sampling",
                               daemon=True)
@@ -384,7 +476,10 @@ def stream_sampling(pipe: DallePipeline, call, preview_count: int):
             elif kind == "done":
                 return value
             else:
-                raise value
+                try:
+                    raise value
+                finally:
+                    del value  # its new traceback holds this frame: no cycle through the frame's locals
     finally:
         cancelled.set()  # stops the worker if the request was cancelled mid-way
 
@@ -570,13 +665,14 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Text to images", id="text"):
                 with gr.Row(equal_height=True):
-                    prompt = gr.Textbox(label="Prompt", placeholder="a red circle left of a blue square", max_lines=1,
-                                        max_length=MAX_PROMPT_CHARS, show_label=False, container=False, scale=5,
-                                        elem_id="prompt")
+                    prompt = CheckedTextbox(label="Prompt", placeholder="a red circle left of a blue square",
+                                            max_lines=1, max_length=MAX_PROMPT_CHARS, show_label=False,
+                                            container=False, scale=5, elem_id="prompt")
                     run = gr.Button("Run", variant="primary", scale=0, min_width=120, elem_id="run")
-                negative = gr.Textbox("", label="Negative prompt (optional)", max_lines=1, max_length=MAX_PROMPT_CHARS,
-                                      placeholder="what to steer away from, e.g. “a square” for “a cyan square”",
-                                      elem_id="negative-prompt")
+                negative = CheckedTextbox("", label="Negative prompt (optional)", max_lines=1,
+                                          max_length=MAX_PROMPT_CHARS,
+                                          placeholder="what to steer away from, e.g. “a square” for “a cyan square”",
+                                          elem_id="negative-prompt")
                 gallery = gr.Gallery(label="Best k of N (CLIP score)", columns=4, height="auto", format="png",
                                      object_fit="contain", buttons=["download", "download_all", "fullscreen"],
                                      elem_id="gallery")
@@ -590,9 +686,9 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                     with gr.Column():
                         image = ImageUpload(label="Image", type="filepath", image_mode=None, height=256,
                                             sources=["upload", "clipboard"], elem_id="var-image")
-                        var_prompt = gr.Textbox(label="Prompt (optional)", max_lines=1, max_length=MAX_PROMPT_CHARS)
-                        rows = gr.Slider(0, grid - 1, value=grid // 2, step=1,
-                                         label=f"Rows of image tokens kept (of {grid})")
+                        var_prompt = CheckedTextbox(label="Prompt (optional)", max_lines=1, max_length=MAX_PROMPT_CHARS)
+                        rows = CheckedSlider(0, grid - 1, value=grid // 2, step=1,
+                                              label=f"Rows of image tokens kept (of {grid})")
                         var_run = gr.Button("Make variations", variant="primary", elem_id="var-run")
                     with gr.Column():
                         var_gallery = gr.Gallery(label="Variations (CLIP similarity to the input)", columns=4,
@@ -603,17 +699,18 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                         var_status = gr.Markdown(label="Status")
         with gr.Accordion("Advanced settings", open=False):
             with gr.Row():
-                candidates = gr.Slider(1, MAX_CANDIDATES, value=DEFAULTS["candidates"], step=1, label="Candidates N")
-                keep = gr.Slider(1, MAX_KEEP, value=DEFAULTS["keep"], step=1, label="Images kept k")
+                candidates = CheckedSlider(1, MAX_CANDIDATES, value=DEFAULTS["candidates"], step=1,
+                                           label="Candidates N")
+                keep = CheckedSlider(1, MAX_KEEP, value=DEFAULTS["keep"], step=1, label="Images kept k")
             with gr.Row():
-                temperature = gr.Slider(0.05, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature")
-                top_k = gr.Slider(0, 512, value=DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
-                top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.01, label="Top-p (1 = off)")
-                guidance = gr.Slider(1.0, 10.0, value=guidance_scale, step=0.5,
-                                     label="Guidance scale (1 = off)")
+                temperature = CheckedSlider(0.05, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature")
+                top_k = CheckedSlider(0, 512, value=DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
+                top_p = CheckedSlider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.01, label="Top-p (1 = off)")
+                guidance = CheckedSlider(1.0, 10.0, value=guidance_scale, step=0.5,
+                                          label="Guidance scale (1 = off)")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
-                randomize = gr.Checkbox(label="Randomize seed", value=True)
+                seed = CheckedNumber(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
+                randomize = CheckedCheckbox(label="Randomize seed", value=True)
         with gr.Accordion("How it works", open=False):
             how = gr.Markdown(how_it_works(info))
 
