@@ -2,12 +2,16 @@
 PYTHON ?= python3
 export OMP_NUM_THREADS ?= 1
 
+# OpenAI's dVAE classes for the parity test, without their declared dependencies (they pull a torchvision that
+# fails to import beside this torch); what they import (attrs, requests) is in requirements.in.
+OPENAI_DALLE = DALL-E==0.1
+
 .PHONY: install browser test test-latest lock lint app bench
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps -e .
-	$(PYTHON) -m pip install -q --no-deps DALL-E==0.1  # OpenAI's dVAE classes for the parity test; its declared deps pull torchvision
+	$(PYTHON) -m pip install -q --no-deps $(OPENAI_DALLE)
 
 browser:  # Debian's Chromium for the browser test (Playwright drives it; never `playwright install`)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
@@ -26,8 +30,10 @@ LATEST_VENV ?= /tmp/dalle-hf-latest-venv
 test-latest: browser
 	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager ".[app,quantization,test]"
+	echo "torch==2.13.0" > $(LATEST_VENV)/hold-torch.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/hold-torch.txt \
+		".[app,quantization,test]" attrs requests
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(OPENAI_DALLE)
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE "^(torch|transformers|diffusers|accelerate|huggingface.hub|gradio|gradio.client|tokenizers|safetensors|bitsandbytes|pillow|numpy)=="
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m latest
 	rm -rf $(LATEST_VENV)
