@@ -4,6 +4,8 @@
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
     dalle-hf eval vae --pipeline checkpoints/dalle-shapes
     dalle-hf eval clip --pipeline checkpoints/dalle-shapes
+    dalle-hf push checkpoints/dalle-shapes org/dalle-shapes [--private] [--revision BRANCH]
+    dalle-hf export-space space/ --model org/dalle-shapes
     dalle-hf convert-openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae
     dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
 """
@@ -132,6 +134,24 @@ def cmd_convert_openai_dvae(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import push_folder
+
+    commit = push_folder(args.path, args.repo_id, private=args.private or None, revision=args.revision,
+                         commit_message=args.commit_message)  # fmt: skip
+    print(f"pushed {args.path} to {args.repo_id}" + (f" (branch {args.revision})" if args.revision else ""))
+    print(getattr(commit, "commit_url", commit))
+    return 0
+
+
+def cmd_export_space(args) -> int:
+    from .space import export_space
+
+    files = export_space(args.dir, args.model, title=args.title)
+    print(f"wrote {args.dir}: {', '.join(files)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--n-captions", dest="n_captions", type=int, default=32, help="the true one and N - 1 false ones")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(func=cmd_eval_clip)
+
+    push = sub.add_parser(
+        "push", help="publish a pipeline folder to the Hub with its card, sample grid and code (trust_remote_code)"
+    )
+    push.add_argument("path", help="a saved DallePipeline folder, e.g. checkpoints/dalle-shapes")
+    push.add_argument("repo_id", help="the Hub repository, org/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", default=None, help="the branch to commit to (created if missing; default main)")
+    push.add_argument("--commit-message", dest="commit_message", default=None)
+    push.set_defaults(func=cmd_push)
+
+    space = sub.add_parser("export-space", help="a Hugging Face Space folder (Gradio) that runs a published model")
+    space.add_argument("dir", help="the folder to write app.py, requirements.txt and README.md into")
+    space.add_argument("--model", required=True, help="the published model, org/name")
+    space.add_argument("--title", default=None, help="the Space's title (default: 'DALL-E <name>')")
+    space.set_defaults(func=cmd_export_space)
 
     conv = sub.add_parser(
         "convert-openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a DalleVAE folder"

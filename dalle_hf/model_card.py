@@ -53,7 +53,7 @@ def format_duration(seconds: int) -> str:
 
 
 def card_metadata(card_data: dict) -> ModelCardData:
-    """The front matter: license, library, pipeline tag, tags and the data sources with their licenses."""
+    """The front matter: license, library, pipeline tag, tags, the data sources with their licenses, example prompts."""
     sources = card_data.get("data_sources", [])
     return ModelCardData(
         license=card_data.get("license", DEFAULT_LICENSE),
@@ -62,6 +62,8 @@ def card_metadata(card_data: dict) -> ModelCardData:
         tags=BASE_TAGS + [t for t in card_data.get("tags", []) if t not in BASE_TAGS],
         datasets=card_data.get("datasets") or None,  # Hub dataset ids only; other sources go to data_sources
         data_sources=[{"name": s["name"], "license": s["license"]} for s in sources] or None,
+        # The Hub's widget examples; the Space made by `dalle-hf export-space` offers them as its examples.
+        widget=[{"text": p} for p in card_data.get("sample_prompts", []) if p] or None,
     )
 
 

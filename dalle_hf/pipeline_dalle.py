@@ -121,6 +121,36 @@ class DallePipeline(DiffusionPipeline):
             raise ValueError(f"default_guidance_scale must be a number >= 1, got {default_guidance_scale!r}")
         self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        revision: str | None = None,
+    ):
+        r"""
+        Publish the pipeline with its model card, sample grid and code, so that
+        `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` loads it without dalle-hf (`dalle_hf.hub`).
+
+        Args:
+            repo_id (`str`): the Hub repository, `"org/name"`; created if missing.
+            commit_message (`str`, *optional*, defaults to `None`): defaults to "Upload DallePipeline (n files)".
+            private (`bool`, *optional*, defaults to `None`): make a new repository private (`None`: the Hub's
+                default); an existing repository keeps its visibility.
+            token (`str`, *optional*, defaults to `None`): a Hub token; `None` uses the one `hf auth login` saved.
+            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+            revision (`str`, *optional*, defaults to `None`): the branch to commit to (created if missing).
+
+        Returns:
+            `huggingface_hub.CommitInfo`.
+        """
+        from .hub import push_pipeline
+
+        return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token,
+                             create_pr=create_pr, revision=revision)  # fmt: skip
+
     # ----------------------------------------------------------------------------------------------------------
     # Steps shared with DalleImageVariationPipeline
     # ----------------------------------------------------------------------------------------------------------
