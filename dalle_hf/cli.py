@@ -4,6 +4,8 @@
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
     dalle-hf eval vae --pipeline checkpoints/dalle-shapes
     dalle-hf eval clip --pipeline checkpoints/dalle-shapes
+    dalle-hf compress image.png --caption "a red circle" --pipeline checkpoints/dalle-shapes --out image.dhfc
+    dalle-hf decompress image.dhfc --pipeline checkpoints/dalle-shapes --out image.png
     dalle-hf push checkpoints/dalle-shapes org/dalle-shapes [--private] [--revision BRANCH]
     dalle-hf export-space space/ --model org/dalle-shapes
     dalle-hf convert-openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae
@@ -152,6 +154,32 @@ def cmd_export_space(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from .compression import LikelihoodCoder, raw_bits_per_code
+
+    coder = LikelihoodCoder(load_pipeline(args.pipeline))
+    data = coder.compress_image(args.image, args.caption)
+    with open(args.out, "wb") as f:
+        f.write(data)
+    header, payload = coder.read_header(data)
+    n = header.grid_size**2
+    print(f"wrote {args.out}: {len(data)} bytes ({len(data) - len(payload)} of header and caption), "
+          f"{8 * len(payload) / n:.3f} bits per code{' (raw: coding would not save bytes)' if header.flags else ''}; "
+          f"the uniform code is {raw_bits_per_code(coder.vocab_size)} bits per code")  # fmt: skip
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from .compression import LikelihoodCoder
+
+    with open(args.file, "rb") as f:
+        data = f.read()
+    out = LikelihoodCoder(load_pipeline(args.pipeline)).decompress(data)
+    out.image.save(args.out)
+    print(f"wrote {args.out}: the dVAE reconstruction of {out.image_tokens.numel()} codes, caption {out.caption!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(func=cmd_eval_clip)
 
+    conv = sub.add_parser(
+        "convert-openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a DalleVAE folder"
+    )
+    conv.add_argument("--encoder", required=True, help="encoder.pkl (unpickled here, and only here) or a state dict")
+    conv.add_argument("--decoder", required=True, help="decoder.pkl or a state dict (.pt / .safetensors)")
+    conv.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
+    conv.set_defaults(func=cmd_convert_openai_dvae)
+
     push = sub.add_parser(
         "push", help="publish a pipeline folder to the Hub with its card, sample grid and code (trust_remote_code)"
     )
@@ -237,13 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--title", default=None, help="the Space's title (default: 'DALL-E <name>')")
     space.set_defaults(func=cmd_export_space)
 
-    conv = sub.add_parser(
-        "convert-openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a DalleVAE folder"
+    lossless = ("Lossless for the codes, lossy for the pixels: the file holds the image's dVAE codes exactly, "
+                "decompressing gives their dVAE reconstruction, not the original pixels.")
+    comp = sub.add_parser(
+        "compress", help="image -> its dVAE codes, range-coded under the transformer given a caption",
+        description="Compress an image: its dVAE codes, arithmetic-coded under the transformer's next-code "
+                    "distribution given the caption. " + lossless,
     )
-    conv.add_argument("--encoder", required=True, help="encoder.pkl (unpickled here, and only here) or a state dict")
-    conv.add_argument("--decoder", required=True, help="decoder.pkl or a state dict (.pt / .safetensors)")
-    conv.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
-    conv.set_defaults(func=cmd_convert_openai_dvae)
+    comp.add_argument("image", help="an image file (center-cropped and resized to the dVAE's size)")
+    comp.add_argument("--caption", default="", help="text the codes are coded under (stored in the file); "
+                      "a true caption makes the file smaller. Default: none (unconditional)")
+    comp.add_argument("--pipeline", required=True, help="a saved DallePipeline folder; the same one must decompress")
+    comp.add_argument("--out", required=True, help="the compressed file")
+    comp.set_defaults(func=cmd_compress)
+    decomp = sub.add_parser(
+        "decompress", help="a compressed file -> the exact dVAE codes -> their reconstruction (PNG)",
+        description="Decompress a file of `dalle-hf compress` with the same pipeline. " + lossless,
+    )
+    decomp.add_argument("file", help="a file written by dalle-hf compress")
+    decomp.add_argument("--pipeline", required=True, help="the pipeline that compressed it (another is refused)")
+    decomp.add_argument("--out", required=True, help="the reconstruction, e.g. image.png")
+    decomp.set_defaults(func=cmd_decompress)
 
     train = sub.add_parser("train", help="train a model (see python -m dalle_hf.train_<name> --help)", add_help=False)
     train.add_argument("model", choices=sorted(TRAINERS))
