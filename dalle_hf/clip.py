@@ -169,7 +169,10 @@ def clip_pixel_values(images: torch.Tensor, clip_processor: CLIPProcessor) -> to
     image_processor = clip_processor.image_processor
     crop_h, crop_w = image_processor.crop_size["height"], image_processor.crop_size["width"]
     if images.shape[-2:] != (crop_h, crop_w):
-        images = F.interpolate(images, size=(crop_h, crop_w), mode="bilinear", antialias=True, align_corners=False)
+        # in float32: PyTorch's CPU antialiased resize has no bf16 kernel (found by benchmarks/gpu_check.py)
+        images = F.interpolate(
+            images.float(), size=(crop_h, crop_w), mode="bilinear", antialias=True, align_corners=False
+        ).to(images.dtype)
     mean = torch.tensor(image_processor.image_mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std

@@ -465,3 +465,12 @@ def test_train_clip_with_a_candidate_bank(tmp_path):
         train_clip.main(train_clip.parse_args([*argv[:-6], "--candidate_bank", small]))
     with pytest.raises(ValueError, match="candidate_prompts_per_step"):
         train_clip.parse_args(["--output_dir", out, "--candidate_prompts_per_step", "0"])
+
+
+def test_clip_pixel_values_resizes_bfloat16(processor):
+    """PyTorch's CPU antialiased resize has no bf16 kernel: a bf16 pipeline whose images are not CLIP's size (the
+    large config of benchmarks/gpu_check.py) failed there."""
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = clip_pixel_values(images.to(torch.bfloat16), processor)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out.float(), clip_pixel_values(images, processor), atol=0.05, rtol=0.02)
