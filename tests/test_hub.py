@@ -4,13 +4,15 @@ The upload runs huggingface_hub's own `HfApi.upload_folder` (its folder scan and
 `HfApi.create_commit`, which is captured together with `create_repo` / `create_branch`; offline mode is on, so any
 request that slipped past them would raise instead of reaching a network. The captured files are then laid out as
 a Hugging Face cache (`models--org--name/snapshots/<sha>/...` and `refs/main`) and loaded, with `HF_HUB_OFFLINE=1`,
-in a subprocess where `import dalle_hf` fails, the way a user without dalle-hf meets the published model.
+by a virtual environment that has diffusers, transformers and gradio but not dalle-hf (`import dalle_hf` fails
+there), the way a user without dalle-hf meets the published model.
 """
 
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -53,20 +55,11 @@ SHIPPED_FILES = [
     "vae/model.safetensors",
     "vae/modeling_dvae.py",
 ]
-# Imported first in every "user without dalle-hf" subprocess: dalle_hf cannot be imported (the editable install's
-# finder is on sys.meta_path too, so this finder goes first), and the subprocess checks that it cannot.
-BLOCK_DALLE_HF = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class _NoDalleHf(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "dalle_hf":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    sys.meta_path.insert(0, _NoDalleHf())
+# Run first in every "user without dalle-hf" subprocess: it checks that dalle_hf cannot be imported.
+NO_DALLE_HF = textwrap.dedent("""
     try:
         import dalle_hf
-        raise SystemExit("dalle_hf is importable")
+        raise SystemExit(f"dalle_hf is importable from {dalle_hf.__file__}")
     except ModuleNotFoundError:
         pass
 """)
@@ -123,10 +116,21 @@ def write_hf_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
     return snapshot
 
 
-def run_without_dalle_hf(script: str, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def venv_without_dalle_hf(tmp_path_factory) -> Path:
+    """A virtual environment with this one's packages but not dalle-hf: its .pth file names our site-packages as a
+    plain path, so the .pth files inside (dalle-hf's editable install among them) are not run. Returns its python."""
+    venv = tmp_path_factory.mktemp("venv-without-dalle-hf")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (site_packages,) = venv.glob("lib/python*/site-packages")
+    (site_packages / "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv / "bin" / "python"
+
+
+def run_without_dalle_hf(python: Path, script: str, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(cwd / "modules"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", BLOCK_DALLE_HF + textwrap.dedent(script)], cwd=cwd, env=env,
+    result = subprocess.run([str(python), "-c", NO_DALLE_HF + textwrap.dedent(script)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -188,7 +192,7 @@ def test_shipped_card_is_the_generators_output():
     assert ModelCard.load(CHECKPOINT / "README.md").data.pipeline_tag == "text-to-image"
 
 
-def test_published_repo_loads_without_dalle_hf(published, tmp_path):
+def test_published_repo_loads_without_dalle_hf(published, venv_without_dalle_hf, tmp_path):
     _, cache = published
     script = f"""
         import json, sys
@@ -207,7 +211,7 @@ def test_published_repo_loads_without_dalle_hf(published, tmp_path):
         print(json.dumps({{"pipeline": type(pipe).__module__, "transformer": type(pipe.transformer).__module__,
                           "vae": type(vae).__name__, "dalle_hf": own}}))
     """
-    result = run_without_dalle_hf(script, cache, tmp_path)
+    result = run_without_dalle_hf(venv_without_dalle_hf, script, cache, tmp_path)
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["pipeline"] == "diffusers_modules.local.pipeline_dalle"
     assert loaded["transformer"] == "diffusers_modules.local.modeling_dalle"
@@ -221,7 +225,7 @@ def test_published_repo_loads_without_dalle_hf(published, tmp_path):
     assert np.array_equal(np.load(tmp_path / "pixels.npy"), np.stack([np.asarray(image) for image in ours.images]))
 
 
-def test_export_space_runs_offline_from_the_published_model(published, tmp_path):
+def test_export_space_runs_offline_from_the_published_model(published, venv_without_dalle_hf, tmp_path):
     _, cache = published
     space = tmp_path / "space"
     assert cli_main(["export-space", str(space), "--model", REPO_ID]) == 0
@@ -244,7 +248,7 @@ def test_export_space_runs_offline_from_the_published_model(published, tmp_path)
         print(json.dumps({"model": app.MODEL_ID, "captions": [c for _, c in gallery], "examples": app.example_prompts(),
                           "blocks": type(demo).__name__}))
     """
-    result = run_without_dalle_hf(script, cache, tmp_path)
+    result = run_without_dalle_hf(venv_without_dalle_hf, script, cache, tmp_path)
     ran = json.loads(result.stdout.strip().splitlines()[-1])
     assert ran["model"] == REPO_ID and ran["blocks"] == "Blocks" and len(ran["captions"]) == 2
     assert ran["captions"][0].startswith("CLIP ") and "a red circle" in ran["examples"]
