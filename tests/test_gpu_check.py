@@ -1,0 +1,99 @@
+"""benchmarks/gpu_check.py keeps working on the CPU (`--device cpu --small`), and the memory it computes from the
+configs alone equals the bytes of the real tensors, so the "What fits where" table in docs/performance.md holds."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle_hf.quantization import PRECISIONS, precision_kwargs
+
+from .conftest import save_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(gpu_check, tmp_path_factory, tokenizer):
+    """One small CPU run over a tiny pipeline with CLIP: every precision this machine has, batches 1 and 2."""
+    folder = tmp_path_factory.mktemp("gpu_check")
+    path = save_tiny_pipeline(folder / "shipped", tokenizer, with_clip=True)
+    out = folder / "gpu.json"
+    rc = gpu_check.main(["--device", "cpu", "--small", "--pipeline", str(path), "--skip-tests", "--out", str(out),
+                         "--folder", str(folder / "random")])
+    return rc, json.loads(out.read_text())
+
+
+def test_small_cpu_run_measures_every_cell(report):
+    rc, data = report
+    assert rc == 0 and not [r for r in data["results"] if "error" in r]
+    precisions = [p for p in PRECISIONS if not (p.startswith("bnb") and data["environment"]["bitsandbytes"] is None)]
+    rows = [r for r in data["results"] if "grid" not in r]
+    assert {(r["config"], r["precision"], r["batch"]) for r in rows} == {
+        (c, p, b) for c in ("shipped", "large") for p in precisions for b in (1, 2)
+    }
+    grids = [r for r in data["results"] if "grid" in r]
+    assert len(grids) == 2 * len(precisions)
+    for r in grids:
+        assert r["grid"]["candidates"] == 4 and r["grid"]["keep"] == 2 and min(r["grid"]["seconds"]) > 0
+    large = [r for r in rows if r["config"] == "large"]
+    assert {(r["layers"], r["width"], r["image_tokens"]) for r in large} == {(2, 64, 64)}
+    for r in rows:
+        assert r["image_tokens_per_s"] > 0 and min(r["step_s"]) > 0 and r["process_peak_rss"] > 0
+        assert r["peak_allocated"] is None  # no GPU: the CPU reports tensor bytes and RSS instead
+
+
+def test_computed_memory_equals_the_tensors(report):
+    """Weights and KV cache computed from the configs (on the `meta` device) against the loaded models' state dicts
+    and the allocated cache: exact, except nf4's per-layer JSON quant state (~80 bytes a layer, not counted)."""
+    _, data = report
+    rows = [r for r in data["results"] if "grid" not in r]
+    for r in rows:
+        assert r["kv_cache_bytes"] == r["kv_cache_bytes_computed"], r
+        if r["precision"] == "bnb-nf4":
+            assert 0 <= r["weight_bytes"] - r["weight_bytes_computed"] < 0.005 * r["weight_bytes"], r
+        else:
+            assert r["weight_bytes"] == r["weight_bytes_computed"], r
+    by = {(r["config"], r["precision"], r["batch"]): r for r in rows}
+    fp32, bf16 = by[("shipped", "fp32", 1)], by[("shipped", "bf16", 1)]
+    assert bf16["weight_bytes"] == fp32["weight_bytes"] // 2 and 2 * bf16["kv_cache_bytes"] == fp32["kv_cache_bytes"]
+    assert by[("shipped", "fp32", 2)]["kv_cache_bytes"] == 2 * fp32["kv_cache_bytes"]
+
+
+def test_float_dtype_matches_precision_kwargs(gpu_check):
+    pytest.importorskip("bitsandbytes")
+    for precision in PRECISIONS:
+        for device in ("cpu", "cuda"):
+            assert gpu_check.float_dtype(precision, device) == precision_kwargs(precision, device)["dtype"]
+
+
+def test_quantized_linear_bytes(gpu_check):
+    assert gpu_check.quantized_linear_bytes(384, 128, "bnb-int8") == 384 * 128 + 4 * 384 + 1
+    assert gpu_check.quantized_linear_bytes(384, 128, "bnb-nf4") == 384 * 128 // 2 + 4 * 384 * 128 // 64 + 64
+
+
+def test_missing_packages_are_named_and_rule_out_precisions(gpu_check, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        find_spec(name, *a))
+    env = gpu_check.environment("cpu")
+    assert env["bitsandbytes"] is None
+    assert any(line.startswith("bitsandbytes: rules out bnb") for line in env["missing"])
+    assert gpu_check.precisions_available(list(PRECISIONS), env) == ["fp32", "bf16"]
+
+
+def test_cuda_subset_runs_and_skips_without_a_gpu(gpu_check):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the subset runs for real (benchmarks/gpu_check.py)")
+    result = gpu_check.run_cuda_tests()
+    assert result["returncode"] == 0 and "skipped" in result["summary"] and "passed" not in result["summary"]
