@@ -42,6 +42,7 @@ _LAZY = {
     "DallePipeline": "pipeline_dalle",
     "DallePipelineOutput": "pipeline_dalle",
     "DalleScoreOutput": "pipeline_dalle",
+    "DalleClassificationOutput": "pipeline_dalle",
     "DalleImageVariationPipeline": "pipeline_dalle_variation",
     "train_text_tokenizer": "tokenization",
     "make_clip_config": "clip",
@@ -50,6 +51,7 @@ _LAZY = {
 
 # Written out (not built from _LAZY) so linters see the re-exports above; a test checks it against _LAZY.
 __all__ = [
+    "DalleClassificationOutput",
     "DalleConfig",
     "DalleForImageGeneration",
     "DalleImageVariationPipeline",

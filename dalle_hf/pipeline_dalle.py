@@ -32,11 +32,18 @@ class DallePipelineOutput(BaseOutput):
             CLIP similarity (cosine x logit scale) of each kept image; `None` without a CLIP model.
         image_tokens (`torch.LongTensor` of shape `(n, grid, grid)`):
             The dVAE codes of the kept images.
+        likelihood_scores (`torch.DoubleTensor` of shape `(len(prompts), num_images_to_keep)`, *optional*):
+            With `rerank="likelihood"` or `"both"`: `log p(codes | prompt) - log p(codes | empty text)` in nats of
+            each kept image ([`DallePipeline.score`]).
+        ranked_by (`str`, *optional*):
+            What ordered the candidates: `"clip"`, `"likelihood"`, `"both"`, or `None` (drawn order, no CLIP model).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     clip_scores: torch.FloatTensor | None
     image_tokens: torch.LongTensor
+    likelihood_scores: torch.DoubleTensor | None = None
+    ranked_by: str | None = None
 
 
 @dataclass
@@ -67,6 +74,35 @@ class DalleScoreOutput(BaseOutput):
     image_tokens: torch.LongTensor
 
 
+@dataclass
+class DalleClassificationOutput(BaseOutput):
+    """Output of [`DallePipeline.classify`]: candidate captions ranked by how likely they make the image.
+
+    Args:
+        captions (`list[str]`):
+            The candidates, most likely first.
+        indices (`torch.LongTensor` of shape `(C,)`):
+            Position of each ranked caption in `candidate_captions`.
+        probabilities (`torch.DoubleTensor` of shape `(C,)`):
+            `p(caption | image)` over the candidates under a uniform prior: the softmax of `log_likelihood`.
+        log_likelihood (`torch.DoubleTensor` of shape `(C,)`):
+            `log p(codes | caption)` in nats.
+        log_likelihood_ratio (`torch.DoubleTensor` of shape `(C,)`):
+            `log p(codes | caption) - log p(codes | empty text)` in nats: how much the caption explains the image
+            beyond what the model expects of any image (pointwise mutual information, if empty text stands for the
+            average caption).
+    """
+
+    captions: list[str]
+    indices: torch.LongTensor
+    probabilities: torch.DoubleTensor
+    log_likelihood: torch.DoubleTensor
+    log_likelihood_ratio: torch.DoubleTensor
+
+
+RERANKERS = ("clip", "likelihood", "both")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Top-k, then nucleus (top-p) filtering of (B, V) logits: removed entries become -inf."""
     if top_k is not None and top_k < logits.shape[-1]:
@@ -78,6 +114,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
     return logits
+
+
+def standardize_per_group(scores: torch.Tensor, num_groups: int) -> torch.DoubleTensor:
+    """(G * n,) scores -> float64 z-scores within each of `num_groups` consecutive groups (0 where a group is flat)."""
+    grouped = scores.double().view(num_groups, -1)  # (G, n)
+    spread = grouped.std(dim=1, keepdim=True, unbiased=False)  # (G, 1)
+    z = (grouped - grouped.mean(dim=1, keepdim=True)) / spread.clamp_min(1e-12)
+    return z.view(-1)
 
 
 class DallePipeline(DiffusionPipeline):
@@ -414,6 +458,62 @@ class DallePipeline(DiffusionPipeline):
             image_tokens=codes.view(n, g, g).cpu(),
         )
 
+    @torch.no_grad()
+    def classify(self, image, candidate_captions: list[str], batch_size: int = 32) -> DalleClassificationOutput:
+        r"""
+        Zero-shot classification: rank candidate captions by the likelihood of the image's codes under each.
+
+        Bayes: `p(c | x) = p(x | c) p(c) / p(x)`. With a uniform prior over the candidates, `p(c | x)` is the softmax
+        of `log p(x | c)` over them, so ranking by `log p(x | c)` ranks by `p(c | x)`. Subtracting the unconditional
+        term `log p(x | empty text)` (the model's `p(x)` under caption dropout) gives `log p(c | x) - log p(c)` and
+        the same ranking for one image; it is what makes scores of different images comparable (likelihood
+        reranking uses it).
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, or `torch.LongTensor` of shape `(grid, grid)`):
+                One image (converted as in [`DalleImageVariationPipeline`]), or its dVAE codes.
+            candidate_captions (`list[str]`):
+                At least two distinct captions.
+            batch_size (`int`, *optional*, defaults to 32):
+                Captions per teacher-forced forward.
+
+        Returns:
+            [`DalleClassificationOutput`]: the captions, most likely first, with their scores.
+
+        Example:
+
+        ```python
+        >>> pipe.classify(image, ["a red circle", "a blue circle", "a red square"]).captions[0]
+        ```
+        """
+        if (
+            not isinstance(candidate_captions, list)
+            or len(candidate_captions) < 2
+            or not all(isinstance(c, str) for c in candidate_captions)
+            or len(set(candidate_captions)) != len(candidate_captions)
+        ):
+            raise ValueError(
+                f"candidate_captions must be a list of at least 2 distinct str, got {candidate_captions!r:.80}"
+            )
+        if isinstance(image, torch.Tensor) and image.dtype == torch.long:
+            codes = self.check_image_tokens(image[None] if image.dim() == 2 else image)  # (1, N)
+        else:
+            codes = self.check_image_tokens(self.encode_images([image]))  # (1, N)
+        if len(codes) != 1:
+            raise ValueError(f"classify takes one image, got {len(codes)}")
+        C = len(candidate_captions)
+        text_ids = self.encode_prompt(candidate_captions)  # (C, L)
+        log_likelihood = self.code_log_likelihood(codes.expand(C, -1), text_ids, batch_size)  # (C,)
+        unconditional = self.code_log_likelihood(codes, self.unconditional_ids(1), batch_size)  # (1,)
+        order = torch.argsort(log_likelihood, descending=True, stable=True)  # (C,)
+        return DalleClassificationOutput(
+            captions=[candidate_captions[i] for i in order.tolist()],
+            indices=order,
+            probabilities=log_likelihood.softmax(-1)[order],
+            log_likelihood=log_likelihood[order],
+            log_likelihood_ratio=(log_likelihood - unconditional)[order],
+        )
+
     # ----------------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt):
         if isinstance(prompt, str):
@@ -446,6 +546,47 @@ class DallePipeline(DiffusionPipeline):
         texts = [p for p in prompts for _ in range(per_prompt)]
         return lambda images: clip_text_image_scores(self.clip_model, self.clip_processor, images, texts)
 
+    def check_rerank(self, rerank: str) -> None:
+        if rerank not in RERANKERS:
+            raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
+        if rerank == "both" and (self.clip_model is None or self.clip_processor is None):
+            raise ValueError('rerank="both" needs a CLIP model; this pipeline has none (use rerank="likelihood")')
+
+    @torch.no_grad()
+    def rerank_and_keep(self, rerank, prompts, input_ids, images, tokens, per_prompt: int, keep: int):
+        """Order each prompt's `per_prompt` candidates by CLIP, by likelihood or by both, and keep the best `keep`.
+
+        The likelihood score is `log p(codes | prompt) - log p(codes | empty text)`: the likelihood alone favours
+        plain images (fewer objects cost fewer bits whatever the prompt), the ratio favours images the prompt
+        explains. `"both"` adds the two scores standardized over each prompt's candidates. Without CLIP,
+        `rerank="clip"` keeps the first `keep` in drawn order.
+
+        Returns `(images, tokens, clip_scores (P, keep) or None, likelihood_scores (P, keep) or None, ranked_by)`.
+        """
+        P = len(prompts)
+        scores = {}
+        if rerank in ("clip", "both"):
+            scores_fn = self.clip_text_scorer(prompts, per_prompt)
+            if scores_fn is not None:
+                scores["clip"] = scores_fn(images).float().cpu()  # (P * N,)
+        if rerank in ("likelihood", "both"):
+            conditional = self.code_log_likelihood(tokens, input_ids)  # (P * N,)
+            scores["likelihood"] = conditional - self.code_log_likelihood(tokens, self.unconditional_ids(len(tokens)))
+        if not scores:
+            index = torch.arange(P * per_prompt).view(P, per_prompt)[:, :keep].flatten()
+            ranked_by = None
+        else:
+            if rerank == "both":
+                ranking = sum(standardize_per_group(s, P) for s in scores.values())  # (P * N,)
+            else:
+                ranking = scores[rerank]
+            top = ranking.view(P, per_prompt).topk(keep, dim=1)  # sorted, best first
+            index = (top.indices + torch.arange(P)[:, None] * per_prompt).flatten()  # (P * keep,)
+            ranked_by = rerank
+        kept = {name: s[index].view(P, keep) for name, s in scores.items()}
+        images, tokens = images[index.to(images.device)], tokens[index.to(tokens.device)]
+        return images, tokens, kept.get("clip"), kept.get("likelihood"), ranked_by
+
     @torch.no_grad()
     def __call__(
         self,
@@ -461,6 +602,7 @@ class DallePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        rerank: str = "clip",
     ):
         r"""
         Generate images for `prompt`, keeping the CLIP-best `num_images_to_keep` of `num_images_per_prompt`.
@@ -496,12 +638,17 @@ class DallePipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*, defaults to `None`):
                 Called after every sampled token as `callback(pipe, step, token_index, {"image_tokens": (B, i + 1)})`
                 (e.g. to stream partial images).
+            rerank (`str`, *optional*, defaults to `"clip"`):
+                How to order the candidates before keeping the best: `"clip"` (CLIP similarity to the prompt; the
+                first samples without a CLIP model), `"likelihood"` (the transformer's `log p(image | prompt) -
+                log p(image | empty text)`, no CLIP needed) or `"both"` (the two standardized and added).
 
         Returns:
-            [`DallePipelineOutput`] or `tuple`.
+            [`DallePipelineOutput`] or `tuple` `(images, clip_scores, image_tokens)`.
         """
         # 1. Check inputs
         prompts = self.check_inputs(prompt)
+        self.check_rerank(rerank)
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
         keep = self.check_sampling_inputs(
@@ -524,10 +671,9 @@ class DallePipeline(DiffusionPipeline):
         # 4. Decode with the dVAE
         images = self.decode_image_tokens(tokens)  # (P * N, 3, H, W)
 
-        # 5. Rerank with CLIP and keep the best
-        scores_fn = self.clip_text_scorer(prompts, num_images_per_prompt)
-        images, tokens, scores = self.rank_and_keep(
-            images, tokens, scores_fn, len(prompts), num_images_per_prompt, keep
+        # 5. Rerank (CLIP, likelihood or both) and keep the best
+        images, tokens, scores, likelihood_scores, ranked_by = self.rerank_and_keep(
+            rerank, prompts, input_ids, images, tokens, num_images_per_prompt, keep
         )
 
         # 6. Postprocess
@@ -537,7 +683,19 @@ class DallePipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, scores, tokens)
-        return DallePipelineOutput(images=images, clip_scores=scores, image_tokens=tokens)
+        return DallePipelineOutput(
+            images=images, clip_scores=scores, image_tokens=tokens, likelihood_scores=likelihood_scores,
+            ranked_by=ranked_by,
+        )
 
 
-__all__ = ["DallePipeline", "DallePipelineOutput", "DalleScoreOutput", "MAX_IMAGES_PER_PROMPT", "filter_logits"]
+__all__ = [
+    "DalleClassificationOutput",
+    "DallePipeline",
+    "DallePipelineOutput",
+    "DalleScoreOutput",
+    "MAX_IMAGES_PER_PROMPT",
+    "RERANKERS",
+    "filter_logits",
+    "standardize_per_group",
+]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dalle_hf.pipeline_dalle import DalleScoreOutput
+from dalle_hf.pipeline_dalle import DalleClassificationOutput, DalleScoreOutput, standardize_per_group
 
 
 def random_codes(n, seed=0, grid=4, vocab=32):
@@ -85,3 +85,104 @@ def test_score_images_encodes_them_with_the_dvae(pipe):
 def test_score_validates_its_inputs(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe.score(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+def test_classify_ranks_captions_by_likelihood(pipe):
+    codes = random_codes(1, seed=2)[0]
+    candidates = ["a red circle", "a blue square", "three small circles", "a diamond above a triangle"]
+    out = pipe.classify(codes, candidates)
+    assert isinstance(out, DalleClassificationOutput)
+    scores = pipe.score(image_tokens=codes.expand(4, 4, 4), captions=candidates)
+    expected = torch.argsort(scores.log_likelihood, descending=True)
+    assert out.indices.tolist() == expected.tolist()
+    assert out.captions == [candidates[i] for i in expected.tolist()]
+    torch.testing.assert_close(out.log_likelihood, scores.log_likelihood[expected], rtol=1e-9, atol=1e-9)
+    # the unconditional term is the same for every caption: the ratio ranks them the same way
+    torch.testing.assert_close(out.log_likelihood_ratio, (scores.log_likelihood - scores.unconditional_log_likelihood)[
+        expected], rtol=1e-9, atol=1e-9)  # fmt: skip
+    assert (out.log_likelihood_ratio.diff() <= 0).all() and (out.probabilities.diff() <= 0).all()
+    assert out.probabilities.sum().item() == pytest.approx(1.0)
+    ratio = out.probabilities[0] / out.probabilities[1]
+    assert ratio.log().item() == pytest.approx((out.log_likelihood[0] - out.log_likelihood[1]).item())
+
+
+def test_classify_an_image_is_classify_its_codes(pipe):
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3))
+    candidates = ["a red circle", "a blue square"]
+    from_image = pipe.classify(image, candidates)
+    from_codes = pipe.classify(pipe.vae.get_codebook_indices(image[None])[0], candidates)
+    assert from_image.captions == from_codes.captions
+    torch.testing.assert_close(from_image.log_likelihood, from_codes.log_likelihood, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "candidates, match",
+    [(["a red circle"], "at least 2"), (["a", "a"], "distinct"), ("a red circle", "list"), (["a", 3], "list")],
+)
+def test_classify_validates_candidates(pipe, candidates, match):
+    with pytest.raises(ValueError, match=match):
+        pipe.classify(random_codes(1)[0], candidates)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Likelihood reranking in DallePipeline.__call__
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_likelihood_rerank_keeps_the_most_likely_candidates(pipe):
+    prompts = ["a red circle", "a blue square"]
+    everything = pipe(prompts, num_images_per_prompt=5, generator=gen(3), output_type="pt", rerank="likelihood")
+    best = pipe(prompts, num_images_per_prompt=5, num_images_to_keep=2, generator=gen(3), output_type="pt",
+                rerank="likelihood")  # fmt: skip
+    assert best.ranked_by == "likelihood" and best.clip_scores is None
+    assert best.likelihood_scores.shape == (2, 2) and best.likelihood_scores.dtype == torch.float64
+    assert (best.likelihood_scores[:, 0] >= best.likelihood_scores[:, 1]).all()
+    torch.testing.assert_close(best.likelihood_scores, everything.likelihood_scores[:, :2])
+    assert torch.equal(best.image_tokens.view(2, 2, 4, 4), everything.image_tokens.view(2, 5, 4, 4)[:, :2])
+    # the score is log p(codes | prompt) - log p(codes | empty text), as DallePipeline.score computes it
+    scores = pipe.score(image_tokens=best.image_tokens, captions=[p for p in prompts for _ in range(2)])
+    ratio = (scores.log_likelihood - scores.unconditional_log_likelihood).view(2, 2)
+    torch.testing.assert_close(best.likelihood_scores, ratio, rtol=1e-9, atol=1e-9)
+
+
+def test_both_rerank_adds_standardized_scores(pipe):
+    out = pipe("a red circle", num_images_per_prompt=6, generator=gen(4), output_type="pt", rerank="both")
+    assert out.ranked_by == "both" and out.clip_scores.shape == (1, 6) and out.likelihood_scores.shape == (1, 6)
+    combined = standardize_per_group(out.clip_scores.flatten(), 1) + standardize_per_group(
+        out.likelihood_scores.flatten(), 1)  # fmt: skip
+    assert (combined.diff() <= 1e-9).all()  # kept in the order of the combined score
+    z = standardize_per_group(torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 9.0]), 2)
+    torch.testing.assert_close(z[:3], torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) * 1.5**0.5)
+    assert torch.equal(standardize_per_group(torch.ones(3), 1), torch.zeros(3, dtype=torch.float64))
+
+
+def test_clip_stays_the_default_reranker(pipe):
+    default = pipe("a red circle", num_images_per_prompt=4, num_images_to_keep=2, generator=gen(5), output_type="pt")
+    clip = pipe("a red circle", num_images_per_prompt=4, num_images_to_keep=2, generator=gen(5), output_type="pt",
+                rerank="clip")  # fmt: skip
+    assert default.ranked_by == "clip" and default.likelihood_scores is None
+    assert torch.equal(default.image_tokens, clip.image_tokens)
+
+
+def test_rerank_without_clip(tokenizer, transformer, vae):
+    from dalle_hf.pipeline_dalle import DallePipeline
+
+    pipe = DallePipeline(tokenizer=tokenizer, transformer=transformer, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_images_per_prompt=3, num_images_to_keep=1, generator=gen()).ranked_by is None
+    out = pipe("a red circle", num_images_per_prompt=3, num_images_to_keep=1, generator=gen(), rerank="likelihood")
+    assert out.ranked_by == "likelihood" and out.likelihood_scores.shape == (1, 1)
+    with pytest.raises(ValueError, match='rerank="both" needs a CLIP model'):
+        pipe("a red circle", rerank="both")
+
+
+def test_rerank_is_validated(pipe):
+    with pytest.raises(ValueError, match=r"rerank must be one of \('clip', 'likelihood', 'both'\)"):
+        pipe("a red circle", rerank="perplexity")
