@@ -47,9 +47,11 @@ def total_wall_time_s(card_data: dict) -> int | None:
     return sum(times) if times else None
 
 
-def format_duration(seconds: int) -> str:
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+def format_duration(seconds: float) -> str:
+    """`1580` -> `"26m20s"`, `40245` -> `"11h10m45s"` (the stage cards' format too)."""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def card_metadata(card_data: dict) -> ModelCardData:
@@ -90,7 +92,7 @@ def eval_section(evaluation: dict) -> str:
     return f"## {evaluation['name']}\n\n`{config}`\n\n" + "\n".join(rows) + "\n"
 
 
-def usage_section(name_or_path: str, repo_id: str | None) -> str:
+def usage_section(name_or_path: str, repo_id: str | None, prompt: str = "...") -> str:
     if repo_id is None:
         return (
             f"Load it with `DallePipeline.from_pretrained(\"{name_or_path}\")`. A copy published with "
@@ -100,7 +102,7 @@ def usage_section(name_or_path: str, repo_id: str | None) -> str:
         "## Usage\n\nWith diffusers and transformers (no dalle-hf needed: the repository carries the pipeline and "
         "model code, so read it before you trust it):\n\n```python\nimport torch\nfrom diffusers import "
         f"DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained(\"{repo_id}\", trust_remote_code=True)\n"
-        "out = pipe(\"...\", num_images_per_prompt=16, num_images_to_keep=4, generator=torch.Generator()."
+        f"out = pipe({json.dumps(prompt)}, num_images_per_prompt=16, num_images_to_keep=4, generator=torch.Generator()."
         "manual_seed(0))\nout.images[0].save(\"best.png\")\n```\n"
     )
 
@@ -117,7 +119,9 @@ def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = No
     """
     title = card_data.get("name", os.path.basename(os.path.normpath(name_or_path)))
     summary = card_data.get("summary", "A DALL-E (Ramesh et al. 2021) pipeline made with dalle-hf.")
-    sections = [f"# {title}\n", f"{summary} " + usage_section(name_or_path, repo_id)]
+    prompts = [p for p in card_data.get("sample_prompts", []) if p]
+    usage = usage_section(name_or_path, repo_id, prompts[0] if prompts else "...")
+    sections = [f"# {title}\n", f"{summary} {usage}" if repo_id is None else f"{summary}\n\n{usage}"]
     if repo_id is None:
         sections[-1] += (
             "\n```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
@@ -139,7 +143,8 @@ def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = No
     if card_data.get("stages"):
         lines = ["## Training\n"]
         if wall is not None:
-            lines.append(f"Wall time of all training stages together: {format_duration(wall)} ({wall} s).\n")
+            lines.append(f"Wall time of all training stages together: {format_duration(wall)} ({wall} s), the sum of "
+                         "the stage cards below (each summed over its resumes).\n")
         if card_data.get("assembly_command"):
             lines.append(f"Assembled with:\n\n```bash\n{card_data['assembly_command']}\n```\n")
         sections.append("\n".join(lines))

@@ -18,6 +18,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .model_card import format_duration
 from .modeling_dvae import DalleVAE
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -308,12 +309,6 @@ class WallClock:
     @property
     def seconds(self) -> float:
         return self.previous_seconds + time.perf_counter() - self.start
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 # ----------------------------------------------------------------------------- model card
