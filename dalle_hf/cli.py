@@ -4,6 +4,7 @@
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
     dalle-hf eval vae --pipeline checkpoints/dalle-shapes
     dalle-hf eval clip --pipeline checkpoints/dalle-shapes
+    dalle-hf eval classify --pipeline checkpoints/dalle-shapes   (likelihood zero-shot classification beside CLIP)
     dalle-hf compress image.png --caption "a red circle" --pipeline checkpoints/dalle-shapes --out image.dhfc
     dalle-hf decompress image.dhfc --pipeline checkpoints/dalle-shapes --out image.png
     dalle-hf push checkpoints/dalle-shapes org/dalle-shapes [--private] [--revision BRANCH]
@@ -129,6 +130,17 @@ def cmd_eval_clip(args) -> int:
     return 0
 
 
+def cmd_eval_classify(args) -> int:
+    from .eval.classification import zero_shot_classification
+    from .train_clip import caption_ranking_set
+
+    pipe = load_pipeline(args.pipeline, args.dtype)
+    pixel_values, candidates, tasks = caption_ranking_set(args.n_images, args.n_captions, args.seed)
+    report = zero_shot_classification(pipe, pixel_values, candidates, tasks, batch_size=args.batch_size)
+    print(json.dumps({**report, "world": "shapes", "seed": args.seed, "dtype": args.dtype}, indent=2))
+    return 0
+
+
 def cmd_convert_openai_dvae(args) -> int:
     from .convert_openai_dvae import convert_openai_dvae_files
 
@@ -248,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--n-captions", dest="n_captions", type=int, default=32, help="the true one and N - 1 false ones")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(func=cmd_eval_clip)
+
+    classify = ev.add_parser(
+        "classify", help="zero-shot classification by likelihood beside CLIP: top-1 of the true caption among N "
+        "captions of the same shapes scene (the set `eval clip` uses)",
+    )
+    classify.add_argument("--pipeline", required=True)
+    classify.add_argument("--n-images", dest="n_images", type=int, default=120, help="held-out renders, balanced "
+                          "over the six training tasks")  # fmt: skip
+    classify.add_argument("--n-captions", dest="n_captions", type=int, default=8, help="the true one and N - 1 false "
+                          "ones; each costs a teacher-forced pass over the image")  # fmt: skip
+    classify.add_argument("--seed", type=int, default=0)
+    classify.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="pairs per forward pass")
+    classify.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul"
+    )
+    classify.set_defaults(func=cmd_eval_classify)
 
     conv = sub.add_parser(
         "convert-openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a DalleVAE folder"

@@ -186,3 +186,37 @@ def test_rerank_without_clip(tokenizer, transformer, vae):
 def test_rerank_is_validated(pipe):
     with pytest.raises(ValueError, match=r"rerank must be one of \('clip', 'likelihood', 'both'\)"):
         pipe("a red circle", rerank="perplexity")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dalle-hf eval classify
+
+
+def test_zero_shot_classification_scores_likelihood_and_clip(pipe):
+    from dalle_hf.eval.classification import zero_shot_classification
+    from dalle_hf.train_clip import caption_ranking_hits, caption_ranking_set
+
+    pixel_values, candidates, tasks = caption_ranking_set(n_images=6, n_captions=3, seed=0)
+    report = zero_shot_classification(pipe, pixel_values, candidates, tasks, batch_size=4)
+    expected = [pipe.classify(image, cands).indices[0].item() == 0 for image, cands in zip(pixel_values, candidates)]
+    assert report["likelihood_top1"] == pytest.approx(sum(expected) / 6)
+    clip_hits = caption_ranking_hits(pipe.clip_model, pipe.clip_processor, pixel_values, candidates)
+    assert report["clip_top1"] == pytest.approx(clip_hits.double().mean().item())
+    assert set(report["per_task"]) == set(tasks) and report["n_captions"] == 3 and report["chance"] == 1 / 3
+    for task, scores in report["per_task"].items():
+        hits = [ok for ok, t in zip(expected, tasks) if t == task]
+        assert scores["likelihood"] == pytest.approx(sum(hits) / len(hits))
+    with pytest.raises(ValueError, match="one candidate list per image"):
+        zero_shot_classification(pipe, pixel_values, candidates[:2])
+
+
+def test_cli_eval_classify(pipe, tmp_path, capsys):
+    import json
+
+    from dalle_hf.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["eval", "classify", "--pipeline", str(tmp_path / "pipe"), "--n-images", "6", "--n-captions", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_images"] == 6 and report["world"] == "shapes"
+    assert 0 <= report["likelihood_top1"] <= 1 and 0 <= report["clip_top1"] <= 1
