@@ -462,7 +462,7 @@ def stream_sampling(pipe: DallePipeline, call, preview_count: int):
             if not cancelled.is_set():  # handed to the request's thread, which reports it
                 updates.put(("error", e))
         finally:
-            if cancelled.is_set():  # the request is gone and its thread has released memory already
+            if cancelled.is_set():  # the request's thread trimmed before this one let go of the KV cache
                 release_memory()
 
     worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="dalle-hf-sampling",
