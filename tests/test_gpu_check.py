@@ -97,3 +97,18 @@ def test_cuda_subset_runs_and_skips_without_a_gpu(gpu_check):
         pytest.skip("with a GPU the subset runs for real (benchmarks/gpu_check.py)")
     result = gpu_check.run_cuda_tests()
     assert result["returncode"] == 0 and "skipped" in result["summary"] and "passed" not in result["summary"]
+
+
+def test_computed_table_covers_each_config_and_precision(gpu_check):
+    """`--computed` (the table in docs/performance.md) from the configs alone: the shipped pipeline, the large
+    24 x 1024 and the paper's 64 x 3968 config; bf16 weights are half of fp32, nf4 below int8."""
+    pytest.importorskip("bitsandbytes")
+    rows = gpu_check.computed_table(str(ROOT / "checkpoints" / "dalle-shapes"), [1, 16])
+    assert [(r["config"].split()[0], r["precision"]) for r in rows] == [
+        (c, p) for c in ("shipped", "large", "paper") for p in PRECISIONS
+    ]
+    mb = {(r["config"].split()[0], r["precision"]): float(r["weights MB"].replace(",", "")) for r in rows}
+    for config in ("shipped", "large", "paper"):
+        assert mb[(config, "bf16")] == pytest.approx(mb[(config, "fp32")] / 2, abs=0.1)
+        assert mb[(config, "bnb-nf4")] < mb[(config, "bnb-int8")] < mb[(config, "bf16")]
+    assert rows[4]["config"].startswith("large 24x1024, 1024 image tokens")
