@@ -105,9 +105,9 @@ def export_for_hub(source: str, out: str, repo_id: str | None = None, pipe=None)
     if not os.path.isfile(os.path.join(source, "model_index.json")):
         raise ValueError(f"expected a saved DallePipeline folder (with model_index.json), got {source!r}")
     shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".*"))
-    add_remote_code(out)
     if not os.path.isfile(os.path.join(out, SAMPLE_GRID_NAME)):
-        write_sample_grid(out, pipe)  # reads card_data.json from `out` (still there)
+        write_sample_grid(out, pipe)  # before add_remote_code: the folder still loads as dalle-hf's own pipeline
+    add_remote_code(out)
     write_model_card(out, name_or_path=repo_id or source, repo_id=repo_id)
     for name in NOT_PUBLISHED:
         if os.path.exists(os.path.join(out, name)):

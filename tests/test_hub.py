@@ -273,3 +273,14 @@ def test_pipe_push_to_hub_publishes_a_fresh_pipeline(pipe, tmp_path, monkeypatch
     data = ModelCard.load(tmp_path / "README.md").data
     assert data.pipeline_tag == "text-to-image" and data.license == "mit"
     assert json.loads(files["model_index.json"])["transformer"] == ["modeling_dalle", "DalleForImageGeneration"]
+
+
+def test_push_draws_the_sample_grid_of_a_folder_without_one(pipe, tmp_path, monkeypatch):
+    pipe.save_pretrained(tmp_path / "run")  # a training run's folder: no card data, no samples.png
+    hub = FakeHub()
+    hub.install(monkeypatch)
+    assert cli_main(["push", str(tmp_path / "run"), "me/run"]) == 0
+    files = hub.commits[0]["files"]
+    assert hub.repos[0]["private"] is None and hub.commits[0]["revision"] is None
+    assert files["samples.png"][:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "run" / "samples.png").exists()
+    assert "![samples](samples.png)" in files["README.md"].decode()
