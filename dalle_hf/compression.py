@@ -37,6 +37,7 @@ Example:
 
 import contextlib
 import hashlib
+import json
 import math
 import struct
 import zlib
@@ -85,13 +86,28 @@ def _coding_context(device: torch.device) -> contextlib.ExitStack:
 
 def _hash_tensors(digest, prefix: str, state_dict: dict) -> None:
     for name, value in sorted(state_dict.items()):
+        if isinstance(value, (tuple, list)):  # torch.ao's packed (weight, bias) of a dynamically quantized Linear
+            _hash_tensors(digest, f"{prefix}{name}.", {str(i): v for i, v in enumerate(value)})
+            continue
         if not isinstance(value, torch.Tensor):
-            continue  # quantization metadata; its tensors are in the state dict too
+            continue  # other metadata (a dtype, a scheme name); the weights are tensors
         tensor = value.detach().cpu()
         if tensor.is_quantized:
-            tensor = tensor.int_repr()
+            tensor = tensor.dequantize()  # the values, scales included (int_repr alone ignores a scale change)
         digest.update(f"{prefix}{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _tokenizer_description(tokenizer) -> str:
+    """The tokenizer's model, normalizer and pre-tokenizer as JSON, without the padding and truncation settings that
+    tokenizing with `padding=...` / `truncation=...` changes in place."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return repr(sorted(tokenizer.get_vocab().items()))
+    description = json.loads(backend.to_str())
+    description.pop("padding", None)
+    description.pop("truncation", None)
+    return json.dumps(description, sort_keys=True)
 
 
 def model_fingerprint(pipe) -> bytes:
@@ -101,10 +117,7 @@ def model_fingerprint(pipe) -> bytes:
     digest = hashlib.sha256(b"dalle-hf compression fingerprint 1;")
     _hash_tensors(digest, "transformer.", pipe.transformer.state_dict())
     _hash_tensors(digest, "vae.", pipe.vae.state_dict())
-    tokenizer = pipe.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    digest.update(vocabulary.encode())
+    digest.update(_tokenizer_description(pipe.tokenizer).encode())
     return digest.digest()[:FINGERPRINT_BYTES]
 
 

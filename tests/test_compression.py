@@ -288,3 +288,23 @@ def test_cli_round_trip(sharp_pipe, tmp_path):
     assert result.returncode == 2 and "corrupted" in result.stderr and not (tmp_path / "bad.png").exists()
     help_text = " ".join(dalle_hf_cli("compress", "--help").stdout.split())
     assert "lossless for the codes" in help_text.lower() and "lossy for the pixels" in help_text.lower()
+
+
+def test_fingerprint_ignores_the_tokenizers_call_state(pipe):
+    backend = pipe.tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    before = model_fingerprint(pipe)
+    pipe.encode_prompt(["a red circle"])  # sets the backend's truncation and padding in place
+    assert backend.truncation is not None and backend.padding is not None
+    assert model_fingerprint(pipe) == before
+
+
+def test_fingerprint_covers_dynamically_quantized_weights(pipe, tokenizer):
+    from dalle_hf.quantization import quantize_dynamic_int8
+
+    quantized = quantize_dynamic_int8(copy.deepcopy(pipe))
+    changed = copy.deepcopy(pipe)
+    with torch.no_grad():
+        changed.transformer.h[0].mlp.c_fc.weight.mul_(2)
+    assert model_fingerprint(quantize_dynamic_int8(changed)) != model_fingerprint(quantized)
