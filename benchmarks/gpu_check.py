@@ -306,12 +306,15 @@ def measure_grid(pipe, args) -> dict:
 
 
 def run_config(name: str, path: str, precisions: list[str], args, results: list, skipped: list, start: float):
-    from dalle_hf.pipeline_dalle import DallePipeline
+    from transformers import CLIPConfig
 
-    reference = DallePipeline.from_pretrained(path)  # configs for the computed bytes
-    configs = (reference.transformer.config, reference.vae.config,
-               reference.clip_model.config if reference.clip_model is not None else None)
-    del reference
+    from dalle_hf.configuration_dalle import DalleConfig
+    from dalle_hf.configuration_dvae import DalleVAEConfig
+
+    clip_path = os.path.join(path, "clip_model")  # configs for the computed bytes
+    configs = (DalleConfig.from_pretrained(os.path.join(path, "transformer")),
+               DalleVAEConfig.from_pretrained(os.path.join(path, "vae")),
+               CLIPConfig.from_pretrained(clip_path) if os.path.exists(clip_path) else None)
     models = meta_models(*configs)
     for precision in precisions:
         cell = {"config": name, "precision": precision, "layers": configs[0].n_layer, "width": configs[0].n_embd}
