@@ -11,6 +11,7 @@
     dalle-hf export-space space/ --model org/dalle-shapes
     dalle-hf convert-openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae
     dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
+    dalle-hf data emoji --cache /work/emoji-cache   (fetch the pinned emoji packages, render the cache once)
 """
 
 import argparse
@@ -192,6 +193,20 @@ def cmd_decompress(args) -> int:
     return 0
 
 
+def cmd_data_emoji(args) -> int:
+    from .data.emoji import build_emoji_cache
+
+    summary = build_emoji_cache(args.cache, download_dir=args.download_dir, styles=args.styles, log=lambda line: None)
+    print(f"{'style':<22}{'images':>8}{'held out':>10}{'duplicates':>12}{'unlabeled':>11}")
+    for style, counts in summary["per_style"].items():
+        print(f"{style:<22}{counts['images']:>8}{counts['held_out']:>10}{counts['duplicates_dropped']:>12}"
+              f"{counts['unlabeled_dropped']:>11}")  # fmt: skip
+    print(f"concepts {summary['concepts']}, images {summary['images']}, held-out pairs {summary['held_out_pairs']}, "
+          f"median styles per concept {summary['median_styles_per_concept']:g}")  # fmt: skip
+    print(f"wrote {args.cache} ({summary['cache_mb']} MB) in {summary['seconds']} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -322,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     decomp.add_argument("--pipeline", required=True, help="the pipeline that compressed it (another is refused)")
     decomp.add_argument("--out", required=True, help="the reconstruction, e.g. image.png")
     decomp.set_defaults(func=cmd_decompress)
+
+    data = sub.add_parser("data", help="build a world's data cache").add_subparsers(dest="world", required=True)
+    emoji = data.add_parser("emoji", help="fetch the pinned emoji packages (npm, Debian) and render them once into a "
+                            "compressed cache (needs the `data` extra: resvg-py)")  # fmt: skip
+    emoji.add_argument("--cache", required=True, help="folder for emoji.npz and emoji.json")
+    emoji.add_argument("--download-dir", dest="download_dir", default=None,
+                       help="folder for the packages (default: CACHE/downloads); unpacked ones are not fetched again")
+    emoji.add_argument("--styles", nargs="+", default=None, help="a subset of the 11 styles, e.g. noto 'noto blob' "
+                       "(default: all)")  # fmt: skip
+    emoji.set_defaults(func=cmd_data_emoji)
 
     train = sub.add_parser("train", help="train a model (see python -m dalle_hf.train_<name> --help)", add_help=False)
     train.add_argument("model", choices=sorted(TRAINERS))
