@@ -272,17 +272,33 @@ class DallePipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         callback_on_step_end: Callable | None = None,
         negative_ids: torch.LongTensor | None = None,
+        known_ids: torch.LongTensor | None = None,
+        known_mask: torch.BoolTensor | None = None,
     ) -> torch.LongTensor:
         """Autoregressively sample the image tokens after `input_ids` (B, L) and an optional `prefix_ids` (B, p).
 
         One KV-cached forward per token. With guidance the batch is `[unconditional ; conditional]` and the logits
         are `uncond + guidance_scale * (cond - uncond)`; `negative_ids` (B, L) replace the all-padding
         unconditional text (a negative prompt). Returns (B, image_seq_len).
+
+        Inpainting (`DalleInpaintPipeline`) gives `known_ids` (B, image_seq_len) and `known_mask` (image_seq_len,)
+        bool instead of `prefix_ids`: a known position is fed its own code, the others are sampled. The known cells
+        before the first unknown one are the prefix (one prefill forward), and sampling stops after the last
+        unknown one, so a prefix of known rows draws exactly what `prefix_ids` would.
         """
         transformer = self.transformer
         B = input_ids.shape[0]
         n_total = transformer.config.image_seq_len
         tokens = torch.empty(B, n_total, dtype=torch.long, device=input_ids.device)  # (B, N)
+        end, known = n_total, None  # sample positions [p, end)
+        if known_mask is not None:
+            assert prefix_ids is None and known_ids is not None and known_mask.shape == (n_total,)
+            tokens[:] = known_ids
+            unknown = (~known_mask).nonzero()[:, 0].tolist()
+            if not unknown:
+                return tokens
+            end, known = unknown[-1] + 1, known_mask.tolist()
+            prefix_ids = known_ids[:, : unknown[0]] if unknown[0] else None
         p = 0 if prefix_ids is None else prefix_ids.shape[1]
         if p:
             tokens[:, :p] = prefix_ids
@@ -299,22 +315,25 @@ class DallePipeline(DiffusionPipeline):
         cache = out.cache
         logits = transformer.image_logits(out.logits[:, -1])  # (B', V_i)
         # The loop does only the sampling step per token beyond the model (docs/performance.md).
-        with self.progress_bar(total=n_total - p) as progress_bar:
-            for i in range(p, n_total):
-                logits = logits.float()
-                if use_guidance:
-                    uncond, cond = logits.chunk(2)
-                    logits = uncond + guidance_scale * (cond - uncond)  # (B, V_i)
-                if temperature != 1:
-                    logits = logits / temperature
-                if top_k is not None or top_p is not None:
-                    logits = filter_logits(logits, top_k, top_p)
-                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+        with self.progress_bar(total=end - p) as progress_bar:
+            for i in range(p, end):
+                if known is not None and known[i]:
+                    next_token = known_ids[:, i : i + 1]  # (B, 1): a kept cell is fed its own code
+                else:
+                    logits = logits.float()
+                    if use_guidance:
+                        uncond, cond = logits.chunk(2)
+                        logits = uncond + guidance_scale * (cond - uncond)  # (B, V_i)
+                    if temperature != 1:
+                        logits = logits / temperature
+                    if top_k is not None or top_p is not None:
+                        logits = filter_logits(logits, top_k, top_p)
+                    next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
                 tokens[:, i] = next_token[:, 0]
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, i, i, {"image_tokens": tokens[:, : i + 1]})
                 progress_bar.update()
-                if i + 1 < n_total:
+                if i + 1 < end:
                     step_ids = next_token.repeat(2, 1) if use_guidance else next_token  # (B', 1)
                     logits = transformer.decode_step(step_ids, cache)  # (B', V_i)
         return tokens
@@ -359,7 +378,7 @@ class DallePipeline(DiffusionPipeline):
     def encode_images(self, images) -> torch.LongTensor:
         """dVAE codes (n, grid, grid) of a list of images (PIL, `np.ndarray` or `torch.Tensor`, each converted as
         [`DalleImageVariationPipeline`] converts its input) or of one batched float tensor (n, 3, H, W) in [0, 1]."""
-        from .pipeline_dalle_variation import image_to_tensor
+        from .image_processing import image_to_tensor
 
         size = self.vae.config.image_size
         if isinstance(images, torch.Tensor) and images.dim() == 4:

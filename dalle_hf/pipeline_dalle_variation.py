@@ -2,7 +2,9 @@
 
 Paper §3.3 / Fig. 14 ("image-to-image translation"): the model is primed with part of an image's tokens and
 completes it; DALLE-pytorch primes with 14 of 32 rows ("OpenAI used 14 * 32"). Candidates are ranked by CLIP
-image-image similarity to the input.
+image-image similarity to the input. This is inpainting ([`DalleInpaintPipeline`]) with a mask over the bottom rows
+of code cells, sampled by the same step; unlike inpainting, the decoded images are returned as they are (no pixels
+pasted back) and ranked by similarity to the input rather than to a prompt.
 """
 
 from collections.abc import Callable
@@ -10,55 +12,13 @@ from collections.abc import Callable
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 
-from .pipeline_dalle import DallePipeline, DallePipelineOutput
-
-
-def image_to_tensor(image, image_size: int) -> torch.Tensor:
-    """A PIL image, `np.ndarray` (H, W, C) uint8 or float in [0, 1], or `torch.Tensor` (C, H, W) / (1, C, H, W) in
-    [0, 1] -> float32 (1, 3, image_size, image_size).
-
-    Conversions are explicit: RGBA is composited on white, grayscale / palette / CMYK become RGB, a non-square image
-    is center-cropped to a square and resized (bicubic, antialiased) to `image_size`.
-    """
-    if isinstance(image, PIL.Image.Image):
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = PIL.Image.alpha_composite(background, rgba)
-        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    elif isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.stack([image] * 3, axis=-1)
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}")
-        array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-        if array.shape[-1] == 1:
-            array = np.repeat(array, 3, axis=-1)
-        if array.shape[-1] == 4:  # composite on white
-            array = array[..., :3] * array[..., 3:] + (1 - array[..., 3:])
-        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        if image.dim() == 4 and image.shape[0] == 1:
-            image = image[0]
-        if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"image tensors must be (3, H, W), (1, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-        image = image.float().expand(3, -1, -1) if image.shape[0] == 1 else image.float()
-    else:
-        raise ValueError(f"image must be a PIL.Image, np.ndarray or torch.Tensor, got {type(image).__name__}")
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError("image values must be in [0, 1] (or uint8 for arrays)")
-    _, H, W = image.shape
-    side = min(H, W)
-    top, left = (H - side) // 2, (W - side) // 2
-    image = image[:, top : top + side, left : left + side][None]  # (1, 3, side, side)
-    if side != image_size:
-        image = F.interpolate(image, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
-    return image.clamp(0, 1)
+from .image_processing import image_to_tensor
+from .pipeline_dalle import DallePipelineOutput
+from .pipeline_dalle_inpaint import DalleInpaintPipeline
 
 
-class DalleImageVariationPipeline(DallePipeline):
+class DalleImageVariationPipeline(DalleInpaintPipeline):
     r"""
     Variations of an image: keep its first `num_rows_to_keep` rows of dVAE codes, sample the rest (optionally
     conditioned on a prompt), rank by CLIP image-image similarity to the input. Shares its components with
@@ -82,7 +42,7 @@ class DalleImageVariationPipeline(DallePipeline):
             raise ValueError(f"num_rows_to_keep must be an int in [0, {grid - 1}], got {num_rows_to_keep!r}")
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}")
-        return image_to_tensor(image, self.vae.config.image_size).to(self._execution_device)
+        return self.prepare_image(image)
 
     def clip_image_scorer(self, reference: torch.Tensor):
         if self.clip_model is None or self.clip_processor is None:
@@ -142,16 +102,15 @@ class DalleImageVariationPipeline(DallePipeline):
         negative_ids = None
         if negative_prompts is not None:
             negative_ids = self.encode_prompt(negative_prompts).repeat(num_images_per_prompt, 1)  # (N, L)
-        vae_dtype = next(self.vae.parameters()).dtype
-        codes = self.vae.get_codebook_indices(pixel_values.to(vae_dtype))  # (1, g, g)
-        n_prefix = num_rows_to_keep * self.transformer.config.image_grid_size
-        prefix_ids = codes.flatten(1)[:, :n_prefix].repeat(num_images_per_prompt, 1)  # (N, rows * g)
+        codes = self.encode_image_codes(pixel_values)  # (1, g * g)
+        g = self.transformer.config.image_grid_size
+        cells = torch.arange(g)[:, None].expand(g, g) >= num_rows_to_keep  # (g, g): a mask over the bottom rows
 
-        # 3. Sample the remaining tokens with the KV cache
-        tokens = self.sample_image_tokens(
-            input_ids, prefix_ids, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end,
+        # 3. Sample the masked rows with the KV cache (the kept rows are the prefill)
+        tokens = self.sample_masked_tokens(
+            input_ids, codes, cells, temperature, top_k, top_p, guidance_scale, generator, callback_on_step_end,
             negative_ids,
-        )
+        )  # (N, g * g)
 
         # 4. Decode with the dVAE
         images = self.decode_image_tokens(tokens)
@@ -161,7 +120,6 @@ class DalleImageVariationPipeline(DallePipeline):
         images, tokens, scores = self.rank_and_keep(images, tokens, scores_fn, 1, num_images_per_prompt, keep)
 
         # 6. Postprocess
-        g = self.transformer.config.image_grid_size
         tokens = tokens.view(-1, g, g).cpu()
         images = self.postprocess(images, output_type)
         self.maybe_free_model_hooks()
