@@ -1,4 +1,4 @@
-"""dalle-hf Gradio app: prompt -> CLIP-ranked grid, and image variations, on the models in `checkpoints/`.
+"""dalle-hf Gradio app: prompt -> CLIP-ranked grid, image variations and editing, on the models in `checkpoints/`.
 
     python app.py [--checkpoints DIR] [--host 127.0.0.1] [--port 7860] [--concurrency 2] [--max-queue 24]
 
@@ -26,6 +26,7 @@ import time
 import traceback
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 
 import diffusers
@@ -37,7 +38,9 @@ import transformers
 from PIL import ImageOps
 
 from dalle_hf.data.shapes import SHOWCASE_PROMPTS
+from dalle_hf.image_processing import cell_mask, mask_to_tensor
 from dalle_hf.pipeline_dalle import DallePipeline
+from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
 from dalle_hf.pipeline_dalle_variation import DalleImageVariationPipeline
 
 logger = logging.getLogger("dalle_hf.app")
@@ -61,6 +64,7 @@ MAX_UPLOAD_PIXELS = 50_000_000  # about 7000 x 7000: larger uploads are refused 
 MAX_FILE_SIZE = "20mb"  # gradio refuses larger uploads itself
 PREVIEW_INTERVAL = 0.3  # seconds between streamed partial grids: decoding them costs dVAE passes
 PREVIEW_GRAY = 0.5  # pixels of rows not sampled yet
+EDIT_BRUSH_FRACTION = 12  # the edit brush starts 1/12 of the model's image side wide (5 px of 64: a small shape)
 CSS = """
 #gallery img, #var-gallery img { image-rendering: pixelated; }
 #var-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
@@ -138,6 +142,19 @@ def load_pipelines(path: str | os.PathLike) -> tuple[DallePipeline, DalleImageVa
             variations.set_progress_bar_config(desc="Sampling image tokens", leave=False)
             _PIPELINES[key] = (pipe, variations)
         return _PIPELINES[key]
+
+
+_INPAINT_PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DallePipeline -> its inpainting one
+
+
+def inpaint_pipeline(pipe: DallePipeline) -> DalleInpaintPipeline:
+    """The inpainting pipeline on a loaded pipeline's modules, made once per model (with its default guidance)."""
+    with _PIPELINES_LOCK:
+        if pipe not in _INPAINT_PIPELINES:
+            inpaint = DalleInpaintPipeline(**pipe.components, default_guidance_scale=pipe.config.default_guidance_scale)
+            inpaint.set_progress_bar_config(desc="Sampling image tokens", leave=False)
+            _INPAINT_PIPELINES[pipe] = inpaint
+        return _INPAINT_PIPELINES[pipe]
 
 
 def get_pipelines(models: dict[str, Path], name: str | None):
@@ -391,6 +408,43 @@ def load_image(image, image_size: int) -> tuple[PIL.Image.Image, list[str]]:
     return img, notes
 
 
+def load_edit(editor, image_size: int, grid: int, dilation: int) -> tuple[PIL.Image.Image, PIL.Image.Image, int,
+                                                                            list[str]]:
+    """The image editor's value -> (image, mask ("L", white = repaint) of the image's size, cells repainted, notes).
+
+    The mask is everything painted on the editor's layers (any opaque pixel). Bad masks get a message saying what
+    to do: none painted, a layer not the image's size, or a mask that leaves no code cell of the image."""
+    if not isinstance(editor, dict) or editor.get("background") is None:
+        raise gr.Error("Upload an image to edit first, or pick a generated one (“Edit the selected image”).")
+    background = editor["background"]
+    if isinstance(background, (str, os.PathLike)):
+        background = PIL.Image.open(background)
+    layers = [layer for layer in editor.get("layers") or [] if layer is not None]
+    layers = [PIL.Image.open(layer) if isinstance(layer, (str, os.PathLike)) else layer for layer in layers]
+    for layer in layers:
+        if layer.size != background.size:
+            raise gr.Error(f"The painted mask is {layer.size[0]} x {layer.size[1]} but the image is "
+                           f"{background.size[0]} x {background.size[1]}: paint on the image itself (no crop or "
+                           "resize of the canvas).", title="Bad mask")
+    painted = np.zeros((background.size[1], background.size[0]), dtype=bool)  # (H, W)
+    for layer in layers:
+        painted |= np.asarray(layer.convert("RGBA"))[..., 3] > 0
+    if not painted.any():
+        raise gr.Error("Nothing is painted: paint over the region to repaint with the brush, then press Edit.",
+                       title="Empty mask")
+    if background.mode == "RGBA" and background.getextrema()[3][0] == 255:  # the editor's opaque RGBA
+        background = background.convert("RGB")
+    image, notes = load_image(background, image_size)
+    mask = PIL.Image.fromarray(painted.astype(np.uint8) * 255, "L")
+    if mask.size != image.size:  # load_image bounded a large upload: the mask follows
+        mask = mask.resize(image.size, PIL.Image.Resampling.BILINEAR)
+    cells = cell_mask(mask_to_tensor(mask, (image.height, image.width), image_size), grid, dilation)  # (g, g)
+    if cells.all():
+        raise gr.Error(f"The mask touches all {grid} x {grid} cells of the image, so nothing of it would be kept: "
+                       "erase part of it, or use “Text to images” for a new image.", title="Mask covers everything")
+    return image, mask, int(cells.sum()), notes
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Handlers
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,6 +654,45 @@ def vary(models, model_name, image, prompt, rows_to_keep, candidates, keep, temp
     yield ranked_gallery(out, "sim", info), seed, format_status(notes, summary)
 
 
+def edit(models, model_name, editor, prompt, grow_mask, candidates, keep, temperature, top_k, top_p, guidance_scale,
+         seed, randomize_seed, progress=gr.Progress(track_tqdm=True)):
+    """Image + painted mask + prompt -> the best k of N repaintings, ranked by CLIP and the whole image's likelihood;
+    pixels outside the mask stay the input's."""
+    kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
+                                         randomize_seed)
+    if not isinstance(grow_mask, bool):
+        raise gr.Error(f"Grow the mask must be true or false, got {shown(grow_mask)}.")
+    progress(0, desc="Loading the model")
+    pipe, _ = get_pipelines(models, model_name)
+    inpaint = inpaint_pipeline(pipe)
+    g = pipe.transformer.config.image_grid_size
+    image, mask, n_cells, image_notes = load_edit(editor, pipe.vae.config.image_size, g, int(grow_mask))
+    prompt, prompt_notes = check_prompt(pipe, prompt)
+    notes += image_notes + prompt_notes
+    for note in notes:
+        gr.Warning(note.replace("**", ""))
+    n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
+    running = f"Repainting {n_cells} of {g * g} cells, sampling {n} candidates (seed {seed})…"
+    yield [], seed, format_status(notes, running)
+
+    def call(callback):
+        return inpaint(prompt, image=image, mask_image=mask, mask_dilation=int(grow_mask),
+                       callback_on_step_end=callback, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    start = time.perf_counter()
+    info = request_info("edit", model_name or next(iter(models)), prompt, seed, kwargs, mask_dilation=int(grow_mask))
+    out = yield from sample_with_previews(inpaint, call, k, "Edit", seed, notes, running, info)
+    clip = [None] * k if out.clip_scores is None else out.clip_scores.flatten().tolist()
+    likelihood = out.likelihood_scores.flatten().tolist()
+    images = with_metadata(out.images, info, likelihood)
+    gallery = [(im, f"#{i + 1}" + ("" if clip[i] is None else f" · CLIP {clip[i]:.2f}") + f" · LL {likelihood[i]:+.1f}")
+               for i, im in enumerate(images)]  # LL: log p(image | prompt) - log p(image | empty prompt), nats
+    ranked = {"both": "CLIP + likelihood", "likelihood": "likelihood", "clip": "CLIP"}[out.ranked_by]
+    summary = (f"**{n_cells}/{g * g} cells repainted, {n} candidates -> best {k}** (ranked by {ranked}) in "
+               f"{time.perf_counter() - start:.1f} s · seed {seed}")
+    yield gallery, seed, format_status(notes, summary)
+
+
 def on_select(evt: gr.SelectData) -> int:
     return evt.index
 
@@ -612,6 +705,16 @@ def on_model_change(models, name):
     g = info["grid"]
     rows = gr.Slider(maximum=g - 1, value=g // 2, label=f"Rows of image tokens kept (of {g})")
     return rows, gr.Slider(value=info["guidance_scale"]), how_it_works(info)
+
+
+def send_to_editor(gallery, index):
+    """The selected (else the best) image of a gallery -> the edit tab's canvas, nothing painted yet."""
+    if not gallery:
+        gr.Warning("There is no image to edit yet.")
+        return gr.skip(), gr.skip()
+    image = gallery[min(int(index or 0), len(gallery) - 1)][0]
+    image = PIL.Image.open(image).convert("RGB") if isinstance(image, (str, os.PathLike)) else image
+    return {"background": image, "layers": [], "composite": image}, gr.Tabs(selected="edit")
 
 
 def send_to_variations(gallery, index):
@@ -642,7 +745,10 @@ def how_it_works(info: dict | None) -> str:
         "optional classifier-free guidance.\n"
         "3. **CLIP rerank**: the dVAE decodes all N candidates and CLIP keeps the k that match the prompt best "
         "(variations: the k closest to the input image).\n\n"
-        "Variations keep the top rows of the input's codes and let the transformer complete the rest." + numbers
+        "Variations keep the top rows of the input's codes and let the transformer complete the rest. Edits "
+        "resample the code cells the painted mask touches (a kept cell is fed its own code), rank the candidates by "
+        "CLIP and by the transformer's likelihood of the whole image, and paste the input back outside the mask."
+        + numbers
     )
 
 
@@ -654,6 +760,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
     info = read_model_info(models[default]) if models else None
     grid = info["grid"] if info else 8
     guidance_scale = info["guidance_scale"] if info else DEFAULTS["guidance_scale"]
+    brush_px = max(2, ((info or {}).get("image_size") or 64) // EDIT_BRUSH_FRACTION)  # Gradio's "auto" fills 16 px
 
     with gr.Blocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# dalle-hf\nDALL-E (v1) rebuilt the Hugging Face way: a prompt becomes N sampled candidates, "
@@ -662,6 +769,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
             gr.Markdown(f"**{no_checkpoint_message(root)}**", elem_id="no-model")
         model = gr.Dropdown(list(models), value=default, label="Model", visible=len(models) > 1)
         selected = gr.State(0)
+        edit_selected = gr.State(0)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to images", id="text"):
                 with gr.Row(equal_height=True):
@@ -679,6 +787,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                 with gr.Row():
                     seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                     send = gr.Button("Make variations of the selected image", size="sm")
+                    send_edit = gr.Button("Edit the selected image", size="sm", elem_id="send-edit")
                 status = gr.Markdown(label="Status", elem_id="status")
                 gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples")
             with gr.Tab("Image variations", id="variations"):
@@ -697,6 +806,30 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                                  elem_id="var-gallery")
                         var_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                         var_status = gr.Markdown(label="Status")
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column():
+                        editor = gr.ImageEditor(label="Image: paint over the region to repaint", type="pil",
+                                                image_mode="RGBA", height=320, sources=["upload", "clipboard"],
+                                                transforms=(), layers=False, format="png",
+                                                brush=gr.Brush(default_size=brush_px, colors=["#ff00ff"],
+                                                               color_mode="fixed"),
+                                                elem_id="edit-image")
+                        edit_prompt = CheckedTextbox(label="Prompt: the whole edited image", max_lines=1,
+                                                     max_length=MAX_PROMPT_CHARS, elem_id="edit-prompt",
+                                                     placeholder="a red circle left of a green triangle")
+                        grow = CheckedCheckbox(label="Also repaint the cells around the mask (a softer seam)",
+                                               value=False)
+                        edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                    with gr.Column():
+                        edit_gallery = gr.Gallery(label="Edits (ranked by CLIP + likelihood)", columns=4,
+                                                  height="auto", format="png", object_fit="contain",
+                                                  buttons=["download", "download_all", "fullscreen"],
+                                                  elem_id="edit-gallery")
+                        with gr.Row():
+                            edit_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                            reuse = gr.Button("Use the selected edit as input", size="sm", elem_id="edit-reuse")
+                        edit_status = gr.Markdown(label="Status", elem_id="edit-status")
         with gr.Accordion("Advanced settings", open=False):
             with gr.Row():
                 candidates = CheckedSlider(1, MAX_CANDIDATES, value=DEFAULTS["candidates"], step=1,
@@ -726,6 +859,13 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                      api_visibility="private")
         gallery.select(on_select, None, selected, queue=False, api_visibility="private")
         send.click(send_to_variations, [gallery, selected], [image, tabs], queue=False, api_visibility="private")
+        gr.on([edit_run.click, edit_prompt.submit], functools.partial(edit, models),
+              [model, editor, edit_prompt, grow, *settings], [edit_gallery, edit_seed, edit_status], api_name="edit",
+              concurrency_id="sampling", show_progress_on=[edit_status])
+        edit_gallery.select(on_select, None, edit_selected, queue=False, api_visibility="private")
+        send_edit.click(send_to_editor, [gallery, selected], [editor, tabs], queue=False, api_visibility="private")
+        reuse.click(send_to_editor, [edit_gallery, edit_selected], [editor, tabs], queue=False,
+                    api_visibility="private")
     return demo
 
 

@@ -4,6 +4,7 @@ subprocess driven end to end with `gradio_client`. A tiny random pipeline is sav
 import gc
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -579,6 +580,73 @@ def test_send_to_variations():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Edit (inpainting)
+# ----------------------------------------------------------------------------------------------------------------
+def editor_value(size=(16, 16), painted=(4, 4, 12, 12), layer_size=None):
+    """What gr.ImageEditor(type="pil") hands the handler: a background and one RGBA layer painted in a box."""
+    background = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    layer = PIL.Image.new("RGBA", layer_size or size, (0, 0, 0, 0))
+    if painted is not None:
+        layer.paste((255, 0, 255, 255), painted)
+    return {"background": background.convert("RGBA"), "layers": [layer], "composite": background}
+
+
+def test_edit_repaints_only_the_mask_and_reproduces(models):
+    value = editor_value()
+    outputs, (gallery, seed, status) = run(app.edit, models, "tiny", value, "a red circle", False)
+    assert len(gallery) == 3 and seed == 7 and "4/16 cells repainted, 6 candidates -> best 3" in status
+    assert "ranked by CLIP + likelihood" in status and "composited" not in status  # an opaque editor image
+    assert all(text.startswith(f"#{i + 1} · CLIP ") and " · LL " in text for i, (_, text) in enumerate(gallery))
+    painted = np.zeros((16, 16), dtype=bool)
+    painted[4:12, 4:12] = True
+    original = np.asarray(value["background"].convert("RGB"))
+    for edited in pixels(gallery):
+        np.testing.assert_array_equal(edited[~painted], original[~painted])
+    _, again = run(app.edit, models, "tiny", value, "a red circle", False)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
+    _, (_, _, grown) = run(app.edit, models, "tiny", editor_value(painted=(4, 4, 8, 8)), "a red circle", True)
+    assert "9/16 cells repainted" in grown  # one cell and the ring around it
+    info = json.loads(gallery[0][0].info["dalle-hf"])
+    assert (info["task"], info["prompt"], info["rank"]) == ("edit", "a red circle", 1)
+
+
+def test_edit_of_a_large_upload_scales_the_mask_with_it(models):
+    _, (gallery, _, status) = run(app.edit, models, "tiny", editor_value((128, 128), (0, 0, 64, 128)), "", False)
+    assert "8/16 cells repainted" in status and len(gallery) == 3  # the left half, at 16 px
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "Upload an image to edit first"),
+        ({"background": None, "layers": [], "composite": None}, "Upload an image to edit first"),
+        (editor_value(painted=None), "Nothing is painted"),
+        ({**editor_value(), "layers": []}, "Nothing is painted"),
+        (editor_value(layer_size=(20, 16)), "The painted mask is 20 x 16 but the image is 16 x 16"),
+        (editor_value(painted=(0, 0, 16, 16)), "The mask touches all 4 x 4 cells"),
+        (editor_value(painted=(1, 1, 15, 15)), "The mask touches all 4 x 4 cells"),  # every cell, not every pixel
+    ],
+)
+def test_bad_masks_are_messages(models, value, message):
+    with pytest.raises(gr.Error, match=re.escape(message)):
+        run(app.edit, models, "tiny", value, "a red circle", False)
+
+
+def test_use_as_input_continues_editing(models):
+    assert app.send_to_editor(None, 0) == (gr.skip(), gr.skip())
+    _, (gallery, _, _) = run(app.edit, models, "tiny", editor_value(), "a red circle", False)
+    value, tabs = app.send_to_editor(gallery, 1)
+    assert isinstance(tabs, gr.Tabs) and tabs.selected == "edit" and value["layers"] == []
+    assert np.array_equal(np.asarray(value["background"]), pixels(gallery)[1])
+    value["layers"] = [editor_value(painted=(0, 0, 4, 4))["layers"][0]]
+    _, (second, _, status) = run(app.edit, models, "tiny", value, "a blue square", False)
+    assert "1/16 cells repainted" in status
+    outside = np.ones((16, 16), dtype=bool)
+    outside[:4, :4] = False
+    assert all(np.array_equal(im[outside], pixels(gallery)[1][outside]) for im in pixels(second))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # End to end: python app.py in a subprocess, gradio_client
 # ----------------------------------------------------------------------------------------------------------------
 def predict_generate(client, prompt, seed=3, **settings):
@@ -675,8 +743,9 @@ def test_client_wrong_types_are_the_apps_messages(client, bad):
             client.predict("tiny", None, "", bad, 4, 2, 1.0, 0, 1.0, 1.0, 5, False, api_name="/variations")
 
 
-def test_client_api_is_the_two_tasks(client):
+def test_client_api_is_the_three_tasks(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/edit",
         "/generate",
         "/variations",
     }

@@ -1,10 +1,13 @@
 """The app in a real browser: Debian's Chromium driven by Playwright (never `playwright install`).
 
 Types a prompt, presses Run, waits for the CLIP-ranked gallery, sends the best image to the variations tab and
-makes variations; saves screenshots to `$DALLE_HF_SCREENSHOTS` (default: the test's temporary folder).
+makes variations; sends it to the edit tab, paints a mask with the mouse and edits it, twice (the second time on
+an edit, "use as input"); saves screenshots to `$DALLE_HF_SCREENSHOTS` (default: the test's temporary folder).
 """
 
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -64,4 +67,61 @@ def test_prompt_run_gallery_variations(server, page, tmp_path):
     page.get_by_text("rows kept").wait_for(timeout=60_000)
     assert page.locator("#var-gallery img").count() >= 3
     page.screenshot(path=str(shots / "app_variations.png"), full_page=True)
+    assert not page.errors, page.errors
+
+
+def seed_of(status: str) -> str | None:
+    """The seed a finished edit reports ("... in 0.4 s · seed 123"), or None while it runs."""
+    found = re.search(r"cells repainted.* · seed (\d+)", status, re.S)
+    return found and found.group(1)
+
+
+def paint_stroke(page, dx: float, dy: float):
+    """Drag the brush across the editor's canvas, from its center moved by (dx, dy) of the canvas' size."""
+    page.locator("#edit-image button[aria-label='Brush']").click()
+    box = page.locator("#edit-image canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] * (0.5 + dx), box["y"] + box["height"] * (0.5 + dy)
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x + 2 * step, y + step)
+    page.mouse.up()
+
+
+def test_paint_a_mask_and_edit(server, page, tmp_path):
+    shots = Path(os.environ.get("DALLE_HF_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.goto(server, timeout=60_000)
+    prompt = page.locator("#prompt textarea, #prompt input").first
+    prompt.wait_for(timeout=60_000)
+    prompt.fill("a red circle left of a blue square")
+    page.locator("#run").click()
+    page.locator("#status").get_by_text("candidates -> best").wait_for(timeout=60_000)
+
+    page.locator("#send-edit").click()  # the best image, on the edit tab's canvas
+    page.locator("#edit-image canvas").first.wait_for(timeout=30_000)
+    paint_stroke(page, -0.06, -0.1)
+    page.locator("#edit-prompt textarea, #edit-prompt input").first.fill("a red circle left of a green triangle")
+    page.locator("#edit-run").click()
+    status = page.locator("#edit-status")
+    status.get_by_text("cells repainted").wait_for(timeout=60_000)
+    first = status.inner_text()
+    assert "ranked by CLIP + likelihood" in first and "16/16" not in first
+    assert page.locator("#edit-gallery img").count() >= 3
+    captions = page.locator("#edit-gallery").inner_text()
+    assert "#1 · CLIP" in captions and "sampling…" not in captions
+    page.screenshot(path=str(shots / "app_edit.png"), full_page=True)
+
+    page.locator("#edit-gallery img").first.click()  # select the best edit, continue editing it
+    page.locator("#edit-reuse").click()
+    time.sleep(1)  # the canvas reloads with the edit
+    paint_stroke(page, 0.05, 0.05)
+    page.locator("#edit-run").click()
+    deadline = time.monotonic() + 60
+    while seed_of(status.inner_text()) in (None, seed_of(first)):  # the seed is randomized: a new one, a new edit
+        assert time.monotonic() < deadline, status.inner_text()
+        time.sleep(0.3)
+    assert "cells repainted" in status.inner_text()
+    assert page.locator("#edit-gallery img").count() >= 3
+    page.screenshot(path=str(shots / "app_edit_again.png"), full_page=True)
     assert not page.errors, page.errors
