@@ -148,6 +148,8 @@ def main(args):
     # the checkpoint's default guidance is a pipeline setting, not a component: pass it on
     inpaint = DalleInpaintPipeline(**pipe.components, default_guidance_scale=pipe.config.default_guidance_scale)
     inpaint.set_progress_bar_config(disable=True)
+    if pipe.vae.config.image_size != IMAGE_SIZE:
+        raise ValueError(f"the shapes world is {IMAGE_SIZE} px, {args.checkpoint} {pipe.vae.config.image_size} px")
     rng, np_rng = random.Random(args.seed), np.random.default_rng(args.seed)
     N, records, start = args.candidates, [], time.time()
     sanity = {"input_passes": 0, "ideal_edit_passes": 0}

@@ -41,7 +41,8 @@ class DalleInpaintPipelineOutput(DallePipelineOutput):
 class DalleInpaintPipeline(DallePipeline):
     r"""
     Inpainting: repaint the masked region of an image to match a prompt. Shares its components with
-    [`DallePipeline`]: `DalleInpaintPipeline(**pipe.components)`.
+    [`DallePipeline`]: `DalleInpaintPipeline(**pipe.components)`; the checkpoint's `default_guidance_scale` is a
+    setting, not a component, so pass it too (or load with `DalleInpaintPipeline.from_pretrained(path)`).
 
     Ranking (`rerank`): `"likelihood"` scores each candidate's whole code grid with the transformer,
     `log p(codes | prompt) - log p(codes | empty text)` ([`DallePipeline.score`]; the ratio to empty text keeps a
@@ -54,7 +55,7 @@ class DalleInpaintPipeline(DallePipeline):
     >>> import numpy as np, torch
     >>> from dalle_hf import DallePipeline, DalleInpaintPipeline
     >>> pipe = DallePipeline.from_pretrained("checkpoints/dalle-shapes")
-    >>> inpaint = DalleInpaintPipeline(**pipe.components)
+    >>> inpaint = DalleInpaintPipeline(**pipe.components, default_guidance_scale=pipe.config.default_guidance_scale)
     >>> image = pipe("a red circle left of a blue square").images[0]
     >>> mask = np.zeros((64, 64), dtype=bool); mask[:, 32:] = True  # repaint the right half
     >>> out = inpaint("a red circle left of a green triangle", image=image, mask_image=mask,
