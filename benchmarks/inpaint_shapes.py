@@ -150,7 +150,7 @@ def main(args):
     inpaint.set_progress_bar_config(disable=True)
     if pipe.vae.config.image_size != IMAGE_SIZE:
         raise ValueError(f"the shapes world is {IMAGE_SIZE} px, {args.checkpoint} {pipe.vae.config.image_size} px")
-    rng, np_rng = random.Random(args.seed), np.random.default_rng(args.seed)
+    rng = random.Random(args.seed)
     N, records, start = args.candidates, [], time.time()
     sanity = {"input_passes": 0, "ideal_edit_passes": 0}
     for i in range(args.edits):
@@ -179,8 +179,22 @@ def main(args):
         if (i + 1) % 10 == 0:
             mean = np.mean([r["passed"] for r in records])
             print(f"{i + 1}/{args.edits} edits, {time.time() - start:.0f} s, single-sample pass {mean:.3f}", flush=True)
+        if (i + 1) % 20 == 0 or i + 1 == args.edits:  # partial results survive an interrupted run
+            result = summarize(records, sanity, args, time.time() - start, complete=i + 1 == args.edits)
+            result["guidance_scale"] = args.guidance_scale or inpaint.config.default_guidance_scale
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
 
+
+def summarize(records: list[dict], sanity: dict, args, seconds: float, complete: bool) -> dict:
+    """Accuracy per best-of-k and ranking (the same random k-subsets for every ranking), and paired counts of the
+    edits where one ranking's best-of-N passes and the other's does not."""
+    N, n = args.candidates, len(records)
+    np_rng = np.random.default_rng(args.seed)
     accuracy, orders = {}, [np_rng.permutation(N) for _ in records]  # one set of k-subsets per edit for all rankings
+    picked = {}  # ranking -> (n,) pass of its best-of-N pick
     for k in args.best_of:
         for name in RANKINGS:
             values = []
@@ -189,23 +203,26 @@ def main(args):
                 score = {"unranked": None, "oracle": passed}.get(name, np.array(r.get(name, [])))
                 values.append(best_of(passed, score, k, order))
             accuracy.setdefault(f"best_of_{k}", {})[name] = round(float(np.mean(values)), 4)
-    n = len(records)
-    result = {
-        "checkpoint": args.checkpoint, "edits": n, "candidates": N, "seed": args.seed,
+            if k == N:
+                picked[name] = np.array(values)
+    paired = {}
+    if N in args.best_of:
+        for a, b in (("both", "clip"), ("both", "likelihood"), ("both", "unranked"), ("clip", "unranked")):
+            paired[f"{a}_vs_{b}"] = {f"{a}_better": round(float(np.clip(picked[a] - picked[b], 0, None).sum()), 2),
+                                     f"{b}_better": round(float(np.clip(picked[b] - picked[a], 0, None).sum()), 2)}
+    single = [np.mean(r["passed"]) for r in records]
+    return {
+        "checkpoint": args.checkpoint, "complete": complete, "edits": n, "candidates": N, "seed": args.seed,
         "mask_margin": args.mask_margin, "mask_dilation": args.mask_dilation,
-        "guidance_scale": args.guidance_scale or inpaint.config.default_guidance_scale,
         "accuracy": accuracy,
-        "standard_error_best_of_1_unranked": round(float(np.std([np.mean(r["passed"]) for r in records]) / n**0.5), 4),
+        f"paired_best_of_{N}": paired,
+        "standard_error_best_of_1": round(float(np.std(single) / n**0.5), 4),
         "pixels_outside_mask_identical": all(r["outside_identical"] for r in records),
         "checker_sanity": {"input_image_passes": sanity["input_passes"] / n,
                            "ideal_edit_passes": sanity["ideal_edit_passes"] / n},
-        "seconds": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
         "records": records,
     }  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
 
 
 if __name__ == "__main__":
