@@ -168,6 +168,17 @@ def test_emojibase_concepts_follow_the_rules(downloads):
     assert {"1f44b-1f3fb", "1f1fa-1f1f8", "23-20e3", "1f1e6", "1f3fb"} <= labelled
 
 
+def test_icon_names_for_sets_without_chars_json():
+    cat = emoji.EmojiConcept("1f408", "\U0001f408", "cat", (), "animals-nature", "animal-mammal", "cat")
+    assert emoji.icon_names(cat) == ["catside", "cat"]  # fxemoji's whole cat before its cat face
+    eggplant = emoji.EmojiConcept("1f346", "\U0001f346", "eggplant", (), "food-drink", "food-vegetable", "aubergine")
+    assert emoji.icon_names(eggplant) == ["aubergineside", "aubergine", "eggplant"]
+    family = emoji.EmojiConcept("1f468-200d-1f469-200d-1f467", "", "family: man, woman, girl", (), "people-body",
+                                "family")  # fmt: skip
+    assert emoji.icon_names(family) == ["family-man-woman-girl", "familymanwomangirl"]
+    assert emoji.kebab_name("piñata") == "pinata" and emoji.kebab_name("Japanese “here” button") == "japanese-here-button"
+
+
 def test_fit_on_white_keeps_aspect_and_centres():
     art = Image.new("RGBA", (20, 10), (0, 0, 255, 255))  # wide artwork
     out = fit_on_white(art)

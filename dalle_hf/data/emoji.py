@@ -213,8 +213,13 @@ def kebab_name(label: str) -> str:
 def icon_names(concept: EmojiConcept) -> list[str]:
     """Names an Iconify set may give the concept's icon when its `chars.json` does not map it, most specific first:
     the squashed Unicode name (fxemoji: `"alarmclock"`, `"aubergine"`), the kebab-case CLDR label (`"red-apple"`),
-    the squashed label."""
-    names = [kebab_name(concept.unicode_name).replace("-", "")] if concept.unicode_name else []
+    the squashed label.
+
+    fxemoji names a whole animal `"catside"` and its face `"cat"` (U+1F408 CAT and U+1F431 CAT FACE), so the
+    Unicode name + `"side"` comes first: without it the cat would be drawn as a face.
+    """
+    squashed = kebab_name(concept.unicode_name).replace("-", "")
+    names = [squashed + "side", squashed] if concept.unicode_name else []
     names += [kebab_name(concept.label), kebab_name(concept.label).replace("-", "")]
     return [name for name in dict.fromkeys(names) if name]
 
