@@ -176,7 +176,8 @@ def test_icon_names_for_sets_without_chars_json():
     family = emoji.EmojiConcept("1f468-200d-1f469-200d-1f467", "", "family: man, woman, girl", (), "people-body",
                                 "family")  # fmt: skip
     assert emoji.icon_names(family) == ["family-man-woman-girl", "familymanwomangirl"]
-    assert emoji.kebab_name("piñata") == "pinata" and emoji.kebab_name("Japanese “here” button") == "japanese-here-button"
+    assert emoji.kebab_name("piñata") == "pinata"
+    assert emoji.kebab_name("Japanese “here” button") == "japanese-here-button"
 
 
 def test_fit_on_white_keeps_aspect_and_centres():
