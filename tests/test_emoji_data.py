@@ -1,8 +1,10 @@
 """The emoji world's data (dalle_hf/data/emoji.py) on a tiny fixture built here: packages laid out as npm and Debian
 unpack them, never the network (subprocess is patched to fail)."""
 
+import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -272,3 +274,12 @@ def test_cli_data_emoji(downloads, tmp_path, capsys):
     assert lines[2].split()[:3] == ["noto", "blob", "4"]
     assert "concepts 4, images 7, held-out pairs 1, median styles per concept 2" in out
     assert os.path.isfile(cache / emoji.CACHE_IMAGES) and os.path.isfile(cache / emoji.CACHE_METADATA)
+
+
+def test_documented_defaults_match_signatures():
+    pattern = re.compile(r"^\s+(\w+) \(`[^`]+`, \*optional\*, defaults to (.+?)\):", re.M)
+    documented = dict(pattern.findall(inspect.getdoc(EmojiRenders)))
+    assert documented["split"].strip('`"') == inspect.signature(EmojiRenders.__init__).parameters["split"].default
+    documented = dict(pattern.findall(inspect.getdoc(build_emoji_cache)))
+    assert documented["log"].strip("`") == inspect.signature(build_emoji_cache).parameters["log"].default.__name__
+    assert set(documented) == {"download_dir", "styles", "log"}
