@@ -280,11 +280,15 @@ def rerank(args) -> dict:
         values = np.asarray(values, dtype=np.float64)
         return (values - values.mean()) / max(values.std(), 1e-12)
 
-    rankers = {
+    def ratio(r):
+        return np.asarray(r["log_likelihood"]) - np.asarray(r["unconditional"])
+
+    rankers = {  # the pipeline's rerank= options, then the likelihood ratio to empty text (not shipped) and with CLIP
         "clip": lambda r: np.asarray(r["clip"]),
-        "likelihood": lambda r: np.asarray(r["log_likelihood"]) - np.asarray(r["unconditional"]),
-        "both": lambda r: z(r["clip"]) + z(np.asarray(r["log_likelihood"]) - np.asarray(r["unconditional"])),
-        "conditional likelihood alone": lambda r: np.asarray(r["log_likelihood"]),
+        "likelihood": lambda r: np.asarray(r["log_likelihood"]),
+        "both": lambda r: z(r["clip"]) + z(r["log_likelihood"]),
+        "likelihood ratio to empty text": ratio,
+        "clip + likelihood ratio": lambda r: z(r["clip"]) + z(ratio(r)),
     }
     picks = {name: [r["passed"][int(np.argmax(fn(r)))] for r in rows] for name, fn in rankers.items()}
     table = {"random pick": {t: float(np.mean([np.mean(r["passed"]) for r in rows if r["task"] == t])) for t in tasks}}
@@ -299,7 +303,7 @@ def rerank(args) -> dict:
                "losses": sum(b and not a for a, b in zip(picks[name], picks["clip"]))}
         for name in picks if name != "clip"
     }  # fmt: skip
-    return {"per_task": table, "summary": summary, "paired_vs_clip": paired, "n_prompts": len(rows),
+    return {"per_task": table, "summary": summary, "paired_vs_clip": paired, "n_prompts": len(rows), "rows": rows,
             "config": {k: v for k, v in vars(args).items() if k not in ("func", "json")}}  # fmt: skip
 
 

@@ -33,8 +33,8 @@ class DallePipelineOutput(BaseOutput):
         image_tokens (`torch.LongTensor` of shape `(n, grid, grid)`):
             The dVAE codes of the kept images.
         likelihood_scores (`torch.DoubleTensor` of shape `(len(prompts), num_images_to_keep)`, *optional*):
-            With `rerank="likelihood"` or `"both"`: `log p(codes | prompt) - log p(codes | empty text)` in nats of
-            each kept image ([`DallePipeline.score`]).
+            With `rerank="likelihood"` or `"both"`: `log p(codes | prompt)` in nats of each kept image
+            ([`DallePipeline.score`]).
         ranked_by (`str`, *optional*):
             What ordered the candidates: `"clip"`, `"likelihood"`, `"both"`, or `None` (drawn order, no CLIP model).
     """
@@ -575,10 +575,10 @@ class DallePipeline(DiffusionPipeline):
     def rerank_and_keep(self, rerank, prompts, input_ids, images, tokens, per_prompt: int, keep: int):
         """Order each prompt's `per_prompt` candidates by CLIP, by likelihood or by both, and keep the best `keep`.
 
-        The likelihood score is `log p(codes | prompt) - log p(codes | empty text)`: the likelihood alone favours
-        plain images (fewer objects cost fewer bits whatever the prompt), the ratio favours images the prompt
-        explains. `"both"` adds the two scores standardized over each prompt's candidates. Without CLIP,
-        `rerank="clip"` keeps the first `keep` in drawn order.
+        The likelihood score is `log p(codes | prompt)`, the ranking `classify` uses for captions. (Its ratio to
+        `log p(codes | empty text)` picked worse than a random pick on the shapes dev bank; docs/likelihood.md.)
+        `"both"` adds the two scores standardized over each prompt's candidates. Without CLIP, `rerank="clip"`
+        keeps the first `keep` in drawn order.
 
         Returns `(images, tokens, clip_scores (P, keep) or None, likelihood_scores (P, keep) or None, ranked_by)`.
         """
@@ -589,8 +589,7 @@ class DallePipeline(DiffusionPipeline):
             if scores_fn is not None:
                 scores["clip"] = scores_fn(images).float().cpu()  # (P * N,)
         if rerank in ("likelihood", "both"):
-            conditional = self.code_log_likelihood(tokens, input_ids)  # (P * N,)
-            scores["likelihood"] = conditional - self.code_log_likelihood(tokens, self.unconditional_ids(len(tokens)))
+            scores["likelihood"] = self.code_log_likelihood(tokens, input_ids)  # (P * N,)
         if not scores:
             index = torch.arange(P * per_prompt).view(P, per_prompt)[:, :keep].flatten()
             ranked_by = None
@@ -659,8 +658,9 @@ class DallePipeline(DiffusionPipeline):
                 (e.g. to stream partial images).
             rerank (`str`, *optional*, defaults to `"clip"`):
                 How to order the candidates before keeping the best: `"clip"` (CLIP similarity to the prompt; the
-                first samples without a CLIP model), `"likelihood"` (the transformer's `log p(image | prompt) -
-                log p(image | empty text)`, no CLIP needed) or `"both"` (the two standardized and added).
+                first samples without a CLIP model), `"likelihood"` (the transformer's `log p(image codes |
+                prompt)`, no CLIP needed) or `"both"` (the two standardized and added). On shapes CLIP is by far the
+                best (docs/likelihood.md).
 
         Returns:
             [`DallePipelineOutput`] or `tuple` `(images, clip_scores, image_tokens)`.
