@@ -182,6 +182,13 @@ def test_icon_names_for_sets_without_chars_json():
     assert emoji.kebab_name("Japanese “here” button") == "japanese-here-button"
 
 
+def test_concepts_follow_emojibase_order_not_file_order(downloads):
+    path = os.path.join(downloads, "emojibase-data-17.0.0", "package", "en", "data.json")
+    write_json(path, [{**row, "order": -i} for i, row in enumerate(EMOJIBASE_ENTRIES)])  # the file's order reversed
+    concepts, _ = read_emojibase(os.path.dirname(os.path.dirname(path)))
+    assert list(concepts) == CONCEPTS[::-1]
+
+
 def test_fit_on_white_keeps_aspect_and_centres():
     art = Image.new("RGBA", (20, 10), (0, 0, 255, 255))  # wide artwork
     out = fit_on_white(art)

@@ -174,7 +174,7 @@ def is_concept(key: str, group: str | None, subgroup: str | None) -> bool:
 
 
 def read_emojibase(package_dir: str) -> tuple[dict[str, EmojiConcept], set[str]]:
-    """emojibase-data's English `data.json` -> (concepts by key in emojibase order, every key it labels at all).
+    """emojibase-data's English `data.json` -> (concepts by key in emojibase's order, every key it labels at all).
 
     The second set includes skin-tone variants, flags and components: a package file whose key is not in it is a
     sequence with no emojibase label (dropped and counted), one that is in it but not a concept is excluded by rule.
@@ -192,7 +192,9 @@ def read_emojibase(package_dir: str) -> tuple[dict[str, EmojiConcept], set[str]]
     subgroups = {subgroup["order"]: subgroup["key"] for subgroup in messages["subgroups"]}
     concepts: dict[str, EmojiConcept] = {}
     labelled: set[str] = set()
-    for entry in entries:
+    # emojibase's `order` (CLDR's), not the file's hexcode order: a duplicate image then stays with the canonical
+    # concept ("family" keeps Noto's neutral family, not "family: man, man, boy")
+    for entry in sorted(entries, key=lambda entry: entry.get("order", float("inf"))):
         for variant in [entry, *entry.get("skins", [])]:
             labelled.add(concept_key(variant["hexcode"]))
         key = concept_key(entry["hexcode"])
