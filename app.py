@@ -686,7 +686,7 @@ def edit(models, model_name, editor, prompt, grow_mask, candidates, keep, temper
     likelihood = out.likelihood_scores.flatten().tolist()
     images = with_metadata(out.images, info, likelihood)
     gallery = [(im, f"#{i + 1}" + ("" if clip[i] is None else f" · CLIP {clip[i]:.2f}") + f" · LL {likelihood[i]:+.1f}")
-               for i, im in enumerate(images)]  # LL: log p(image | prompt) - log p(image | empty prompt), nats
+               for i, im in enumerate(images)]  # LL: log p(image codes | prompt) in nats
     ranked = {"both": "CLIP + likelihood", "likelihood": "likelihood", "clip": "CLIP"}[out.ranked_by]
     summary = (f"**{n_cells}/{g * g} cells repainted, {n} candidates -> best {k}** (ranked by {ranked}) in "
                f"{time.perf_counter() - start:.1f} s · seed {seed}")

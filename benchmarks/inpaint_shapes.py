@@ -12,10 +12,11 @@ those same candidates:
 
 - unranked: the candidates in drawn order; best-of-1 is the mean pass rate over all N (the exact expectation);
 - clip: CLIP similarity of the pasted image to the prompt;
-- likelihood: `log p(codes | prompt) - log p(codes | empty text)` of the whole code grid (`DallePipeline.score`);
-- likelihood_raw: `log p(codes | prompt)` alone;
-- both: CLIP and likelihood z-scored over the N candidates and added (the pipeline's `rerank="both"`);
-- both_raw: the same with `likelihood_raw`;
+- likelihood: `log p(codes | prompt)` of the whole code grid (`DallePipeline.score`; the pipeline's
+  `rerank="likelihood"`);
+- likelihood_ratio: `log p(codes | prompt) - log p(codes | empty text)`;
+- both: CLIP and likelihood z-scored over the N candidates and added (the pipeline's `rerank="both"`, its default);
+- both_ratio: the same with `likelihood_ratio`;
 - oracle: any of the N passes (the ceiling of any ranking).
 
 best-of-k for k < N takes the ranking's top among random k-subsets of the N (disjoint subsets of a seeded
@@ -52,7 +53,7 @@ from dalle_hf.eval.shapes import detect_objects
 from dalle_hf.pipeline_dalle import DallePipeline, standardize_per_group
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
 
-RANKINGS = ("unranked", "clip", "likelihood", "likelihood_raw", "both", "both_raw", "oracle")
+RANKINGS = ("unranked", "clip", "likelihood", "likelihood_ratio", "both", "both_ratio", "oracle")
 KEPT_TOLERANCE_PX = 2.0  # the kept object's center may move this much (it is pasted back, so it should not move)
 TRAINING_PAIRS = [(c, s) for s in SHAPES for c in COLORS if (c, s) not in HELD_OUT_PAIRS]
 
@@ -166,9 +167,9 @@ def main(args):
         clip = out.clip_scores[0].double()
         ratio = scored.log_likelihood - scored.unconditional_log_likelihood
         scores = {
-            "clip": clip, "likelihood": ratio, "likelihood_raw": scored.log_likelihood,
-            "both": standardize_per_group(clip, 1) + standardize_per_group(ratio, 1),
-            "both_raw": standardize_per_group(clip, 1) + standardize_per_group(scored.log_likelihood, 1),
+            "clip": clip, "likelihood": scored.log_likelihood, "likelihood_ratio": ratio,
+            "both": standardize_per_group(clip, 1) + standardize_per_group(scored.log_likelihood, 1),
+            "both_ratio": standardize_per_group(clip, 1) + standardize_per_group(ratio, 1),
         }
         passed = np.array([edit_passes(image, edit) for image in out.images])
         records.append({

@@ -315,6 +315,12 @@ class DallePipeline(DiffusionPipeline):
         cache = out.cache
         logits = transformer.image_logits(out.logits[:, -1])  # (B', V_i)
         # The loop does only the sampling step per token beyond the model (docs/performance.md).
+        # With known cells, a drawn token and the known run after it go into the cache in one forward.
+        next_unknown = list(range(n_total))  # next_unknown[i]: the first position >= i to sample
+        if known is not None:
+            for i in reversed(range(end - 1)):
+                next_unknown[i] = next_unknown[i + 1] if known[i] else i
+        fed = p  # positions before `fed` are in the cache
         with self.progress_bar(total=end - p) as progress_bar:
             for i in range(p, end):
                 if known is not None and known[i]:
@@ -333,9 +339,16 @@ class DallePipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, i, i, {"image_tokens": tokens[:, : i + 1]})
                 progress_bar.update()
-                if i + 1 < end:
-                    step_ids = next_token.repeat(2, 1) if use_guidance else next_token  # (B', 1)
-                    logits = transformer.decode_step(step_ids, cache)  # (B', V_i)
+                if i + 1 < end and i >= fed:
+                    j = next_unknown[i + 1]  # feed positions [i, j): this token and the known ones after it
+                    if j == i + 1:
+                        step_ids = next_token.repeat(2, 1) if use_guidance else next_token  # (B', 1)
+                        logits = transformer.decode_step(step_ids, cache)  # (B', V_i)
+                    else:
+                        run = tokens[:, i:j].repeat(2, 1) if use_guidance else tokens[:, i:j]  # (B', j - i)
+                        out = transformer(image_ids=run, cache=cache, logits_to_keep=1)
+                        logits = transformer.image_logits(out.logits[:, -1])  # (B', V_i)
+                    fed = j
         return tokens
 
     @torch.no_grad()

@@ -29,8 +29,8 @@ class DalleInpaintPipelineOutput(DallePipelineOutput):
     Args:
         images, clip_scores, image_tokens, likelihood_scores, ranked_by:
             As in [`DallePipelineOutput`]: the kept images best first, CLIP similarity to the prompt, the codes,
-            `log p(codes | prompt) - log p(codes | empty text)` of the whole grid, and the ranking used
-            (`"both"`, `"likelihood"` or `"clip"`).
+            `log p(codes | prompt)` of the whole grid in nats, and the ranking used (`"both"`, `"likelihood"` or
+            `"clip"`).
         cell_mask (`torch.BoolTensor` of shape `(grid, grid)`):
             The code cells that were sampled (True); the others kept the input's codes.
     """
@@ -45,9 +45,10 @@ class DalleInpaintPipeline(DallePipeline):
     setting, not a component, so pass it too (or load with `DalleInpaintPipeline.from_pretrained(path)`).
 
     Ranking (`rerank`): `"likelihood"` scores each candidate's whole code grid with the transformer,
-    `log p(codes | prompt) - log p(codes | empty text)` ([`DallePipeline.score`]; the ratio to empty text keeps a
-    plain, low-information fill from winning). `"both"`, the default with a CLIP model, adds that score and CLIP's
-    similarity to the prompt after standardizing each over the N candidates (z-scores), so neither scale dominates.
+    `log p(codes | prompt)` ([`DallePipeline.score`]), so the kept cells after the mask, which sampling could not
+    see, count. `"both"`, the default with a CLIP model, adds that score and CLIP's similarity to the prompt after
+    standardizing each over the N candidates (z-scores), so neither scale dominates. Both are
+    [`DallePipeline`]'s rerankers (`rerank_and_keep`), applied to the pasted images and the whole grids.
 
     Example:
 

@@ -134,15 +134,15 @@ def test_ranking_by_whole_grid_likelihood_and_clip(pipe, inpaint, image):
     assert both.ranked_by == "both" and both.clip_scores.shape == (1, 2) and both.likelihood_scores.shape == (1, 2)
     # the likelihood is the whole grid's (kept cells after the mask included), as DallePipeline.score gives it
     scored = pipe.score(image_tokens=everything.image_tokens, captions="a red circle")
-    ratio = scored.log_likelihood - scored.unconditional_log_likelihood  # (6,)
+    likelihood = scored.log_likelihood  # (6,)
     z = lambda s: (s - s.mean()) / s.std(unbiased=False)  # noqa: E731
-    combined = z(everything.clip_scores[0].double()) + z(ratio)
+    combined = z(everything.clip_scores[0].double()) + z(likelihood)
     top = combined.topk(2).indices
     assert torch.equal(both.image_tokens, everything.image_tokens[top])
-    torch.testing.assert_close(both.likelihood_scores[0], ratio[top])
+    torch.testing.assert_close(both.likelihood_scores[0], likelihood[top])
     by_likelihood = inpaint("a red circle", image=image, mask_image=mask, num_images_per_prompt=6,
                             num_images_to_keep=1, rerank="likelihood", generator=gen(3))
-    assert torch.equal(by_likelihood.image_tokens[0], everything.image_tokens[ratio.argmax()])
+    assert torch.equal(by_likelihood.image_tokens[0], everything.image_tokens[likelihood.argmax()])
 
 
 def test_without_clip_ranks_by_likelihood(tokenizer, transformer, vae, image):
