@@ -260,6 +260,18 @@ class DallePipeline(DiffusionPipeline):
             (batch_size, L), self.transformer.config.pad_token_id, dtype=torch.long, device=self._execution_device
         )
 
+    @staticmethod
+    def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
+        """One token per row of `probs` (B, V_i) -> (B, 1), drawn on the generator's device.
+
+        diffusers' `randn_tensor` convention: the documented `torch.Generator()` lives on the CPU, and
+        `torch.multinomial` on CUDA refuses a CPU generator, so the probabilities go to the generator (B x V_i
+        floats per step, negligible beside the forward pass) and the tokens come back.
+        """
+        if generator is None or generator.device == probs.device:
+            return torch.multinomial(probs, 1, generator=generator)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
     @torch.no_grad()
     def sample_image_tokens(
         self,
@@ -334,7 +346,7 @@ class DallePipeline(DiffusionPipeline):
                         logits = logits / temperature
                     if top_k is not None or top_p is not None:
                         logits = filter_logits(logits, top_k, top_p)
-                    next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+                    next_token = self.draw(logits.softmax(-1), generator)  # (B, 1)
                 tokens[:, i] = next_token[:, 0]
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, i, i, {"image_tokens": tokens[:, : i + 1]})
