@@ -176,7 +176,7 @@ def cmd_compress(args) -> int:
         f.write(data)
     header, payload = coder.read_header(data)
     n = header.grid_size**2
-    print(f"wrote {args.out}: {len(data)} bytes ({len(data) - len(payload)} of header and caption), "
+    print(f"wrote {args.out}: {len(data)} bytes ({len(data) - len(payload)} of header, caption and checksum), "
           f"{8 * len(payload) / n:.3f} bits per code{' (raw: coding would not save bytes)' if header.flags else ''}; "
           f"the uniform code is {raw_bits_per_code(coder.vocab_size)} bits per code")  # fmt: skip
     return 0
