@@ -192,8 +192,8 @@ def read_emojibase(package_dir: str) -> tuple[dict[str, EmojiConcept], set[str]]
     subgroups = {subgroup["order"]: subgroup["key"] for subgroup in messages["subgroups"]}
     concepts: dict[str, EmojiConcept] = {}
     labelled: set[str] = set()
-    # emojibase's `order` (CLDR's), not the file's hexcode order: a duplicate image then stays with the canonical
-    # concept ("family" keeps Noto's neutral family, not "family: man, man, boy")
+    # emojibase's `order` (CLDR's, which keeps related concepts together), not data.json's hexcode order: the concept
+    # that keeps a duplicate image is the first in CLDR's order (Noto: "family: man, man, boy" before "family")
     for entry in sorted(entries, key=lambda entry: entry.get("order", float("inf"))):
         for variant in [entry, *entry.get("skins", [])]:
             labelled.add(concept_key(variant["hexcode"]))
