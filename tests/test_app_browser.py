@@ -76,6 +76,20 @@ def seed_of(status: str) -> str | None:
     return found and found.group(1)
 
 
+def wait_for_canvas(page, unlike: bytes | None = None, timeout: float = 60) -> bytes | None:
+    """Wait until the editor's canvas shows a settled picture (two equal screenshots 0.3 s apart), different from
+    `unlike`: paint on a canvas that is still loading its image is dropped with the old picture. None on timeout."""
+    canvas, last = page.locator("#edit-image canvas").first, None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shot = canvas.screenshot()
+        if shot == last and shot != unlike:
+            return shot
+        last = shot
+        time.sleep(0.3)
+    return None
+
+
 def paint_stroke(page, dx: float, dy: float):
     """Drag the brush across the editor's canvas, from its center moved by (dx, dy) of the canvas' size."""
     page.locator("#edit-image button[aria-label='Brush']").click()
@@ -86,6 +100,7 @@ def paint_stroke(page, dx: float, dy: float):
     for step in range(1, 11):
         page.mouse.move(x + 2 * step, y + step)
     page.mouse.up()
+    time.sleep(0.5)  # the editor hands its layers over asynchronously
 
 
 def test_paint_a_mask_and_edit(server, page, tmp_path):
@@ -100,6 +115,7 @@ def test_paint_a_mask_and_edit(server, page, tmp_path):
 
     page.locator("#send-edit").click()  # the best image, on the edit tab's canvas
     page.locator("#edit-image canvas").first.wait_for(timeout=30_000)
+    assert wait_for_canvas(page) is not None
     paint_stroke(page, -0.06, -0.1)
     page.locator("#edit-prompt textarea, #edit-prompt input").first.fill("a red circle left of a green triangle")
     page.locator("#edit-run").click()
@@ -112,9 +128,14 @@ def test_paint_a_mask_and_edit(server, page, tmp_path):
     assert "#1 · CLIP" in captions and "sampling…" not in captions
     page.screenshot(path=str(shots / "app_edit.png"), full_page=True)
 
+    painted = wait_for_canvas(page)
     page.locator("#edit-gallery img").first.click()  # select the best edit, continue editing it
-    page.locator("#edit-reuse").click()
-    time.sleep(1)  # the canvas reloads with the edit
+    for _ in range(3):  # the canvas reloads with the edit, unpainted (Gradio's editor sometimes stalls: ask again)
+        page.locator("#edit-reuse").click()
+        if wait_for_canvas(page, unlike=painted, timeout=30) is not None:
+            break
+    else:
+        raise AssertionError("the edit did not reach the editor")
     paint_stroke(page, 0.05, 0.05)
     page.locator("#edit-run").click()
     deadline = time.monotonic() + 60
