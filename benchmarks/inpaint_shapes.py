@@ -46,6 +46,7 @@ from dalle_hf.data.shapes import (
     Scene,
     ShapeObject,
     caption_holds,
+    format_caption,
     render_scene,
     scene_from_caption,
 )
@@ -70,8 +71,10 @@ class Edit:
     target: Scene  # the ideal edit: the new object drawn in the old one's box
 
 
-def phrase(color: str, shape: str) -> str:
-    return f"a {color} {shape}"
+def position_caption(a: tuple[str, str], relation: str, b: tuple[str, str]) -> str:
+    """ "a red circle left of an orange square": (colour, shape) pairs in the world's own wording."""
+    objects = [{"shape": shape, "color": color, "size": None} for color, shape in (a, b)]
+    return format_caption({"objects": objects, "relation": relation, "count": None})
 
 
 def sample_edit(rng: random.Random, margin: int) -> Edit:
@@ -79,7 +82,7 @@ def sample_edit(rng: random.Random, margin: int) -> Edit:
     (ca, sa) = rng.choice(TRAINING_PAIRS)
     (cb, sb) = rng.choice([(c, s) for c, s in TRAINING_PAIRS if c != ca and s != sa])
     relation = rng.choice(RELATIONS)
-    scene = scene_from_caption(f"{phrase(ca, sa)} {relation} {phrase(cb, sb)}", rng, allow_held_out=False)
+    scene = scene_from_caption(position_caption((ca, sa), relation, (cb, sb)), rng, allow_held_out=False)
     m = rng.randrange(2)  # which object to replace
     old, kept = scene.objects[m], scene.objects[1 - m]
     new_color, new_shape = rng.choice(
@@ -87,7 +90,7 @@ def sample_edit(rng: random.Random, margin: int) -> Edit:
     )
     new = ShapeObject(new_shape, new_color, old.size_name, old.cx, old.cy, old.size_px)
     objects = (new, kept) if m == 0 else (kept, new)
-    prompt = f"{phrase(objects[0].color, objects[0].shape)} {relation} {phrase(objects[1].color, objects[1].shape)}"
+    prompt = position_caption((objects[0].color, objects[0].shape), relation, (objects[1].color, objects[1].shape))
     x0, y0, x1, y1 = old.bbox
     box = (max(0, math.floor(x0) - margin), max(0, math.floor(y0) - margin),
            min(IMAGE_SIZE, math.ceil(x1) + margin), min(IMAGE_SIZE, math.ceil(y1) + margin))  # fmt: skip
