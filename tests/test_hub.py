@@ -10,10 +10,12 @@ there), the way a user without dalle-hf meets the published model.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -257,6 +259,39 @@ def test_export_space_runs_offline_from_the_published_model(published, venv_with
     ours = pipe("a red circle", num_images_per_prompt=4, num_images_to_keep=2, guidance_scale=3.0,
                 generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert np.array_equal(np.load(tmp_path / "space_pixels.npy"), np.stack([np.asarray(im) for im in ours.images]))
+
+
+def test_exported_space_serves_offline(published, venv_without_dalle_hf, tmp_path):
+    """The exported Space started as a Space starts it (`python app.py`, port from GRADIO_SERVER_PORT), without
+    dalle-hf and offline, answers a generate request from gradio_client."""
+    from gradio_client import Client
+
+    _, cache = published
+    assert cli_main(["export-space", str(tmp_path / "space"), "--model", REPO_ID]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(tmp_path / "m"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    script = NO_DALLE_HF + 'import runpy; runpy.run_path("app.py", run_name="__main__")'
+    server = subprocess.Popen([str(venv_without_dalle_hf), "-c", script], cwd=tmp_path / "space", env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            lines.append(line)
+            if "Running on local URL" in line or (not line and server.poll() is not None):
+                break
+        assert "Running on local URL" in lines[-1], "".join(lines)[-3000:]
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        gallery = client.predict("a red circle", 4, 2, 3.0, 0, api_name="/generate")
+        assert len(gallery) == 2 and all(item["caption"].startswith("CLIP ") for item in gallery)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_pipe_push_to_hub_publishes_a_fresh_pipeline(pipe, tmp_path, monkeypatch):
