@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert-openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a DalleVAE folder"
     )
-    conv.add_argument("--encoder", required=True, help="encoder.pkl (unpickled here, and only here) or a state dict")
+    conv.add_argument("--encoder", required=True, help="encoder.pkl (read weights-only: no code runs) or a state dict")
     conv.add_argument("--decoder", required=True, help="decoder.pkl or a state dict (.pt / .safetensors)")
     conv.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
     conv.set_defaults(func=cmd_convert_openai_dvae)

@@ -12,14 +12,17 @@ pixel mapping (`map_pixels`, eps 0.1) is applied inside `DalleVAE.encode`, and `
 `unmap_pixels(sigmoid(stats[:, :3]))` as OpenAI's notebook does; OpenAI's half-precision convs on CUDA
 (`use_float16`) are left to `DalleVAE.to(dtype)`.
 
-Unpickling runs code from the file, so it happens only here, in this one explicit command, and it says so: a
-plain state dict (`torch.save(module.state_dict())`) or a `.safetensors` file loads without unpickling any code.
-A pickled module needs OpenAI's package importable (`pip install --no-deps DALL-E==0.1 attrs`).
+No file runs code here: `.safetensors` loads as tensors, and every torch file (a state dict, or OpenAI's pickled
+modules) goes through `torch.load(weights_only=True)`, torch's restricted unpickler. For OpenAI's modules it is told
+the few classes their pickles name (`OPENAI_PICKLE_CLASSES`), each rebuilt as a plain `nn.Module` that only holds its
+parameters: no `dall_e` code is imported or run, and a file naming anything else is refused.
 """
 
 import os
+import pickle
 
 import torch
+from torch import nn
 
 from .configuration_dvae import DalleVAEConfig
 from .modeling_dvae import DalleVAE
@@ -28,11 +31,22 @@ OPENAI_IMAGE_SIZE = 256  # paper §2.1: 256 x 256 images; OpenAI's group_count =
 OPENAI_NUM_GROUPS = 4  # OpenAI's `group_count`, fixed in its Encoder and Decoder
 
 
-def load_openai_state_dict(path: str, log=print) -> dict[str, torch.Tensor]:
+# Every class OpenAI's `encoder.pkl` / `decoder.pkl` name (`torch.serialization.get_unsafe_globals_in_checkpoint`):
+# their own modules, rebuilt as a plain `nn.Module` (the parameters and submodules are all we read), and torch layers.
+OPENAI_MODULES = (
+    "dall_e.encoder.Encoder", "dall_e.encoder.EncoderBlock", "dall_e.decoder.Decoder", "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+)
+OPENAI_PICKLE_CLASSES = [(nn.Module, name) for name in OPENAI_MODULES] + [
+    nn.Identity, nn.MaxPool2d, nn.ReLU, nn.Sequential, nn.Upsample
+]
+
+
+def load_openai_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from `path`: `.safetensors`, a `torch.save`d state dict, or OpenAI's pickled module.
 
-    A state dict is read with `torch.load(weights_only=True)` (no code runs). Anything else is unpickled with
-    `weights_only=False`, announced through `log`, because a pickle can execute code: only for files you trust.
+    Torch files load with `weights_only=True` and the classes in `OPENAI_PICKLE_CLASSES` allowed, so no code from
+    the file runs; anything else a pickle names is refused with a `ValueError`.
     """
     if not os.path.isfile(path):
         raise ValueError(f"expected a file with OpenAI's encoder or decoder, got {path!r}")
@@ -41,17 +55,13 @@ def load_openai_state_dict(path: str, log=print) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a plain state dict: a pickled module (OpenAI's release)
-        log(f"unpickling {path} (a pickle can run code: convert only files you trust, e.g. OpenAI's own release)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except ModuleNotFoundError as error:
-            raise ValueError(
-                f"{path} is a pickled module of OpenAI's `dall_e` package ({error}); install it with "
-                "`pip install --no-deps DALL-E==0.1 attrs`, or pass a state dict"
-            ) from None
-    if isinstance(obj, torch.nn.Module):
+        with torch.serialization.safe_globals(OPENAI_PICKLE_CLASSES):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not OpenAI's dVAE or a state dict: torch's weights-only loader refused it ({error})"
+        ) from None
+    if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"expected {path} to hold a dall_e Encoder/Decoder or its state dict, got {type(obj)}")
@@ -102,7 +112,7 @@ def convert_openai_dvae(encoder_state: dict, decoder_state: dict) -> DalleVAE:
 
 def convert_openai_dvae_files(encoder_path: str, decoder_path: str, out: str, log=print) -> DalleVAE:
     """Read OpenAI's two files, convert, and `save_pretrained(out)` (config.json + model.safetensors)."""
-    vae = convert_openai_dvae(load_openai_state_dict(encoder_path, log), load_openai_state_dict(decoder_path, log))
+    vae = convert_openai_dvae(load_openai_state_dict(encoder_path), load_openai_state_dict(decoder_path))
     vae.save_pretrained(out, safe_serialization=True)
     n = sum(p.numel() for p in vae.parameters())
     config = vae.config
