@@ -99,3 +99,14 @@ def pipe(tokenizer, transformer, vae, clip):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_script(path):
+    """Import a script that is not part of the package (e.g. `benchmarks/gpu_check.py`) as a module, by file path."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,17 +10,14 @@ import torch
 
 from dalle_hf.quantization import PRECISIONS, precision_kwargs
 
-from .conftest import save_tiny_pipeline
+from .conftest import load_script, save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "gpu_check.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """benchmarks/inpaint_shapes.py: its edits are well posed (the ideal edit passes its checker, the unedited input
 and wrong edits fail), and the script runs end to end on a tiny saved pipeline."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -11,17 +10,14 @@ import pytest
 
 from dalle_hf.data.shapes import Scene, ShapeObject, render_scene
 
-from .conftest import tiny_dalle_config
+from .conftest import load_script, tiny_dalle_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("inpaint_shapes", ROOT / "benchmarks" / "inpaint_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "inpaint_shapes.py")
 
 
 def test_edits_are_well_posed(bench):
