@@ -437,12 +437,13 @@ class DallePipeline(DiffusionPipeline):
         """`log p(codes | text)` in nats for (n, N) codes and (n, L) text ids: one teacher-forced forward per batch
         of rows, the head's projection and softmax in float64 (`image_log_probs`). Returns (n,) float64."""
         transformer = self.transformer
-        L = transformer.config.text_seq_len
+        N = image_tokens.shape[1]
         totals = []
         for codes, text in zip(image_tokens.split(batch_size), input_ids.split(batch_size)):
             codes = codes.to(self._execution_device)
-            out = transformer(input_ids=text, image_ids=codes[:, :-1])  # positions L .. L + N - 1 predict the codes
-            log_probs = transformer.image_log_probs(out.last_hidden_state[:, L:])  # (b, N, V_i) float64
+            # positions L .. L + N - 1 (the last N) predict the codes; the head runs on those only
+            out = transformer(input_ids=text, image_ids=codes[:, :-1], logits_to_keep=N)
+            log_probs = transformer.image_log_probs(out.last_hidden_state)  # (b, N, V_i) float64
             totals.append(log_probs.gather(-1, codes[..., None])[..., 0].sum(-1).cpu())  # (b,)
         return torch.cat(totals)
 
