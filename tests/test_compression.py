@@ -1,10 +1,6 @@
 """dalle_hf.compression: exact round trips of dVAE code grids under the transformer, and clear refusals."""
 
 import copy
-import os
-import shutil
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -32,6 +28,7 @@ from dalle_hf.modeling_dalle import DalleForImageGeneration
 from dalle_hf.pipeline_dalle import DallePipeline
 
 from .conftest import tiny_dalle_config
+from .test_cli import dalle_hf_cli
 
 
 @pytest.fixture
@@ -259,12 +256,6 @@ def test_compress_image_accepts_images_and_paths(sharp_pipe, tmp_path):
 def test_compress_codes_validates(pipe, codes, caption, match):
     with pytest.raises(ValueError, match=match):
         compress_codes(pipe, codes, caption)
-
-
-def dalle_hf_cli(*args):
-    exe = shutil.which("dalle-hf")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "dalle_hf.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_round_trip(sharp_pipe, tmp_path):
