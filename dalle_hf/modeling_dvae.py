@@ -6,6 +6,7 @@ follows the paper: a Gumbel-softmax relaxation of the encoder's categorical post
 likelihood for the pixels and a KL term against the uniform prior over the `vocab_size` codes.
 """
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.utils.accelerate_utils import apply_forward_hook
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -212,6 +212,21 @@ class DalleVAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.b)
 
 
+def runs_offload_hook(method):
+    """Run accelerate's offload hook before `method`, as for `forward`: with `pipe.enable_model_cpu_offload()` it
+    moves the dVAE to the GPU, and the pipelines call `encode` / `decode_code`, not `forward`. diffusers'
+    `apply_forward_hook` does the same; written here so that this model file needs transformers only."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class DalleVAE(DalleVAEPreTrainedModel):
     r"""
     The discrete VAE of DALL-E: an encoder from images to a `grid_size x grid_size` grid of `vocab_size` codes and
@@ -255,7 +270,7 @@ class DalleVAE(DalleVAEPreTrainedModel):
                 f"`pixel_values` must be {size}x{size} (config.image_size), got {tuple(pixel_values.shape[2:])}."
             )
 
-    @apply_forward_hook  # with pipe.enable_model_cpu_offload(), moves the dVAE to the GPU (not a forward)
+    @runs_offload_hook
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         r"""
         Encode images to logits over codes.
@@ -295,7 +310,7 @@ class DalleVAE(DalleVAEPreTrainedModel):
         # OpenAI: unmap_pixels(sigmoid(x_stats[:, :3])); sigmoid(mu) is the median of the logit-Laplace.
         return unmap_pixels(torch.sigmoid(mu), self.config.logit_laplace_eps)
 
-    @apply_forward_hook  # with pipe.enable_model_cpu_offload(), moves the dVAE to the GPU (not a forward)
+    @runs_offload_hook
     @torch.no_grad()
     def decode_code(self, ids: torch.LongTensor) -> torch.FloatTensor:
         r"""

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,10 @@ def test_public_names_resolve():
         assert getattr(dalle_hf, name) is not None, name
     assert set(dalle_hf._LAZY) <= set(dalle_hf.__all__)
     assert sorted(dir(dalle_hf)) == sorted(dalle_hf.__all__)
+
+
+def test_import_loads_models_without_diffusers():
+    # The package docstring's promise: models import with transformers alone (pipelines load diffusers lazily).
+    code = "import sys, dalle_hf; from dalle_hf import DalleVAE; assert 'diffusers' not in sys.modules, 'diffusers'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
