@@ -378,13 +378,19 @@ class DallePipeline(DiffusionPipeline):
         `scores_fn(images) -> (B,)` or `None` without CLIP (then the first `keep` samples are kept).
         Returns (images, tokens, scores (num_groups, keep) or None).
         """
-        if scores_fn is None:
-            idx = torch.arange(num_groups * per_group).view(num_groups, per_group)[:, :keep]
-            return images[idx.flatten()], tokens[idx.flatten()], None
-        scores = scores_fn(images).float().view(num_groups, per_group).cpu()
-        top = scores.topk(keep, dim=1)  # sorted, best first
-        idx = (top.indices + torch.arange(num_groups)[:, None] * per_group).flatten()
-        return images[idx.to(images.device)], tokens[idx.to(tokens.device)], top.values
+        scores = None if scores_fn is None else scores_fn(images).float().cpu()  # (G * n,)
+        index = self.keep_index(scores, num_groups, per_group, keep)  # (G * keep,)
+        kept = None if scores is None else scores[index].view(num_groups, keep)
+        return images[index.to(images.device)], tokens[index.to(tokens.device)], kept
+
+    @staticmethod
+    def keep_index(ranking: torch.Tensor | None, num_groups: int, per_group: int, keep: int) -> torch.LongTensor:
+        """(G * n,) scores of `num_groups` consecutive groups -> (G * keep,) flat indices of each group's best `keep`,
+        best first; `ranking=None` keeps each group's first `keep` in drawn order."""
+        if ranking is None:
+            return torch.arange(num_groups * per_group).view(num_groups, per_group)[:, :keep].flatten()
+        top = ranking.view(num_groups, per_group).topk(keep, dim=1)  # sorted, best first
+        return (top.indices + torch.arange(num_groups)[:, None] * per_group).flatten()  # (G * keep,)
 
     def postprocess(self, images: torch.Tensor, output_type: str):
         """(B, 3, H, W) float in [0, 1] -> PIL list, uint8-range float np array (B, H, W, 3) in [0, 1], or the
@@ -616,17 +622,12 @@ class DallePipeline(DiffusionPipeline):
                 scores["clip"] = scores_fn(images).float().cpu()  # (P * N,)
         if rerank in ("likelihood", "both"):
             scores["likelihood"] = self.code_log_likelihood(tokens, input_ids)  # (P * N,)
-        if not scores:
-            index = torch.arange(P * per_prompt).view(P, per_prompt)[:, :keep].flatten()
-            ranked_by = None
+        if rerank == "both":
+            ranking = sum(standardize_per_group(s, P) for s in scores.values())  # (P * N,)
         else:
-            if rerank == "both":
-                ranking = sum(standardize_per_group(s, P) for s in scores.values())  # (P * N,)
-            else:
-                ranking = scores[rerank]
-            top = ranking.view(P, per_prompt).topk(keep, dim=1)  # sorted, best first
-            index = (top.indices + torch.arange(P)[:, None] * per_prompt).flatten()  # (P * keep,)
-            ranked_by = rerank
+            ranking = scores.get(rerank)  # None: rerank="clip" without a CLIP model, drawn order
+        index = self.keep_index(ranking, P, per_prompt, keep)  # (P * keep,)
+        ranked_by = rerank if scores else None
         kept = {name: s[index].view(P, keep) for name, s in scores.items()}
         images, tokens = images[index.to(images.device)], tokens[index.to(tokens.device)]
         return images, tokens, kept.get("clip"), kept.get("likelihood"), ranked_by
