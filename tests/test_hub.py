@@ -10,7 +10,6 @@ there), the way a user without dalle-hf meets the published model.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +25,8 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, SpaceCard, co
 
 from dalle_hf.cli import main as cli_main
 from dalle_hf.pipeline_dalle import DallePipeline
+
+from .test_app import free_port
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "dalle-shapes"
 REPO_ID = "org/dalle-shapes"
@@ -268,9 +269,7 @@ def test_exported_space_serves_offline(published, venv_without_dalle_hf, tmp_pat
 
     _, cache = published
     assert cli_main(["export-space", str(tmp_path / "space"), "--model", REPO_ID]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(tmp_path / "m"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
