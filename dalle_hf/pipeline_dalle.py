@@ -14,6 +14,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 
+from .image_processing import image_to_tensor
+
 logger = logging.get_logger(__name__)
 
 MAX_IMAGES_PER_PROMPT = 256  # a cap on N per prompt: the KV cache grows with it (about 1 GB at N=256 for 24x1024)
@@ -409,15 +411,11 @@ class DallePipeline(DiffusionPipeline):
     def encode_images(self, images) -> torch.LongTensor:
         """dVAE codes (n, grid, grid) of a list of images (PIL, `np.ndarray` or `torch.Tensor`, each converted as
         [`DalleImageVariationPipeline`] converts its input) or of one batched float tensor (n, 3, H, W) in [0, 1]."""
-        from .image_processing import image_to_tensor
-
-        size = self.vae.config.image_size
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
-            pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
-        elif isinstance(images, (list, tuple)) and images:
-            pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
-        else:
+        batched = isinstance(images, torch.Tensor) and images.dim() == 4
+        if not (batched or (isinstance(images, (list, tuple)) and images)):
             raise ValueError(f"images must be a non-empty list of images or a (n, 3, H, W) tensor, got {images!r:.80}")
+        size = self.vae.config.image_size
+        pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
         vae_dtype = next(self.vae.parameters()).dtype
         codes = [self.vae.get_codebook_indices(chunk.to(self._execution_device, vae_dtype)) for chunk in
                  pixel_values.split(64)]  # fmt: skip
