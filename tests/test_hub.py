@@ -130,9 +130,14 @@ def venv_without_dalle_hf(tmp_path_factory) -> Path:
     return venv / "bin" / "python"
 
 
+def offline_env(cache: Path, modules: Path, **extra: str) -> dict:
+    """This environment offline, reading the Hub cache `cache`, remote code kept under `modules`, no PYTHONPATH."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(modules),
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": "", **extra}  # fmt: skip
+
+
 def run_without_dalle_hf(python: Path, script: str, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(cwd / "modules"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}  # fmt: skip
+    env = offline_env(cache, cwd / "modules")
     result = subprocess.run([str(python), "-c", NO_DALLE_HF + textwrap.dedent(script)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -270,9 +275,7 @@ def test_exported_space_serves_offline(published, venv_without_dalle_hf, tmp_pat
     _, cache = published
     assert cli_main(["export-space", str(tmp_path / "space"), "--model", REPO_ID]) == 0
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(tmp_path / "m"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    env = offline_env(cache, tmp_path / "m", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
     script = NO_DALLE_HF + 'import runpy; runpy.run_path("app.py", run_name="__main__")'
     server = subprocess.Popen([str(venv_without_dalle_hf), "-c", script], cwd=tmp_path / "space", env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
