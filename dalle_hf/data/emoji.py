@@ -38,6 +38,7 @@ import subprocess
 import tarfile
 import time
 import unicodedata
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
@@ -569,7 +570,7 @@ def build_emoji_cache(
         held_out=held_out,
     )
     os.replace(images_path + ".partial.npz", images_path)
-    styles_per_concept = list(_styles_per_concept(keys).values())
+    styles_per_concept = list(Counter(keys).values())
     summary = {
         "concepts": len(set(keys)),
         "concepts_in_emojibase": len(concepts),
@@ -592,13 +593,6 @@ def build_emoji_cache(
     with open(os.path.join(cache_dir, CACHE_METADATA), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=1, ensure_ascii=False)
     return summary
-
-
-def _styles_per_concept(keys: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 @dataclass
