@@ -104,7 +104,6 @@ STYLE_SOURCES: tuple[StyleSource, ...] = (
 )
 STYLES: tuple[str, ...] = tuple(source.style for source in STYLE_SOURCES)
 NOTO_MONO_WEIGHT = 400  # the regular weight of the Noto Emoji font's five
-SYMBOLA_SYSTEM_PATH = "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"  # where `apt install` puts it
 
 # ----------------------------------------------------------------------------------------------------
 # Concepts: keys, labels, the held-out rule, prompts.
