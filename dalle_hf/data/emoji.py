@@ -372,12 +372,14 @@ def render_glyph(font: ImageFont.FreeTypeFont, text: str, size: int = IMAGE_SIZE
 
 def font_draws(font: ImageFont.FreeTypeFont, text: str) -> bool:
     """Whether `font` has a glyph for `text`: not .notdef, and a ZWJ sequence shaped into one ligature."""
-    first = text[0]
-    if bytes(font.getmask(first)) == bytes(font.getmask(NOTDEF_PROBE)):
+    first, notdef = text[0], bytes(font.getmask(NOTDEF_PROBE))
+    if bytes(font.getmask(first)) == notdef:
         return False
-    if bytes(font.getmask(text)) == bytes(font.getmask(NOTDEF_PROBE)):
+    if len(text) == 1:
+        return True
+    if bytes(font.getmask(text)) == notdef:
         return False
-    return len(text) == 1 or font.getlength(text) <= LIGATURE_ADVANCE_RATIO * font.getlength(first)
+    return font.getlength(text) <= LIGATURE_ADVANCE_RATIO * font.getlength(first)
 
 
 # ----------------------------------------------------------------------------------------------------
