@@ -97,6 +97,8 @@ def usage_section(name_or_path: str, repo_id: str | None, prompt: str = "...") -
         return (
             f"Load it with `DallePipeline.from_pretrained(\"{name_or_path}\")`. A copy published with "
             "`dalle-hf push` carries the pipeline and model code, so it also loads without dalle-hf installed:\n"
+            "\n```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
+            "\"<org>/<name>\", trust_remote_code=True)\n```\n"
         )
     return (
         "## Usage\n\nWith diffusers and transformers (no dalle-hf needed: the repository carries the pipeline and "
@@ -122,11 +124,6 @@ def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = No
     prompts = [p for p in card_data.get("sample_prompts", []) if p]
     usage = usage_section(name_or_path, repo_id, prompts[0] if prompts else "...")
     sections = [f"# {title}\n", f"{summary} {usage}" if repo_id is None else f"{summary}\n\n{usage}"]
-    if repo_id is None:
-        sections[-1] += (
-            "\n```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
-            "\"<org>/<name>\", trust_remote_code=True)\n```\n"
-        )
     if sample_grid:
         settings = {**SAMPLE_GRID_DEFAULTS, **card_data.get("sample_grid", {})}
         prompts = ", ".join(f'"{p}"' for p in card_data.get("sample_prompts", [""]))
