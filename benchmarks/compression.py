@@ -60,13 +60,7 @@ def cached_probabilities(transformer, input_ids, codes, threads: int, float64_he
     """(N, V) next-code probabilities along the KV-cached path on `threads` threads."""
     with pinned_num_threads(threads):
         if float64_head:
-            distribution = NextCodeDistribution(transformer, input_ids)
-            rows = []
-            for i, code in enumerate(codes.tolist()):
-                rows.append(distribution.probabilities())
-                if i + 1 < len(codes):
-                    distribution.advance(code)
-            return np.stack(rows)
+            return NextCodeDistribution(transformer, input_ids).along(codes.numpy())
         out = transformer(input_ids=input_ids, use_cache=True, logits_to_keep=1)
         logits = transformer.image_logits(out.logits[:, -1])
         rows = []

@@ -151,6 +151,15 @@ class NextCodeDistribution:
         ids = torch.tensor([[code]], dtype=torch.long, device=self.device)  # (1, 1)
         self.hidden = self.transformer.decode_step_hidden_state(ids, self.cache)  # (1, C)
 
+    def along(self, codes: np.ndarray) -> np.ndarray:
+        """(N, V) float64: the distribution before each of the (N,) `codes`, fed one by one."""
+        probabilities = np.empty((len(codes), self.transformer.config.image_vocab_size))
+        for i, code in enumerate(codes.tolist()):
+            probabilities[i] = self.probabilities()
+            if i + 1 < len(codes):
+                self.advance(code)
+        return probabilities
+
 
 def _categorical(probabilities: np.ndarray):
     import constriction  # its submodules live in a Rust extension: reach them as attributes
@@ -277,16 +286,12 @@ class LikelihoodCoder:
         """(N,) codes -> the shortest byte string `range_decode` turns back into them (see `shortest_payload`)."""
         import constriction
 
-        encoder = constriction.stream.queue.RangeEncoder()
-        probabilities = np.empty((len(codes), self.vocab_size))  # (N, V) float64: each step's distribution
-        device = self.pipe._execution_device
-        with _coding_context(device):
+        with _coding_context(self.pipe._execution_device):
             distribution = NextCodeDistribution(self.pipe.transformer, self._input_ids(caption))
-            for i, code in enumerate(codes.tolist()):
-                probabilities[i] = distribution.probabilities()
-                encoder.encode(code, _categorical(probabilities[i]))
-                if i + 1 < len(codes):
-                    distribution.advance(code)
+            probabilities = distribution.along(codes)  # (N, V) float64: each step's distribution
+        encoder = constriction.stream.queue.RangeEncoder()
+        for code, p in zip(codes.tolist(), probabilities):
+            encoder.encode(code, _categorical(p))
         return shortest_payload(encoder.get_compressed().astype(">u4").tobytes(), codes, probabilities)
 
     def range_decode(self, payload: bytes, n: int, caption: str) -> np.ndarray:
