@@ -222,10 +222,11 @@ def compression(args) -> dict:
 
 def classify(args) -> dict:
     from dalle_hf.eval.classification import zero_shot_classification
-    from dalle_hf.train_clip import caption_ranking_set
+    from dalle_hf.data.shapes import caption_ranking_set
 
     pipe = load(args.pipeline, args.dtype)
-    pixel_values, candidates, tasks = caption_ranking_set(args.n_images, args.n_captions, args.seed)
+    ranking = caption_ranking_set(args.n_images, args.n_captions, args.seed)
+    pixel_values, candidates, tasks = ranking.pixel_values, ranking.candidates, ranking.groups
     start = time.perf_counter()
     report = zero_shot_classification(pipe, pixel_values, candidates, tasks, batch_size=args.batch_size)
     report["seconds"] = time.perf_counter() - start

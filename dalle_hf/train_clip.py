@@ -4,13 +4,13 @@
         --mixed_precision bf16
     accelerate launch -m dalle_hf.train_clip ...   (same flags)
 
-The loss is CLIP's symmetric InfoNCE over the batch. On the shapes world every image also brings
-`--num_hard_negatives` false captions of its own scene (a swapped colour, shape, count, size or relation,
-from `dalle_hf.data.shapes.captions_for_clip_negatives`) as extra columns of the image->text softmax, so the
-model must bind attributes to objects and read relations instead of matching bags of words. In-batch
-captions that happen to be true of another image ("a circle" for a red circle) are masked out rather than
-counted as negatives. The validation metric is the top-1 accuracy of picking an image's true caption among
-32 captions of the same world (`evaluate_clip_caption_ranking`).
+The loss is CLIP's symmetric InfoNCE over the batch. Every image also brings `--num_hard_negatives` false
+captions from its world (`World.clip_dataset`; shapes: a swapped colour, shape, count, size or relation of its own
+scene; emoji: the same concept in another style, another concept of its subgroup in the same style) as extra
+columns of the image->text softmax, so the model must bind attributes to objects instead of matching bags of
+words. In-batch captions that happen to be true of another image ("a circle" for a red circle) are masked out
+rather than counted as negatives (`World.caption_is_true`). The validation metric is the top-1 accuracy of picking
+an image's true caption among 32 captions of the same world (`evaluate_clip_caption_ranking`).
 
 Outputs in `--output_dir`: `tokenizer/` (written first, so other scripts can reuse it while this one runs),
 `clip_model/` (safetensors + README.md model card), `clip_processor/`.
@@ -18,50 +18,33 @@ Outputs in `--output_dir`: `tokenizer/` (written first, so other scripts can reu
 
 import argparse
 import functools
-import json
 import logging
 import math
 import os
-import random
 from collections import defaultdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
 
 from .clip import clip_pixel_values, make_clip_config, make_clip_processor
-from .data.shapes import (
-    HELD_OUT_PAIRS,
-    IMAGE_SIZE,
-    RELATIONS,
-    TASKS,
-    caption_holds,
-    captions_for_clip_negatives,
-    format_caption,
-    parse_caption,
-    sample_example,
-)
-from .eval.shapes import detect_objects
+from .data.world import World, load_world
 from .tokenization import train_text_tokenizer
 from .training_utils import (
-    load_frozen_vae,
-    start_run,
-    weight_decay_groups,
     WallClock,
     add_common_args,
     add_dataset_args,
     build_dataloader,
-    build_train_dataset,
     check_common_args,
     command_line,
-    describe_dataset,
     infinite_batches,
-    parse_task_weights,
+    load_frozen_vae,
     save_checkpoint,
+    start_run,
     warmup_cosine_lr_lambda,
+    weight_decay_groups,
+    world_from_args,
     write_model_card,
 )
 
@@ -69,13 +52,6 @@ logger = logging.getLogger(__name__)
 
 FINAL_LR_RATIO = 0.0  # CLIP (§2.5) decays the learning rate to zero with a cosine schedule
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP (§2.5) clips the learned temperature so logits scale by at most 100
-EVALUATION_PROMPT_SEEDS = (0, 1)  # ShapesEval's reported (0) and dev (1) prompts: never training data
-TOKENIZER_CAPTIONS = 10_000  # shapes captions the BPE is trained on: every word of the language appears
-# Relations and colour binding are the slow features to learn (with uniform tasks and random single edits as
-# negatives, relation-only accuracy stayed at chance for 1000 steps): draw those scenes twice as often.
-# Evaluation stays uniform over tasks.
-TASK_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 2.0,
-                "color_attr": 2.0}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenizer_name_or_path",
         type=str,
         default=None,
-        help="A saved tokenizer folder; default: train a BPE on the shapes captions (or reuse output_dir/tokenizer).",
+        help="A saved tokenizer folder; default: train a BPE on the world's captions (or reuse output_dir/tokenizer).",
     )
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -108,13 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_hard_negatives",
         type=int,
         default=None,
-        help="False captions of each shapes scene added to its softmax (default: 8 for shapes, 0 for imagefolder).",
-    )
-    parser.add_argument(
-        "--task_weights",
-        type=str,
-        default=None,
-        help="Shapes tasks drawn more or less often, e.g. 'position=4,color_attr=2' (the rest keep TASK_WEIGHTS).",
+        help="False captions of each image added to its softmax, from the world's hard negatives (default: 8 where "
+        "the world has them, shapes and emoji; 0 for an imagefolder).",
     )
     parser.add_argument(
         "--vae_name_or_path",
@@ -152,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Validation.
     parser.add_argument("--validation_steps", type=int, default=250, help="Caption-ranking accuracy every N updates.")
     parser.add_argument(
-        "--num_validation_images", type=int, default=300, help="Held-out shapes renders ranked against 32 captions."
+        "--num_validation_images", type=int, default=300, help="Held-out images ranked against 32 captions."
     )
     parser.add_argument(
         "--validation_seed",
@@ -165,17 +136,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     check_common_args(args)
+    world = world_from_args(args)  # validates --dataset, --train_data_dir and --task_weights
     if args.num_hard_negatives is None:
-        args.num_hard_negatives = 8 if args.dataset == "shapes" else 0
+        args.num_hard_negatives = 8 if world.has_hard_negatives else 0
     if args.num_hard_negatives < 0:
         raise ValueError(f"--num_hard_negatives must be >= 0, got {args.num_hard_negatives}.")
-    if args.dataset == "imagefolder" and args.num_hard_negatives > 0:
-        raise ValueError("--num_hard_negatives needs --dataset shapes (an imagefolder has no scenes to corrupt).")
+    if args.num_hard_negatives > 0 and not world.has_hard_negatives:
+        raise ValueError(f"--num_hard_negatives needs a world with hard negatives (shapes, emoji); --dataset "
+                         f"{args.dataset} has none.")  # fmt: skip
     if args.pretrained_model_name_or_path is not None and args.tokenizer_name_or_path is None:
         raise ValueError(
             "--pretrained_model_name_or_path needs --tokenizer_name_or_path (the tokenizer it was trained with)."
         )
-    args.task_weights = parse_task_weights(args.task_weights, TASK_WEIGHTS)
     if not 0.0 <= args.vae_roundtrip_prob <= 1.0:
         raise ValueError(f"--vae_roundtrip_prob must be in [0, 1], got {args.vae_roundtrip_prob}.")
     if args.vae_roundtrip_prob > 0 and args.vae_name_or_path is None:
@@ -183,8 +155,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--vae_roundtrip_prob > 0 needs --vae_name_or_path (the dVAE whose reconstructions to train on)."
         )
     if args.candidate_bank_weight < 0 or args.candidate_prompts_per_step < 1:
-        raise ValueError("--candidate_bank_weight must be >= 0 and --candidate_prompts_per_step >= 1, got "
-                         f"{args.candidate_bank_weight} and {args.candidate_prompts_per_step}.")
+        raise ValueError(
+            "--candidate_bank_weight must be >= 0 and --candidate_prompts_per_step >= 1, got "
+            f"{args.candidate_bank_weight} and {args.candidate_prompts_per_step}."
+        )
     if args.validation_steps < 1 or args.num_validation_images < 0:
         raise ValueError("--validation_steps must be >= 1 and --num_validation_images >= 0.")
     if args.text_seq_len < 2:
@@ -195,86 +169,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data
 
 
-class ShapesCaptionsWithNegatives(IterableDataset):
-    """
-    An infinite stream of shapes renders, each with its caption, false captions of the same scene and the
-    scene's objects (to tell which other captions in a batch are true of it).
-
-    Args:
-        seed (`int`): seeds the stream; each dataloader worker and distributed rank draws its own.
-        num_negatives (`int`): hard negatives per image (`captions_for_clip_negatives`: single edits first).
-
-    Yields:
-        `dict`: `pixel_values` `(3, 64, 64)` in `[0, 1]`, `text`, `negatives` (`list[str]`), `objects`, `task`.
-    """
-
-    def __init__(self, seed: int, num_negatives: int, task_weights: dict[str, float] | None = None):
-        super().__init__()
-        self.seed = seed
-        self.num_negatives = num_negatives
-        self.task_weights = dict(TASK_WEIGHTS if task_weights is None else task_weights)
-
-    def __iter__(self):
-        worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else 0
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if distributed else 0
-        rng = random.Random(f"shapes-clip/{self.seed}/rank{rank}/worker{worker_id}")
-        tasks, weights = list(self.task_weights), list(self.task_weights.values())
-        while True:
-            task = rng.choices(tasks, weights)[0]
-            image, caption, scene = sample_example(rng, task)
-            pixel_values = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
-            negatives = structure_negatives(scene) + captions_for_clip_negatives(scene, rng, self.num_negatives)
-            yield {
-                "pixel_values": pixel_values,
-                "text": caption,
-                "negatives": list(dict.fromkeys(negatives))[: self.num_negatives],
-                "objects": scene.objects,
-                "task": task,
-            }
-
-
-def structure_negatives(scene) -> list[str]:
-    """
-    False captions that reuse the true caption's words in another structure: for "A rel B" the three other
-    relations and "B rel A"; for two coloured objects, the colours swapped between them.
-
-    Only where objects are or which colour goes with which shape tells these apart from the truth, the two
-    things a bag of words cannot do; random single edits rarely hit them (`captions_for_clip_negatives`).
-    """
-    spec = parse_caption(scene.caption)
-    objects = spec["objects"]
-    variants = []
-    if spec["relation"] is not None:
-        variants += [{**spec, "relation": r} for r in RELATIONS if r != spec["relation"]]
-        variants.append({**spec, "objects": objects[::-1]})
-    colors = [o["color"] for o in objects]
-    if len(objects) == 2 and all(colors) and colors[0] != colors[1]:
-        swapped = [{**objects[0], "color": objects[1]["color"]}, {**objects[1], "color": objects[0]["color"]}]
-        variants.append({**spec, "objects": swapped})
-    # Like `corrupt_caption`, never name a held-out pair: those stay unseen, as text too, for the novel task.
-    variants = [v for v in variants if not any((o["color"], o["shape"]) in HELD_OUT_PAIRS for o in v["objects"])]
-    long_relation = " to the " in scene.caption
-    return [format_caption(v, long_relation) for v in variants if not caption_holds(v, scene.objects)]
-
-
-def collate_contrastive(examples: list[dict], tokenizer) -> dict:
+def collate_contrastive(examples: list[dict], tokenizer, world: World | None = None) -> dict:
     """
     Batch images with their text columns: the B true captions first, then each image's hard negatives.
 
+    Args:
+        examples (`list[dict]`): items of `world.clip_dataset`.
+        tokenizer: the text tokenizer.
+        world (`World`, *optional*): decides which columns are also true of an image (`World.caption_is_true`);
+            without one, only an identical caption is.
+
     Returns:
         `dict`: `pixel_values` `(B, 3, H, W)`, `input_ids` `(B * (1 + K), T)` and `false_negative_mask`
-        `(B, B * (1 + K))`, True where a column other than the image's own caption is also true of the image
-        (by the shapes world's `caption_holds` when scenes are known, by string equality otherwise).
+        `(B, B * (1 + K))`, True where a column other than the image's own caption is also true of the image.
     """
     texts = [e["text"] for e in examples] + [n for e in examples for n in e.get("negatives", ())]
     input_ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
-    if all("objects" in e for e in examples):
-        specs = {text: parse_caption(text) for text in set(texts)}
-        holds = [[caption_holds(specs[text], e["objects"]) for text in texts] for e in examples]
-    else:
-        holds = [[text == e["text"] for text in texts] for e in examples]
+    is_true = world.caption_is_true if world is not None else (lambda text, e: text == e["text"])
+    holds = [[is_true(text, e) for text in texts] for e in examples]
     mask = torch.tensor(holds, dtype=torch.bool)  # (B, B(1+K))
     mask.fill_diagonal_(False)  # column i is image i's own caption: the positive
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": input_ids,
@@ -307,68 +219,6 @@ def vae_roundtrip(vae, pixel_values: torch.Tensor, prob: float, generator: torch
     pixel_values = pixel_values.clone()
     pixel_values[chosen] = vae.decode_code(codes).to(pixel_values.dtype)
     return pixel_values
-
-
-class CandidateBank:
-    """
-    Generated candidates and the checker's verdicts on them (`benchmarks/rerank_bank.py build`): the reranking
-    task itself. CLIP's renders-and-captions objective never shows it the transformer's typical failures (a
-    fifth diamond for "four diamonds", two objects side by side for "above"), which is where its pick falls
-    behind the checker's (report: counting 0.71 against 1.0). Only prompts with both passing and failing
-    candidates are kept: the others carry no ranking signal. So are only prompts none of whose candidates shows
-    a held-out colour/shape pair (as the checker detects it; the transformer sometimes draws one unasked): CLIP
-    must never see those, for the `novel` task to measure generalization.
-
-    Args:
-        paths (`list[str]`): bank folders (`bank.npz` with `images` `(P, N, H, W, 3)` uint8 and `passed` `(P, N)`,
-            `bank.json` with `prompts`, `tasks` and the build `config`).
-
-    Raises:
-        `ValueError`: a bank of `novel` prompts (its images would draw held-out pairs), one built on the
-            evaluation's prompt seeds (0 reported, 1 dev), or no prompt with both verdicts.
-    """
-
-    def __init__(self, paths: list[str]):
-        images, passed, prompts = [], [], []
-        for path in paths:
-            with open(os.path.join(path, "bank.json")) as f:
-                meta = json.load(f)
-            unknown = sorted(set(meta["tasks"]) - set(TASKS))
-            if unknown:
-                raise ValueError(f"{path} has prompts of {unknown}: a candidate bank takes only the training tasks "
-                                 f"{list(TASKS)} (novel candidates draw held-out pairs).")
-            prompt_seed = meta["config"].get("prompt_seed")
-            if prompt_seed in EVALUATION_PROMPT_SEEDS:
-                raise ValueError(f"{path} was built on prompt seed {prompt_seed}, one the evaluation uses "
-                                 f"{EVALUATION_PROMPT_SEEDS}: build the training bank on another.")
-            with np.load(os.path.join(path, "bank.npz")) as data:  # each key access decompresses: read once
-                bank_images, bank_passed = data["images"], data["passed"]
-            mixed = bank_passed.any(axis=1) & ~bank_passed.all(axis=1)  # (P,)
-            keep = np.array([m and not shows_held_out_pair(group) for m, group in zip(mixed, bank_images)])
-            images.append(bank_images[keep])
-            passed.append(bank_passed[keep])
-            prompts += [p for p, k in zip(meta["prompts"], keep) if k]
-        if not prompts:
-            raise ValueError(f"no prompt in {paths} has both passing and failing candidates and no held-out pair.")
-        self.images = np.concatenate(images)  # (P, N, H, W, 3) uint8
-        self.passed = torch.from_numpy(np.concatenate(passed))  # (P, N) bool
-        self.prompts = prompts
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """`k` random prompts: pixel values `(k * N, 3, H, W)` in `[0, 1]`, their prompts, `passed` `(k, N)`."""
-        index = torch.randint(len(self), (k,), generator=generator)
-        pixels = torch.from_numpy(self.images[index.numpy()])  # (k, N, H, W, 3)
-        pixels = pixels.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
-        return pixels, [self.prompts[i] for i in index.tolist()], self.passed[index]
-
-
-def shows_held_out_pair(images: np.ndarray) -> bool:
-    """Whether any of `images` `(N, H, W, 3)` uint8 has an object of a held-out colour/shape pair (the checker's
-    detector)."""
-    return any((o.color, o.shape) in HELD_OUT_PAIRS for image in images for o in detect_objects(image))
 
 
 # ----------------------------------------------------------------------------- loss
@@ -410,28 +260,6 @@ def contrastive_loss(logits_per_image: torch.Tensor, false_negative_mask: torch.
 # ----------------------------------------------------------------------------- evaluation
 
 
-def caption_ranking_set(n_images: int = 300, n_captions: int = 32, seed: int = 0, tasks=TASKS):
-    """
-    Fixed held-out shapes renders, each with `n_captions` candidates: the true caption first, then false
-    captions of the same scene (all single edits, shuffled, then random false captions of the world).
-
-    Returns:
-        `tuple`: `pixel_values` `(N, 3, 64, 64)` in `[0, 1]`, `candidates` (`list[list[str]]`), `tasks` (`list[str]`).
-    """
-    if n_images < 1 or n_captions < 2:
-        raise ValueError(f"need n_images >= 1 and n_captions >= 2, got {n_images} and {n_captions}")
-    # A string seed: these scenes come from their own stream, never the training streams ("shapes-clip/...").
-    rng = random.Random(f"clip-caption-ranking/{seed}")
-    images, candidates, image_tasks = [], [], []
-    for i in range(n_images):
-        task = tasks[i % len(tasks)]  # balanced over tasks
-        image, caption, scene = sample_example(rng, task)
-        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)  # (3, H, W)
-        candidates.append([caption] + captions_for_clip_negatives(scene, rng, n_captions - 1))
-        image_tasks.append(task)
-    return torch.stack(images), candidates, image_tasks
-
-
 @torch.no_grad()
 def caption_ranking_hits(
     clip_model: CLIPModel, clip_processor: CLIPProcessor, pixel_values: torch.Tensor, candidates: list[list[str]]
@@ -465,14 +293,16 @@ def evaluate_clip_caption_ranking(
     n_captions: int = 32,
     seed: int = 0,
     return_per_task: bool = False,
+    world: World | None = None,
 ):
     """
-    Top-1 accuracy of picking an image's true caption among `n_captions` captions of the shapes world.
+    Top-1 accuracy of picking an image's true caption among `n_captions` captions of a world
+    (`World.caption_ranking_set`; chance is `1 / n_captions`).
 
-    The candidates are the true caption plus `n_captions - 1` false ones for the same scene: first every
-    single edit (a swapped colour, shape, size word, count or relation, or the two colours exchanged), then
-    random false captions of the world. Images are balanced over the six training tasks and deterministic for
-    a seed; chance level is `1 / n_captions`.
+    On the shapes world (the default) the candidates are the true caption plus `n_captions - 1` false ones for
+    the same scene: first every single edit (a swapped colour, shape, size word, count or relation, or the two
+    colours exchanged), then random false captions of the world; images are balanced over the six training tasks.
+    On the emoji world they are captions of other (concept, style) pairs drawn at random.
 
     Args:
         clip_model (`CLIPModel`): the model to evaluate (its device and dtype are used).
@@ -480,7 +310,9 @@ def evaluate_clip_caption_ranking(
         n_images (`int`, *optional*, defaults to 300): held-out renders to rank.
         n_captions (`int`, *optional*, defaults to 32): candidates per image, the true one included.
         seed (`int`, *optional*, defaults to 0): selects the renders and the negatives.
-        return_per_task (`bool`, *optional*, defaults to `False`): also return `{task: accuracy}`.
+        return_per_task (`bool`, *optional*, defaults to `False`): also return `{group: accuracy}` (shapes
+            tasks, emoji styles).
+        world (`World`, *optional*, defaults to `None`): whose images and captions to rank (`None`: shapes).
 
     Returns:
         `float` (or `(float, dict[str, float])` with `return_per_task=True`).
@@ -495,7 +327,9 @@ def evaluate_clip_caption_ranking(
     0.9
     ```
     """
-    pixel_values, candidates, tasks = caption_ranking_set(n_images, n_captions, seed)
+    world = world if world is not None else load_world("shapes")
+    ranking = world.caption_ranking_set(n_images, n_captions, seed)
+    pixel_values, candidates, tasks = ranking.pixel_values, ranking.candidates, ranking.groups
     was_training = clip_model.training
     clip_model.eval()
     hits = caption_ranking_hits(clip_model, clip_processor, pixel_values, candidates)
@@ -515,21 +349,14 @@ def evaluate_clip_caption_ranking(
 def load_or_train_tokenizer(args: argparse.Namespace, is_main_process: bool):
     """
     `--tokenizer_name_or_path`, else `output_dir/tokenizer` from an earlier start of this run, else a BPE trained
-    on the shapes language (`all_captions`) or on the imagefolder's captions. Saved to `output_dir/tokenizer`.
+    on the world's captions (`World.tokenizer_captions`). Saved to `output_dir/tokenizer`.
     """
     saved = os.path.join(args.output_dir, "tokenizer")
     path = args.tokenizer_name_or_path or (saved if os.path.isfile(os.path.join(saved, "tokenizer.json")) else None)
     if path is not None:
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
-        if args.dataset == "shapes":
-            from .data.shapes import all_captions
-
-            captions = all_captions(TOKENIZER_CAPTIONS, seed=args.seed)
-        else:
-            from .data.imagefolder import ImageFolderCaptions
-
-            captions = [text for _, text in ImageFolderCaptions(args.train_data_dir, args.image_size).records]
+        captions = world_from_args(args).tokenizer_captions(seed=args.seed)
         tokenizer = train_text_tokenizer(captions, args.vocab_size, args.text_seq_len)
     if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
         raise ValueError(f"the tokenizer must have <pad> id 0 and <eos> id 1, got {tokenizer.pad_token_id}, "
@@ -582,7 +409,8 @@ def main(args: argparse.Namespace) -> dict:
         optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
     )
 
-    data_size = IMAGE_SIZE if args.dataset == "shapes" else image_size  # shapes renders are 64 px, resized later
+    world = world_from_args(args)
+    data_size = world.native_image_size or image_size  # a world's own renders (64 px) are resized for CLIP later
     vae = None
     if args.vae_roundtrip_prob > 0:
         vae = load_frozen_vae(args.vae_name_or_path).to(accelerator.device)
@@ -591,22 +419,20 @@ def main(args: argparse.Namespace) -> dict:
                 f"--vae_name_or_path takes {vae.config.image_size}px images, the training images are {data_size}px."
             )
 
-    bank = CandidateBank(args.candidate_bank) if args.candidate_bank else None
+    bank = world.candidate_bank(args.candidate_bank) if args.candidate_bank else None
     if bank is not None:
         if bank.images.shape[2] != data_size:  # its candidates share the forward with the training images
-            raise ValueError(f"--candidate_bank holds {bank.images.shape[2]}px images, the training images are "
-                             f"{data_size}px.")
+            raise ValueError(
+                f"--candidate_bank holds {bank.images.shape[2]}px images, the training images are {data_size}px."
+            )
         logger.info(f"Candidate banks: {len(bank)} prompts with both verdicts, {bank.images.shape[1]} candidates each")
 
-    # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
+    # A resumed run reseeds the data (a new stream of shapes scenes, new emoji captions and negatives).
     data_seed = args.seed + first_step
     roundtrip_generator = torch.Generator().manual_seed(data_seed * 1000 + accelerator.process_index)
     bank_generator = torch.Generator().manual_seed(data_seed * 1000 + 500 + accelerator.process_index)
-    if args.dataset == "shapes":
-        dataset = ShapesCaptionsWithNegatives(data_seed, args.num_hard_negatives, args.task_weights)
-    else:
-        dataset = build_train_dataset(args, image_size=image_size, seed=data_seed)
-    collate_fn = functools.partial(collate_contrastive, tokenizer=tokenizer)
+    dataset = world.clip_dataset(data_size, data_seed, args.num_hard_negatives)
+    collate_fn = functools.partial(collate_contrastive, tokenizer=tokenizer, world=world)
     dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, collate_fn)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
@@ -617,8 +443,9 @@ def main(args: argparse.Namespace) -> dict:
     images_seen = trainer_state.get("images_seen", 0)
 
     validation = roundtrip_validation = None
-    if args.dataset == "shapes" and args.num_validation_images > 0:  # 64 px renders, resized to image_size
-        validation = caption_ranking_set(args.num_validation_images, n_captions=32, seed=args.validation_seed)
+    if world.has_ranking_set and args.num_validation_images > 0:
+        ranking = world.caption_ranking_set(args.num_validation_images, n_captions=32, seed=args.validation_seed)
+        validation = (ranking.pixel_values, ranking.candidates, ranking.groups)
         if vae is not None:  # the same renders after a dVAE round trip (all of them): the domain CLIP ranks in
             with accelerator.autocast():
                 roundtrip_pixels = vae_roundtrip(vae, validation[0].to(accelerator.device), 1.0, torch.Generator())
@@ -726,8 +553,10 @@ def main(args: argparse.Namespace) -> dict:
             running = dict.fromkeys(running, 0.0)
             window_start, window_images, window_batches = clock.seconds, 0, 0
 
-        if validation is not None and accelerator.is_main_process and (
-            step % args.validation_steps == 0 or step == args.max_train_steps
+        if (
+            validation is not None
+            and accelerator.is_main_process
+            and (step % args.validation_steps == 0 or step == args.max_train_steps)
         ):
             record = validate_all()
             validations.append(record)
@@ -753,9 +582,9 @@ def main(args: argparse.Namespace) -> dict:
                 validations.append(validate_all())
             final = validations[-1]
             results = {
-                f"caption top-1 among 32 (true + 31 same-world false; {args.num_validation_images} held-out renders, "
-                f"seed {args.validation_seed})": final["caption_top1"],
-                **{f"caption top-1, {task}": final[task] for task in TASKS if task in final},
+                f"caption top-1 among 32 (true + 31 false captions of the world; {args.num_validation_images} "
+                f"validation images, seed {args.validation_seed})": final["caption_top1"],
+                **{f"caption top-1, {group}": final[group] for group in sorted(set(validation[2])) if group in final},
                 "caption top-1 during training (step: top-1)": ", ".join(
                     f"{v['step']}: {v['caption_top1']:.3f}" for v in validations
                 ),
@@ -774,7 +603,7 @@ def main(args: argparse.Namespace) -> dict:
             )
         }  # fmt: skip
         hyperparameters["text vocabulary"] = len(tokenizer)
-        hyperparameters["task weights"] = ", ".join(f"{t}={w:g}" for t, w in args.task_weights.items())
+        hyperparameters.update(world.hyperparameters(for_clip=True))
         hyperparameters["initialized from"] = args.pretrained_model_name_or_path or "random init"
         if vae is not None:
             hyperparameters["dVAE round-trip share"] = f"{args.vae_roundtrip_prob:g} ({args.vae_name_or_path})"
@@ -790,17 +619,19 @@ def main(args: argparse.Namespace) -> dict:
             f"{sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters)",
             description=(
                 "A small `transformers.CLIPModel` (Radford et al. 2021) that reranks DALL-E samples (Ramesh et al. "
-                "2021, §2.5). Trained with CLIP's symmetric contrastive loss plus, for every shapes image, "
-                f"{args.num_hard_negatives} false captions of its own scene (swapped colour, shape, size, count or "
-                "relation) in the image->text softmax. Load with `CLIPModel.from_pretrained(...)` and "
+                "2021, §2.5). Trained with CLIP's symmetric contrastive loss"
+                + (
+                    f" plus, for every image, {args.num_hard_negatives} false captions "
+                    f"({world.hard_negatives_description})"
+                    " in the image->text softmax"
+                    if args.num_hard_negatives
+                    else ""
+                )
+                + ". Load with `CLIPModel.from_pretrained(...)` and "
                 "`CLIPProcessor.from_pretrained(<output_dir>/clip_processor)`; score with "
                 "`dalle_hf.clip.clip_text_image_scores`."
             ),
-            data=describe_dataset(args) if args.dataset != "shapes" else (
-                "the procedural shapes world (`dalle_hf.data.shapes`): fresh renders of the six training tasks "
-                "(held-out colour/shape pairs never drawn), each with its true caption and "
-                f"{args.num_hard_negatives} false captions of the same scene (`captions_for_clip_negatives`)"
-            ),
+            data=world.describe(for_clip=True),
             command=command_line("dalle_hf.train_clip"),
             seed=args.seed,
             steps=step,

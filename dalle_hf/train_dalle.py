@@ -17,11 +17,10 @@ import os
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .configuration_dalle import ATTENTION_TYPES, DalleConfig
-from .data.shapes import SHOWCASE_PROMPTS, TASKS
 from .modeling_dalle import DalleForImageGeneration
 from .training_utils import (
     load_frozen_vae,
@@ -36,16 +35,13 @@ from .training_utils import (
     command_line,
     describe_dataset,
     infinite_batches,
-    parse_task_weights,
+    world_from_args,
     save_checkpoint,
     warmup_cosine_lr_lambda,
     write_model_card,
 )
 
 logger = logging.getLogger(__name__)
-
-# The shapes world's six training tasks, drawn equally often unless --task_weights says otherwise.
-UNIFORM_TASK_WEIGHTS = {task: 1.0 for task in TASKS}
 
 
 def apply_word_dropout(
@@ -85,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae_name_or_path", required=True, help="A trained DalleVAE (folder, vae/ of a pipeline, hub id)."
     )
     parser.add_argument(
-        "--tokenizer_name_or_path", default=None, help="A saved tokenizer; default: train a BPE on the shapes captions."
+        "--tokenizer_name_or_path",
+        default=None,
+        help="A saved tokenizer; default: train a BPE on the world's captions.",
     )
     parser.add_argument(
         "--clip_name_or_path", default=None, help="A folder with clip_model/ and clip_processor/ to ship."
@@ -114,12 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--caption_dropout", type=float, default=0.1, help="P(caption -> all padding), for guidance.")
     parser.add_argument("--word_dropout", type=float, default=0.0, help="P(one caption token -> padding); 0: off.")
-    parser.add_argument(
-        "--task_weights",
-        type=str,
-        default=None,
-        help="Shapes tasks drawn more or less often, e.g. 'color_attr=2,counting=1.5' (the rest keep weight 1).",
-    )
     parser.add_argument("--lr_warmup_steps", type=int, default=500)
     parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices only (nanoGPT).")
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -127,13 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation_steps", type=int, default=1000, help="Sample the validation prompts every N steps."
     )
     parser.add_argument(
-        "--eval_prompts_per_task", type=int, default=0, help="ShapesEval prompts per task at the end (0: skip)."
+        "--eval_prompts_per_task",
+        type=int,
+        default=0,
+        help="Prompts per task of the world's benchmark at the end (shapes: ShapesEval; 0: skip).",
     )
     args = parser.parse_args(argv)
     check_common_args(args)
-    if args.task_weights is not None and args.dataset != "shapes":
-        raise ValueError("--task_weights needs --dataset shapes (an imagefolder has no tasks).")
-    args.task_weights = parse_task_weights(args.task_weights, UNIFORM_TASK_WEIGHTS)
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     if not 0 <= args.word_dropout < 1:
@@ -154,29 +146,45 @@ def load_or_train_tokenizer(args):
 
     if args.tokenizer_name_or_path:
         return AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
-    if args.dataset != "shapes":
-        raise ValueError("--dataset imagefolder needs --tokenizer_name_or_path (or train one on your captions first).")
-    from .data.shapes import all_captions
     from .tokenization import train_text_tokenizer
 
-    return train_text_tokenizer(all_captions(50_000, seed=args.seed), args.text_vocab_size, args.text_seq_len)
+    captions = world_from_args(args).tokenizer_captions(seed=args.seed)
+    return train_text_tokenizer(captions, args.text_vocab_size, args.text_seq_len)
+
+
+class EncodedImages(Dataset):
+    """
+    A finite dataset with its images encoded once by the frozen dVAE: items are `{"image_ids": (N,), "text": str}`.
+
+    The caption is read at every access (`dataset.text(i)` where the dataset has it, else `dataset[i]["text"]`), so
+    a world that draws a caption per access (emoji: styled, plain or alias forms) keeps its caption mix.
+    """
+
+    def __init__(self, dataset, image_ids: torch.Tensor):
+        self.dataset, self.image_ids = dataset, image_ids
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        text_of = getattr(self.dataset, "text", None)
+        text = text_of(index) if callable(text_of) else self.dataset[index]["text"]
+        return {"image_ids": self.image_ids[index], "text": text}
 
 
 @torch.no_grad()
-def tokenize_dataset(dataset, vae, tokenizer, text_seq_len: int, batch_size: int = 64) -> TensorDataset:
-    """Encode a finite dataset once: -> TensorDataset(input_ids (n, L), image_ids (n, N))."""
+def encode_dataset(dataset, vae, batch_size: int = 64) -> EncodedImages:
+    """Encode a finite dataset's images once: `EncodedImages` with `image_ids` `(n, N)`."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda ex: ex)
-    text_ids, image_ids = [], []
-    for examples in tqdm(loader, desc="tokenizing images"):
+    image_ids = []
+    for examples in tqdm(loader, desc="encoding images"):
         pixels = torch.stack([e["pixel_values"] for e in examples])
-        image_ids.append(vae.get_codebook_indices(pixels).flatten(1))
-        texts = [e["text"] for e in examples]
-        text_ids.append(
-            tokenizer(
-                texts, padding="max_length", truncation=True, max_length=text_seq_len, return_tensors="pt"
-            )["input_ids"]
-        )
-    return TensorDataset(torch.cat(text_ids), torch.cat(image_ids))
+        image_ids.append(vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu())
+    return EncodedImages(dataset, torch.cat(image_ids))
+
+
+def collate_encoded(examples: list[dict]) -> dict:
+    return {"image_ids": torch.stack([e["image_ids"] for e in examples]), "text": [e["text"] for e in examples]}
 
 
 def make_optimizer(model, args):
@@ -201,16 +209,18 @@ def build_pipeline(tokenizer, transformer, vae, args):
 
 
 @torch.no_grad()
-def validate(pipe, output_dir: str, step: int, seed: int) -> str:
+def validate(pipe, prompts: list[str], output_dir: str, step: int, seed: int) -> str | None:
     """Sample 4 images for each validation prompt through the real pipeline; save one PNG sheet."""
     from PIL import Image
 
     was_training = pipe.transformer.training
     pipe.transformer.eval()
-    out = pipe(list(SHOWCASE_PROMPTS), num_images_per_prompt=4, generator=torch.Generator().manual_seed(seed))
+    if not prompts:
+        return None
+    out = pipe(list(prompts), num_images_per_prompt=4, generator=torch.Generator().manual_seed(seed))
     pipe.transformer.train(was_training)
     size = out.images[0].size[0]
-    sheet = Image.new("RGB", (4 * size, len(SHOWCASE_PROMPTS) * size), "white")
+    sheet = Image.new("RGB", (4 * size, len(prompts) * size), "white")
     for i, image in enumerate(out.images):
         sheet.paste(image, ((i % 4) * size, (i // 4) * size))
     path = os.path.join(output_dir, "samples", f"step-{step:07d}.png")
@@ -246,10 +256,22 @@ def main(args: argparse.Namespace) -> dict:
         path = args.transformer_name_or_path
         subfolder = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else ""
         model = DalleForImageGeneration.from_pretrained(path, subfolder=subfolder)
-        mismatched = {k: (v, getattr(model.config, k)) for k, v in config.to_diff_dict().items()
-                      if k in ("text_vocab_size", "text_seq_len", "image_vocab_size", "image_grid_size",
-                               "n_layer", "n_head", "n_embd", "text_self_attention")
-                      and getattr(model.config, k) != v}
+        mismatched = {
+            k: (v, getattr(model.config, k))
+            for k, v in config.to_diff_dict().items()
+            if k
+            in (
+                "text_vocab_size",
+                "text_seq_len",
+                "image_vocab_size",
+                "image_grid_size",
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "text_self_attention",
+            )
+            and getattr(model.config, k) != v
+        }
         if mismatched:
             raise ValueError(
                 f"--transformer_name_or_path has a different config (flag value, checkpoint value): {mismatched}"
@@ -261,16 +283,18 @@ def main(args: argparse.Namespace) -> dict:
         optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, 0.1)
     )
 
-    # 3. Data: a stream is tokenized on the fly, a finite dataset once
+    # 3. Data: a stream is tokenized on the fly; a finite dataset's images are encoded once, its captions drawn per use
+    world = world_from_args(args)
     dataset = build_train_dataset(args, image_size=vae.config.image_size, seed=args.seed + first_step)
     if isinstance(dataset, IterableDataset):
         dataloader = build_dataloader(
             dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step
         )
     else:
-        cached = tokenize_dataset(dataset, vae, tokenizer, args.text_seq_len)
-        dataloader = DataLoader(cached, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                generator=torch.Generator().manual_seed(args.seed + first_step))
+        encoded = encode_dataset(dataset, vae)
+        dataloader = DataLoader(encoded, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+                                collate_fn=collate_encoded,
+                                generator=torch.Generator().manual_seed(args.seed + first_step))  # fmt: skip
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if resume_dir:
         logger.info(f"Resuming from {resume_dir} (step {first_step})")
@@ -289,14 +313,14 @@ def main(args: argparse.Namespace) -> dict:
 
     def to_tokens(batch):
         """-> input_ids (B, L), image_ids (B, N) on the device, with word and caption dropout."""
-        if isinstance(batch, dict):
+        if "image_ids" in batch:  # encoded once (a finite dataset)
+            image_ids = batch["image_ids"]
+        else:  # a stream: encode on the fly
             with torch.no_grad():
                 image_ids = vae.get_codebook_indices(batch["pixel_values"].to(accelerator.device)).flatten(1)
-            input_ids = tokenizer(
-                batch["text"], padding="max_length", truncation=True, max_length=args.text_seq_len, return_tensors="pt"
-            )["input_ids"]
-        else:
-            input_ids, image_ids = batch
+        input_ids = tokenizer(
+            batch["text"], padding="max_length", truncation=True, max_length=args.text_seq_len, return_tensors="pt"
+        )["input_ids"]
         input_ids = input_ids.to(accelerator.device).clone()
         if args.word_dropout > 0:
             input_ids = apply_word_dropout(input_ids, args.word_dropout, tokenizer.pad_token_id, keep_ids)
@@ -350,12 +374,19 @@ def main(args: argparse.Namespace) -> dict:
             running, window_batches = dict.fromkeys(running, 0.0), 0
             window_start, window_tokens = clock.seconds, 0
         if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
-            path = save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit,
-                                   {"wall_time_seconds": clock.seconds, "images_seen": images_seen})
+            path = save_checkpoint(
+                accelerator,
+                args.output_dir,
+                step,
+                args.checkpoints_total_limit,
+                {"wall_time_seconds": clock.seconds, "images_seen": images_seen},
+            )
             logger.info(f"Saved state to {path}")
         if step % args.validation_steps == 0 and accelerator.is_main_process:
             pipe = build_pipeline(tokenizer, accelerator.unwrap_model(model), vae, args)
-            logger.info(f"Validation samples: {validate(pipe, args.output_dir, step, args.seed)}")
+            logger.info(
+                f"Validation samples: {validate(pipe, world.validation_prompts(), args.output_dir, step, args.seed)}"
+            )
     progress.close()
 
     # 5. Save the whole pipeline and its model card
@@ -366,25 +397,34 @@ def main(args: argparse.Namespace) -> dict:
         pipe = build_pipeline(tokenizer, transformer, vae, args)
         pipe.save_pretrained(args.output_dir, safe_serialization=True)
         wall_time = clock.seconds
-        validate(pipe, args.output_dir, step, args.seed)
-        if args.eval_prompts_per_task and args.dataset == "shapes":
-            from .eval.shapes import evaluate_pipeline
-
-            report = evaluate_pipeline(pipe, os.path.join(args.output_dir, "eval"), images_per_prompt=1,
-                                       prompts_per_task=args.eval_prompts_per_task, progress=False)
-            results = {"ShapesEval (best-of-1)": report["shapes_eval"], "novel": report["novel"]}
+        validate(pipe, world.validation_prompts(), args.output_dir, step, args.seed)
+        if args.eval_prompts_per_task:
+            results = world.evaluate_pipeline(pipe, os.path.join(args.output_dir, "eval"), args.eval_prompts_per_task)
         if history:
             results = {
                 "final image loss": history[-1]["image_loss"],
                 "final text loss": history[-1]["text_loss"],
                 **results,
             }
-        hyperparameters = {k: getattr(args, k) for k in (
-            "n_layer", "n_head", "n_embd", "text_seq_len", "train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_warmup_steps", "weight_decay", "caption_dropout", "word_dropout", "mixed_precision")}
+        hyperparameters = {
+            k: getattr(args, k)
+            for k in (
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "text_seq_len",
+                "train_batch_size",
+                "gradient_accumulation_steps",
+                "learning_rate",
+                "lr_warmup_steps",
+                "weight_decay",
+                "caption_dropout",
+                "word_dropout",
+                "mixed_precision",
+            )
+        }
         hyperparameters.update({"parameters": f"{n_params:,}", "captions seen": images_seen})
-        if args.dataset == "shapes":
-            hyperparameters["task weights"] = ", ".join(f"{t}={w:g}" for t, w in args.task_weights.items())
+        hyperparameters.update(world.hyperparameters())
         write_model_card(
             os.path.join(args.output_dir, "README.md"),
             title=f"dalle-hf pipeline ({config.n_layer} layers x {config.n_embd}, "

@@ -33,6 +33,7 @@ from .training_utils import (
     cosine_anneal,
     cosine_warmup,
     describe_dataset,
+    world_from_args,
     infinite_batches,
     save_checkpoint,
     warmup_cosine_lr_lambda,
@@ -170,6 +171,8 @@ def load_pretrained_vae(path: str, decoder_n_hid: int | None = None) -> DalleVAE
 def count_codes_in_use(vae: DalleVAE, dataset, num_images: int = 1024, batch_size: int = 64) -> int:
     """Distinct argmax codes over `num_images` images of `dataset`."""
     used = torch.zeros(vae.config.vocab_size, dtype=torch.bool)
+    if hasattr(dataset, "__len__"):  # a small folder or cache: batches no larger than the dataset
+        batch_size = min(batch_size, len(dataset))
     batches = infinite_batches(build_dataloader(dataset, batch_size, num_workers=0, seed=0))
     for _ in range(max(num_images // batch_size, 1)):
         pixel_values = next(batches)["pixel_values"].to(vae.device)  # (B, 3, H, W)
@@ -178,19 +181,14 @@ def count_codes_in_use(vae: DalleVAE, dataset, num_images: int = 1024, batch_siz
 
 
 def evaluate(vae: DalleVAE, args: argparse.Namespace) -> dict:
-    """Codes in use on held-out images and, on shapes, the fraction of reconstructions passing the checker."""
+    """Codes in use on held-out images, and the world's reconstruction metrics (`World.evaluate_vae`: shapes, the
+    fraction of reconstructions passing the checker; emoji, PSNR on held-out renders)."""
     if args.eval_n_per_task == 0:
         return {}
     # A seed far from the training streams (which use seed + resumed step).
     eval_seed = args.seed + 1_000_000
     results = {"codes_in_use": count_codes_in_use(vae, build_train_dataset(args, vae.config.image_size, eval_seed))}
-    if args.dataset == "shapes" and vae.config.image_size == 64:
-        from .eval.shapes import evaluate_vae_fidelity
-
-        fidelity = evaluate_vae_fidelity(vae, n_per_task=args.eval_n_per_task, seed=eval_seed)
-        results["fidelity"] = fidelity["fidelity"]
-        results["reconstruction_mse"] = fidelity["mse"]
-        results.update({f"fidelity/{task}": value for task, value in fidelity["per_task"].items()})
+    results.update(world_from_args(args).evaluate_vae(vae, args.eval_n_per_task, eval_seed))
     return results
 
 
@@ -222,7 +220,7 @@ def main(args: argparse.Namespace) -> dict:
         optimizer, warmup_cosine_lr_lambda(args.lr_warmup_steps, args.max_train_steps, FINAL_LR_RATIO)
     )
 
-    # A resumed run reseeds the (infinite) shapes stream so it sees new scenes rather than replaying old ones.
+    # A resumed run reseeds the data (a new stream of shapes scenes rather than a replay of the old ones).
     dataset = build_train_dataset(args, image_size=config.image_size, seed=args.seed + first_step)
     dataloader = build_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -329,9 +327,20 @@ def main(args: argparse.Namespace) -> dict:
         hyperparameters = {
             k: getattr(args, k)
             for k in (
-                "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps",
-                "weight_decay", "kl_weight", "kl_warmup_fraction", "temperature_start", "temperature_end",
-                "temperature_anneal_fraction", "code_usage_weight", "mixed_precision", "channels_last", "use_ema",
+                "train_batch_size",
+                "gradient_accumulation_steps",
+                "learning_rate",
+                "lr_warmup_steps",
+                "weight_decay",
+                "kl_weight",
+                "kl_warmup_fraction",
+                "temperature_start",
+                "temperature_end",
+                "temperature_anneal_fraction",
+                "code_usage_weight",
+                "mixed_precision",
+                "channels_last",
+                "use_ema",
                 "train_decoder_only",
             )
         }

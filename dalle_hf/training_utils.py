@@ -6,6 +6,7 @@ resumes and the README.md model card.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -63,46 +64,38 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add `--dataset shapes|imagefolder` and `--train_data_dir`."""
+    """Add `--dataset NAME` (a world, `dalle_hf.data.world`), `--train_data_dir` and the option `--task_weights`."""
     parser.add_argument(
         "--dataset",
         type=str,
         default="shapes",
-        choices=["shapes", "imagefolder"],
-        help="`shapes`: the procedural shapes world; `imagefolder`: images + metadata.jsonl in --train_data_dir.",
+        help="The world to train on: `shapes` (the procedural shapes world), `emoji` (the emoji cache in "
+        "--train_data_dir), `imagefolder` (images + metadata.jsonl in --train_data_dir), or any module of "
+        "dalle_hf.data that defines a World.",
     )
-    parser.add_argument("--train_data_dir", type=str, default=None, help="The imagefolder (for --dataset imagefolder).")
+    parser.add_argument(
+        "--train_data_dir", type=str, default=None, help="The imagefolder, or the emoji cache (`dalle-hf data emoji`)."
+    )
+    parser.add_argument(
+        "--task_weights",
+        type=str,
+        default=None,
+        help="Shapes tasks drawn more or less often than the defaults, e.g. 'color_attr=2,counting=1.5'.",
+    )
     return parser
 
 
-def parse_task_weights(text: str | None, defaults: dict[str, float]) -> dict[str, float]:
-    """
-    Parse `--task_weights`: `'position=4,color_attr=2'` -> `defaults` with those entries replaced.
+def world_from_args(args: argparse.Namespace):
+    """The `World` that `--dataset`, `--train_data_dir` and `--task_weights` name (loaded once per process)."""
+    options = {"task_weights": args.task_weights} if getattr(args, "task_weights", None) is not None else {}
+    return _load_world(args.dataset, getattr(args, "train_data_dir", None), tuple(sorted(options.items())))
 
-    Args:
-        text (`str`, *optional*): comma-separated `TASK=WEIGHT` items; `None` or `""` keeps `defaults`.
-        defaults (`dict[str, float]`): every shapes task with its default relative frequency.
 
-    Returns:
-        `dict[str, float]`: a weight (>= 0) for every task of `defaults`, not all zero.
-    """
-    weights = dict(defaults)
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        task, sep, value = item.partition("=")
-        task = task.strip()
-        try:
-            weight = float(value) if sep else None
-        except ValueError:
-            weight = None
-        if task not in defaults or weight is None or not 0 <= weight < math.inf:
-            raise ValueError(f"--task_weights expects comma-separated TASK=WEIGHT (TASK in {list(defaults)}, "
-                             f"WEIGHT >= 0), got {item!r}")  # fmt: skip
-        weights[task] = weight
-    if not sum(weights.values()) > 0:
-        raise ValueError(f"--task_weights leaves every task at weight 0: {text!r}")
-    return weights
+@functools.lru_cache(maxsize=4)
+def _load_world(name: str, data_dir: str | None, options: tuple):
+    from .data.world import load_world
+
+    return load_world(name, data_dir, **dict(options))
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -116,10 +109,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
     if args.logging_steps < 1 or args.dataloader_num_workers < 0:
         raise ValueError("--logging_steps must be >= 1 and --dataloader_num_workers >= 0.")
-    if getattr(args, "dataset", None) == "imagefolder" and not args.train_data_dir:
-        raise ValueError("--dataset imagefolder needs --train_data_dir (a folder with images and metadata.jsonl).")
-    if getattr(args, "dataset", None) == "shapes" and getattr(args, "train_data_dir", None):
-        raise ValueError("--train_data_dir is only used with --dataset imagefolder.")
+    if hasattr(args, "dataset"):
+        world_from_args(args)  # ValueError: an unknown world, a missing or unneeded --train_data_dir, a bad option
 
 
 def command_line(module: str) -> str:
@@ -134,34 +125,23 @@ def command_line(module: str) -> str:
 
 def build_train_dataset(args: argparse.Namespace, image_size: int, seed: int):
     """
-    The training dataset for `--dataset`.
+    The training dataset of the world `--dataset` names (`World.train_dataset`).
 
     Args:
-        args (`argparse.Namespace`): with `dataset` and `train_data_dir` (and optionally `task_weights`, a dict
-            from `parse_task_weights`, for the shapes stream).
+        args (`argparse.Namespace`): with `dataset`, `train_data_dir` and `task_weights`.
         image_size (`int`): side of the square images.
-        seed (`int`): seed of the shapes stream (pass `args.seed + resumed_step` so a resumed run sees new scenes).
+        seed (`int`): seeds a stream and caption sampling (pass `args.seed + resumed_step` so a resumed run sees new
+            scenes and captions).
 
     Returns:
-        `ShapesDataset` (infinite `IterableDataset`) or `ImageFolderCaptions` (map-style); items are dicts with
-        `pixel_values` `(3, H, W)` in `[0, 1]` and `text`.
+        A map-style or infinite iterable dataset of dicts with `pixel_values` `(3, H, W)` in `[0, 1]` and `text`.
     """
-    if args.dataset == "shapes":
-        from .data.shapes import ShapesDataset
-
-        return ShapesDataset(seed=seed, task_weights=getattr(args, "task_weights", None), image_size=image_size)
-    if args.dataset == "imagefolder":
-        from .data.imagefolder import ImageFolderCaptions
-
-        return ImageFolderCaptions(args.train_data_dir, image_size=image_size)
-    raise ValueError(f"--dataset must be 'shapes' or 'imagefolder', got {args.dataset!r}.")
+    return world_from_args(args).train_dataset(image_size, seed)
 
 
 def describe_dataset(args: argparse.Namespace) -> str:
     """One line for the model card."""
-    if args.dataset == "shapes":
-        return "the procedural shapes world (`dalle_hf.data.shapes.ShapesDataset`), a fresh stream of rendered scenes"
-    return f"an imagefolder at `{args.train_data_dir}` (images + metadata.jsonl)"
+    return world_from_args(args).describe()
 
 
 def load_frozen_vae(path: str):

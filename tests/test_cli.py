@@ -101,7 +101,7 @@ def test_eval_clip(pipe, pipeline_dir, tmp_path):
                           "--n-captions", "4")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert 0.0 <= report["caption_top1"] <= 1.0 and len(report["per_task"]) == 6 and report["n_captions"] == 4
+    assert 0.0 <= report["caption_top1"] <= 1.0 and len(report["per_group"]) == 6 and report["n_captions"] == 4
     result = dalle_hf_cli("eval", "clip", "--pipeline", str(pipeline_dir))
     assert result.returncode != 0 and "no clip_model/" in result.stderr
 

@@ -155,6 +155,7 @@ def test_contrastive_loss_masks_false_negatives():
 
 def test_collate_marks_captions_true_of_other_images(tokenizer):
     from dalle_hf.data.shapes import ShapeObject
+    from dalle_hf.data.world import load_world
     from dalle_hf.train_clip import collate_contrastive
 
     red_circle = (ShapeObject("circle", "red", "large", 32.0, 32.0, 26),)
@@ -165,7 +166,7 @@ def test_collate_marks_captions_true_of_other_images(tokenizer):
         {"pixel_values": pixels, "text": "a circle", "negatives": ["a square"], "objects": red_circle},
         {"pixel_values": pixels, "text": "a square", "negatives": ["a circle"], "objects": blue_square},
     ]
-    batch = collate_contrastive(examples, tokenizer)
+    batch = collate_contrastive(examples, tokenizer, load_world("shapes"))
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape == (6, 8)
     # columns: a red circle, a circle, a square | a blue circle, a square, a circle
     expected = torch.tensor(
@@ -175,8 +176,7 @@ def test_collate_marks_captions_true_of_other_images(tokenizer):
 
 
 def test_structure_negatives():
-    from dalle_hf.data.shapes import Scene, ShapeObject, caption_holds
-    from dalle_hf.train_clip import structure_negatives
+    from dalle_hf.data.shapes import Scene, ShapeObject, caption_holds, structure_negatives
 
     left = ShapeObject("circle", "red", "large", 16.0, 32.0, 20)
     right = ShapeObject("square", "blue", "large", 48.0, 32.0, 20)
@@ -205,14 +205,14 @@ def test_optimizer_decays_only_matrices(model):
 
 
 def test_caption_ranking_set_is_fixed_and_hard():
-    from dalle_hf.data.shapes import TASKS
-    from dalle_hf.train_clip import caption_ranking_set
+    from dalle_hf.data.shapes import TASKS, caption_ranking_set
 
-    pixels, candidates, tasks = caption_ranking_set(n_images=12, n_captions=32, seed=3)
+    ranking = caption_ranking_set(n_images=12, n_captions=32, seed=3)
+    pixels, candidates, tasks = ranking.pixel_values, ranking.candidates, ranking.groups
     again = caption_ranking_set(n_images=12, n_captions=32, seed=3)
     assert pixels.shape == (12, 3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1
-    torch.testing.assert_close(pixels, again[0])
-    assert candidates == again[1] and tasks == list(TASKS) * 2
+    torch.testing.assert_close(pixels, again.pixel_values)
+    assert candidates == again.candidates and tasks == list(TASKS) * 2
     assert all(len(c) == 32 and len(set(c)) == 32 for c in candidates)
 
 
@@ -251,6 +251,7 @@ def test_parse_args_validates():
 @pytest.mark.latest
 def test_train_clip_end_to_end_and_resume(tmp_path):
     from dalle_hf import train_clip
+    from dalle_hf.training_utils import world_from_args
 
     out = str(tmp_path / "clip")
     result = train_clip.main(train_clip.parse_args(["--output_dir", out, *TRAIN_ARGS]))
@@ -284,7 +285,8 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
         "--pretrained_model_name_or_path", out, "--tokenizer_name_or_path", os.path.join(out, "tokenizer"),
         "--task_weights", "position=5,single_object=0", "--seed", "7",
     ])  # fmt: skip
-    assert args.task_weights["position"] == 5.0 and args.task_weights["single_object"] == 0.0
+    weights = world_from_args(args).clip_task_weights
+    assert weights["position"] == 5.0 and weights["single_object"] == 0.0
     train_clip.main(args)
     start = CLIPModel.from_pretrained(os.path.join(out, "clip_model")).state_dict()
     end = CLIPModel.from_pretrained(os.path.join(finetuned, "clip_model")).state_dict()
@@ -293,7 +295,7 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
         torch.testing.assert_close(end[key], start[key], atol=1e-6, rtol=0)
     card = open(os.path.join(finetuned, "clip_model", "README.md")).read()
     assert "position=5" in card and out in card
-    assert "held-out renders, seed 0)" in card  # validated on the default set whatever --seed
+    assert "validation images, seed 0)" in card  # validated on the default set whatever --seed
 
 
 @pytest.mark.parametrize(
@@ -423,7 +425,7 @@ def test_candidate_ranking_loss():
 
 def test_candidate_bank_keeps_mixed_prompts_and_refuses_evaluation_data(tmp_path):
     from dalle_hf.data.shapes import render_scene, scene_from_caption
-    from dalle_hf.train_clip import CandidateBank
+    from dalle_hf.data.shapes import CandidateBank
 
     verdicts = [[True, False, True, False], [True] * 4, [False] * 4, [False, False, False, True]]
     bank = CandidateBank([_write_bank(tmp_path / "ok", ["counting"] * 4, verdicts)])

@@ -193,9 +193,11 @@ def test_rerank_is_validated(pipe):
 
 def test_zero_shot_classification_scores_likelihood_and_clip(pipe):
     from dalle_hf.eval.classification import zero_shot_classification
-    from dalle_hf.train_clip import caption_ranking_hits, caption_ranking_set
+    from dalle_hf.data.shapes import caption_ranking_set
+    from dalle_hf.train_clip import caption_ranking_hits
 
-    pixel_values, candidates, tasks = caption_ranking_set(n_images=6, n_captions=3, seed=0)
+    ranking = caption_ranking_set(n_images=6, n_captions=3, seed=0)
+    pixel_values, candidates, tasks = ranking.pixel_values, ranking.candidates, ranking.groups
     report = zero_shot_classification(pipe, pixel_values, candidates, tasks, batch_size=4)
     expected = [pipe.classify(image, cands).indices[0].item() == 0 for image, cands in zip(pixel_values, candidates)]
     assert report["likelihood_top1"] == pytest.approx(sum(expected) / 6)

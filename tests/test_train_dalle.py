@@ -58,9 +58,12 @@ def test_imagefolder_is_tokenized_once(tiny_vae_dir, tmp_path):
         for i in range(8):
             Image.new("RGB", (80, 64), (30 * i, 100, 200)).save(folder / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
-    # an imagefolder needs a tokenizer trained on its own captions
-    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
-        main(tiny_args(tiny_vae_dir, tmp_path / "run0", "--dataset", "imagefolder", "--train_data_dir", str(folder)))
+    # without --tokenizer_name_or_path, a BPE is trained on the folder's own captions (World.tokenizer_captions)
+    main(tiny_args(tiny_vae_dir, tmp_path / "run0", "--dataset", "imagefolder", "--train_data_dir", str(folder)))
+    from transformers import AutoTokenizer
+
+    trained = AutoTokenizer.from_pretrained(tmp_path / "run0" / "tokenizer")
+    assert trained.tokenize("a picture number 3")[:3] == ["a", "Ġpicture", "Ġnumber"]  # whole words: its captions
     from dalle_hf.tokenization import train_text_tokenizer
 
     train_text_tokenizer([f"a picture number {i}" for i in range(8)] * 5, 300, 8).save_pretrained(tmp_path / "tok")
@@ -77,7 +80,7 @@ def test_imagefolder_is_tokenized_once(tiny_vae_dir, tmp_path):
     (["--task_weights", "colors=-1"], "TASK=WEIGHT"),
     (["--task_weights", "colors=inf"], "TASK=WEIGHT"),
     (["--task_weights", "colors"], "TASK=WEIGHT"),
-    (["--dataset", "imagefolder", "--train_data_dir", "x", "--task_weights", "colors=2"], "task_weights needs"),
+    (["--dataset", "imagefolder", "--train_data_dir", "x", "--task_weights", "colors=2"], "takes none of the options"),
 ])
 def test_bad_flags(tiny_vae_dir, tmp_path, flags, match):
     with pytest.raises(ValueError, match=match):
@@ -85,11 +88,12 @@ def test_bad_flags(tiny_vae_dir, tmp_path, flags, match):
 
 
 def test_task_weights_reach_the_shapes_stream(tiny_vae_dir, tmp_path):
-    from dalle_hf.training_utils import build_train_dataset
+    from dalle_hf.training_utils import build_train_dataset, world_from_args
 
     args = tiny_args(tiny_vae_dir, tmp_path, "--task_weights", "color_attr=2,counting=0,colors=0.5")
-    assert args.task_weights == {"single_object": 1.0, "two_object": 1.0, "counting": 0.0, "colors": 0.5,
-                                 "position": 1.0, "color_attr": 2.0}  # fmt: skip
+    assert world_from_args(args).train_task_weights == {
+        "single_object": 1.0, "two_object": 1.0, "counting": 0.0, "colors": 0.5, "position": 1.0, "color_attr": 2.0
+    }  # fmt: skip
     stream = iter(build_train_dataset(args, image_size=32, seed=0))
     tasks = [next(stream)["task"] for _ in range(300)]
     assert "counting" not in tasks

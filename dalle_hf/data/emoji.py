@@ -30,8 +30,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -46,6 +48,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+
+from .world import RankingSet, World, sample_false_captions
 
 # ----------------------------------------------------------------------------------------------------
 # The world's constants. The evaluation, the cache and the checkpoints depend on these values (issue 17, "The world").
@@ -653,16 +657,21 @@ class EmojiRenders(Dataset):
     ```
     """
 
-    def __init__(self, cache_dir: str, split: str = "train", styles: Iterable[str] | None = None):
+    def __init__(self, cache_dir: str | EmojiCache, split: str = "train", styles: Iterable[str] | None = None):
         if split not in SPLITS:
             raise ValueError(f"expected `split` among {SPLITS}, got {split!r}")
-        self.cache = read_emoji_cache(cache_dir)
+        self.cache = cache_dir if isinstance(cache_dir, EmojiCache) else read_emoji_cache(cache_dir)
         held_out = self.cache.held_out
         keep = {"train": ~held_out, "novel": held_out.copy(), "all": np.ones_like(held_out)}[split]
         if styles is not None:
             keep &= np.isin(self.cache.styles, check_styles(styles))
         self.indices = np.flatnonzero(keep)
         self.split = split
+
+    @classmethod
+    def from_cache(cls, cache: EmojiCache, split: str = "train", styles: Iterable[str] | None = None) -> "EmojiRenders":
+        """The same view of a cache already in memory (no second read)."""
+        return cls(cache, split, styles)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -675,12 +684,215 @@ class EmojiRenders(Dataset):
                 "label": label, "style": style}  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------------
+# The world interface (`dalle_hf.data.world`): captions, CLIP's hard negatives, the ranking set.
+
+# Other names for each style that training captions use now and then (issue 17: "paraphrases of style names such as
+# '3d' or 'black and white'"), so that a user's own words reach the style; the evaluation uses the exact names only.
+STYLE_ALIASES: dict[str, tuple[str, ...]] = {
+    "noto": ("google",),
+    "noto blob": ("blob", "android blob"),
+    "noto mono": ("black and white", "monochrome"),
+    "twemoji": ("twitter",),
+    "fluent 3d": ("3d",),
+    "fluent flat": ("flat", "microsoft"),
+    "fluent high contrast": ("high contrast",),
+    "emojione": ("emoji one",),
+    "fxemoji": ("firefox",),
+    "streamline": ("cartoon",),
+    "symbola": ("outline", "line drawing"),
+}
+# The training caption mix: most captions are the evaluation's styled form; plain labels teach the style-free prompt
+# (the model picks a style), aliases tie everyday words to the styles. Recorded in every card of an emoji run.
+CAPTION_MIX: dict[str, float] = {"styled": 0.70, "plain": 0.15, "alias": 0.15}
+
+
+def training_caption(label: str, style: str, rng: random.Random) -> str:
+    """One training caption for a render of `label` in `style`, drawn from `CAPTION_MIX`."""
+    form = rng.choices(list(CAPTION_MIX), list(CAPTION_MIX.values()))[0]
+    if form == "plain":
+        return plain_prompt(label)
+    if form == "alias":
+        return style_prompt(label, rng.choice(STYLE_ALIASES[style]))
+    return style_prompt(label, style)
+
+
+def true_captions(label: str, style: str) -> set[str]:
+    """Every caption of the world that is true of a render of `label` in `style`."""
+    return {plain_prompt(label), style_prompt(label, style), *(style_prompt(label, a) for a in STYLE_ALIASES[style])}
+
+
+class EmojiTraining(Dataset):
+    """
+    Training renders (never a held-out pair) with a caption drawn from `CAPTION_MIX` at each access and, for CLIP,
+    `num_negatives` hard negatives: the same concept in other styles, and other concepts of the same emojibase
+    subgroup in the same style (issue 17), in the caption's own form.
+
+    Items: `{"pixel_values": (3, H, W) in [0, 1], "text", "negatives": list[str], "key", "label", "style"}`.
+    """
+
+    def __init__(self, world: "EmojiWorld", image_size: int, seed: int, num_negatives: int = 0):
+        self.world, self.image_size, self.num_negatives = world, image_size, num_negatives
+        self.renders = EmojiRenders.from_cache(world.cache, split="train")
+        self.rng = random.Random(f"emoji-train/{seed}")
+
+    def __len__(self) -> int:
+        return len(self.renders)
+
+    def text(self, index: int) -> str:
+        """A fresh training caption of item `index` (what `__getitem__` would draw), without touching its pixels."""
+        i = self.renders.indices[index]
+        return training_caption(str(self.renders.cache.labels[i]), str(self.renders.cache.styles[i]), self.rng)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.renders[index]
+        if self.image_size != IMAGE_SIZE:
+            item["pixel_values"] = torch.nn.functional.interpolate(
+                item["pixel_values"][None], size=self.image_size, mode="bicubic", antialias=True
+            )[0].clamp(0, 1)
+        label, style = item["label"], item["style"]
+        item["text"] = training_caption(label, style, self.rng)
+        if self.num_negatives:
+            negatives = self.world.hard_negatives(item["key"], style, item["text"], self.num_negatives, self.rng)
+            item["negatives"] = negatives
+        return item
+
+
+class EmojiWorld(World):
+    """
+    The emoji world behind the `World` interface (`--dataset emoji --train_data_dir CACHE`).
+
+    Args:
+        data_dir (`str`): the cache `dalle-hf data emoji --cache DIR` wrote.
+    """
+
+    name = "emoji"
+    needs_data_dir = True
+    native_image_size = IMAGE_SIZE
+    has_hard_negatives = True
+    has_ranking_set = True
+    hard_negatives_description = "the same concept in another style, other concepts of its subgroup in the same style"
+
+    def __init__(self, data_dir: str | None = None):
+        super().__init__(data_dir)
+        self.cache = read_emoji_cache(data_dir)
+        concepts = self.cache.concepts
+        # Training pairs only: a held-out pair never appears in a training caption, a negative included.
+        self.train_styles: dict[str, list[str]] = {}
+        by_subgroup_style: dict[tuple[str, str], list[str]] = {}
+        for key, style, held in zip(self.cache.keys.tolist(), self.cache.styles.tolist(), self.cache.held_out):
+            if held:
+                continue
+            self.train_styles.setdefault(key, []).append(style)
+            by_subgroup_style.setdefault((concepts[key]["subgroup"], style), []).append(key)
+        self.by_subgroup_style = by_subgroup_style
+
+    @classmethod
+    def data_dir_help(cls) -> str:
+        return "the emoji cache: build it with `dalle-hf data emoji --cache DIR`"
+
+    def describe(self, for_clip: bool = False) -> str:
+        summary = self.cache.summary
+        return (f"the emoji world (`dalle_hf.data.emoji`, cache `{self.data_dir}`): {summary['concepts']:,} concepts, "
+                f"{summary['images']:,} renders in {len(summary['per_style'])} styles, the "
+                f"{summary['held_out_pairs']} held-out (concept, style) pairs never shown; captions "
+                + ", ".join(f"{form} {share:.0%}" for form, share in CAPTION_MIX.items()))  # fmt: skip
+
+    def label(self, key: str) -> str:
+        return self.cache.concepts[key]["label"]
+
+    def train_dataset(self, image_size: int, seed: int) -> Dataset:
+        return EmojiTraining(self, image_size, seed)
+
+    def clip_dataset(self, image_size: int, seed: int, num_negatives: int) -> Dataset:
+        return EmojiTraining(self, image_size, seed, num_negatives)
+
+    def caption_is_true(self, text: str, example: dict) -> bool:
+        return text in true_captions(example["label"], example["style"])
+
+    def hard_negatives(self, key: str, style: str, text: str, n: int, rng: random.Random) -> list[str]:
+        """
+        Up to `n` false captions of a render of `key` in `style` whose caption is `text`, half of each kind: the
+        same concept in another training style, and another concept of the same subgroup in this style. A plain
+        caption's negatives are other concepts' labels (a style is not named, so no style can be wrong).
+        """
+        label = self.label(key)
+        neighbours = [k for k in self.by_subgroup_style.get((self.cache.concepts[key]["subgroup"], style), ())
+                      if k != key]  # fmt: skip
+        if text == plain_prompt(label):
+            return [plain_prompt(self.label(k)) for k in rng.sample(neighbours, min(n, len(neighbours)))]
+        other_styles = [s for s in self.train_styles[key] if s != style]
+        styles = rng.sample(other_styles, min(len(other_styles), (n + 1) // 2))
+        concepts = rng.sample(neighbours, min(len(neighbours), n - len(styles)))
+        # The style word as the caption has it (a canonical name or an alias) for the concept negatives.
+        style_word = text[len(label) + len(" in "): -len(" style")] if text.startswith(label + " in ") else style
+        negatives = [style_prompt(label, s) for s in styles]
+        negatives += [style_prompt(self.label(k), style_word) for k in concepts]
+        truth = true_captions(label, style)
+        return [c for c in dict.fromkeys(negatives) if c not in truth][:n]
+
+    def tokenizer_captions(self, seed: int = 0) -> Iterable[str]:
+        labels = sorted({self.label(k) for k in self.train_styles})
+        words = [*STYLES, *(a for aliases in STYLE_ALIASES.values() for a in aliases)]
+        yield from labels
+        for key, styles in self.train_styles.items():
+            for style in styles:
+                yield style_prompt(self.label(key), style)
+        for label, word in zip(labels, itertools.cycle(words)):
+            yield style_prompt(label, word)
+
+    def caption_ranking_set(self, n_images: int, n_captions: int, seed: int = 0, split: str = "all") -> RankingSet:
+        """
+        `n_images` renders (a fixed draw from `split`), each with its styled caption first and `n_captions - 1`
+        styled captions of other (concept, style) pairs of the world drawn at random: top-1 retrieval of the true
+        caption among `n_captions` (issue 17: among 100). Groups are the styles.
+        """
+        if n_images < 1 or n_captions < 2:
+            raise ValueError(f"need n_images >= 1 and n_captions >= 2, got {n_images} and {n_captions}")
+        renders = EmojiRenders.from_cache(self.cache, split=split)
+        rng = random.Random(f"emoji-caption-ranking/{split}/{seed}")
+        chosen = rng.sample(range(len(renders)), min(n_images, len(renders)))
+        pool = sorted({style_prompt(str(label), str(style))
+                       for label, style in zip(self.cache.labels.tolist(), self.cache.styles.tolist())})  # fmt: skip
+        pixels, candidates, groups = [], [], []
+        for index in chosen:
+            item = renders[index]
+            pixels.append(item["pixel_values"])
+            false = sample_false_captions(rng, pool, true_captions(item["label"], item["style"]), n_captions - 1)
+            candidates.append([item["text"], *false])
+            groups.append(item["style"])
+        return RankingSet(torch.stack(pixels), candidates, groups)
+
+    @torch.no_grad()
+    def evaluate_vae(self, vae, n: int, seed: int) -> dict:
+        """PSNR of argmax-code reconstructions on `n` held-out renders (pairs the dVAE never trained on)."""
+        if n <= 0:
+            return {}
+        renders = EmojiRenders.from_cache(self.cache, split="novel")
+        rng = random.Random(f"emoji-vae-eval/{seed}")
+        chosen = rng.sample(range(len(renders)), min(n, len(renders)))
+        pixels = torch.stack([renders[i]["pixel_values"] for i in chosen])  # (n, 3, 64, 64)
+        reconstructions = torch.cat([vae.decode_code(vae.get_codebook_indices(batch)).float().clamp(0, 1)
+                                     for batch in pixels.split(64)])  # fmt: skip
+        mse = ((reconstructions - pixels) ** 2).flatten(1).mean(1)  # (n,)
+        psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+        return {"psnr_held_out": round(psnr, 2), "reconstruction_mse": round(mse.mean().item(), 5)}
+
+    def validation_prompts(self) -> list[str]:
+        return ["red apple in twemoji style", "cat face in fluent 3d style", "rocket in noto mono style",
+                "grinning face"]  # fmt: skip
+
+
 __all__ = [
     "STYLES",
     "STYLE_SOURCES",
     "EmojiCache",
     "EmojiConcept",
     "EmojiRenders",
+    "EmojiTraining",
+    "EmojiWorld",
+    "STYLE_ALIASES",
+    "CAPTION_MIX",
     "build_emoji_cache",
     "concept_key",
     "is_held_out",

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .world import World
+
 
 def load_rgb(path: str) -> Image.Image:
     """Open an image and convert it to RGB explicitly: RGBA/LA/P are composited on white, CMYK/L/I go through PIL."""
@@ -115,6 +117,10 @@ class ImageFolderCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def text(self, index: int) -> str:
+        """The caption of item `index` (without reading the image)."""
+        return self.records[index][1]
+
     def __getitem__(self, index: int) -> dict:
         path, text = self.records[index]
         try:
@@ -125,4 +131,35 @@ class ImageFolderCaptions(Dataset):
         return {"pixel_values": pil_to_tensor(image), "text": text}  # (3, H, W) in [0, 1]
 
 
-__all__ = ["ImageFolderCaptions"]
+class ImageFolderWorld(World):
+    """
+    Any folder of captioned images behind the `World` interface (`--dataset imagefolder --train_data_dir DIR`).
+
+    The captions are whatever `metadata.jsonl` says, so the world knows no hard negatives, counts a caption true of
+    an image only if it is that image's own, and has no caption-ranking set (another image's caption may well be
+    true of this one).
+    """
+
+    name = "imagefolder"
+    needs_data_dir = True
+    has_ranking_set = False
+
+    @classmethod
+    def data_dir_help(cls) -> str:
+        return "a folder with images and metadata.jsonl"
+
+    def __init__(self, data_dir: str | None = None):
+        super().__init__(data_dir)
+        self.captions = ImageFolderCaptions(data_dir, image_size=8).records  # validates the folder once
+
+    def describe(self, for_clip: bool = False) -> str:
+        return f"an imagefolder at `{self.data_dir}` (images + metadata.jsonl)"
+
+    def train_dataset(self, image_size: int, seed: int) -> ImageFolderCaptions:
+        return ImageFolderCaptions(self.data_dir, image_size=image_size)
+
+    def tokenizer_captions(self, seed: int = 0) -> list[str]:
+        return [text for _, text in self.captions]
+
+
+__all__ = ["ImageFolderCaptions", "ImageFolderWorld"]

@@ -25,7 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -33,6 +36,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import IterableDataset
+
+from .world import RankingSet, World
 
 # ----------------------------------------------------------------------------------------------------
 # The world's constants. Reports and checkpoints depend on these values: do not change them.
@@ -915,3 +921,273 @@ class ShapesDataset(torch.utils.data.IterableDataset):
                 image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
             pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
             yield {"pixel_values": pixels.float().div_(255.0).contiguous(), "text": caption, "task": task}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world interface (`dalle_hf.data.world`): CLIP's hard negatives, caption ranking, candidate banks.
+
+# CLIP draws relation and colour-binding scenes twice as often: they are the slow features to learn (with uniform
+# tasks and random single edits as negatives, relation-only accuracy stayed at chance for 1000 steps). The
+# transformer and the dVAE draw the six tasks uniformly. Evaluation stays uniform over tasks.
+CLIP_TASK_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 2.0,
+                     "color_attr": 2.0}  # fmt: skip
+UNIFORM_TASK_WEIGHTS = {task: 1.0 for task in TASKS}
+EVALUATION_PROMPT_SEEDS = (0, 1)  # ShapesEval's reported (0) and dev (1) prompts: never training data
+TOKENIZER_CAPTIONS = 10_000  # shapes captions the BPE is trained on: every word of the language appears
+
+
+def parse_task_weights(text: str | None, defaults: dict[str, float]) -> dict[str, float]:
+    """
+    Parse `--task_weights`: `'position=4,color_attr=2'` -> `defaults` with those entries replaced.
+
+    Args:
+        text (`str`, *optional*): comma-separated `TASK=WEIGHT` items; `None` or `""` keeps `defaults`.
+        defaults (`dict[str, float]`): every shapes task with its default relative frequency.
+
+    Returns:
+        `dict[str, float]`: a weight (>= 0) for every task of `defaults`, not all zero.
+    """
+    weights = dict(defaults)
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        task, sep, value = item.partition("=")
+        task = task.strip()
+        try:
+            weight = float(value) if sep else None
+        except ValueError:
+            weight = None
+        if task not in defaults or weight is None or not 0 <= weight < math.inf:
+            raise ValueError(f"--task_weights expects comma-separated TASK=WEIGHT (TASK in {list(defaults)}, "
+                             f"WEIGHT >= 0), got {item!r}")  # fmt: skip
+        weights[task] = weight
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"--task_weights leaves every task at weight 0: {text!r}")
+    return weights
+
+
+class ShapesCaptionsWithNegatives(IterableDataset):
+    """
+    An infinite stream of shapes renders, each with its caption, false captions of the same scene and the
+    scene's objects (to tell which other captions in a batch are true of it).
+
+    Args:
+        seed (`int`): seeds the stream; each dataloader worker and distributed rank draws its own.
+        num_negatives (`int`): hard negatives per image (`captions_for_clip_negatives`: single edits first).
+
+    Yields:
+        `dict`: `pixel_values` `(3, 64, 64)` in `[0, 1]`, `text`, `negatives` (`list[str]`), `objects`, `task`.
+    """
+
+    def __init__(self, seed: int, num_negatives: int, task_weights: dict[str, float] | None = None):
+        super().__init__()
+        self.seed = seed
+        self.num_negatives = num_negatives
+        self.task_weights = dict(CLIP_TASK_WEIGHTS if task_weights is None else task_weights)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        rng = random.Random(f"shapes-clip/{self.seed}/rank{rank}/worker{worker_id}")
+        tasks, weights = list(self.task_weights), list(self.task_weights.values())
+        while True:
+            task = rng.choices(tasks, weights)[0]
+            image, caption, scene = sample_example(rng, task)
+            pixel_values = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
+            negatives = structure_negatives(scene) + captions_for_clip_negatives(scene, rng, self.num_negatives)
+            yield {
+                "pixel_values": pixel_values,
+                "text": caption,
+                "negatives": list(dict.fromkeys(negatives))[: self.num_negatives],
+                "objects": scene.objects,
+                "task": task,
+            }
+
+
+def structure_negatives(scene) -> list[str]:
+    """
+    False captions that reuse the true caption's words in another structure: for "A rel B" the three other
+    relations and "B rel A"; for two coloured objects, the colours swapped between them.
+
+    Only where objects are or which colour goes with which shape tells these apart from the truth, the two
+    things a bag of words cannot do; random single edits rarely hit them (`captions_for_clip_negatives`).
+    """
+    spec = parse_caption(scene.caption)
+    objects = spec["objects"]
+    variants = []
+    if spec["relation"] is not None:
+        variants += [{**spec, "relation": r} for r in RELATIONS if r != spec["relation"]]
+        variants.append({**spec, "objects": objects[::-1]})
+    colors = [o["color"] for o in objects]
+    if len(objects) == 2 and all(colors) and colors[0] != colors[1]:
+        swapped = [{**objects[0], "color": objects[1]["color"]}, {**objects[1], "color": objects[0]["color"]}]
+        variants.append({**spec, "objects": swapped})
+    # Like `corrupt_caption`, never name a held-out pair: those stay unseen, as text too, for the novel task.
+    variants = [v for v in variants if not any((o["color"], o["shape"]) in HELD_OUT_PAIRS for o in v["objects"])]
+    long_relation = " to the " in scene.caption
+    return [format_caption(v, long_relation) for v in variants if not caption_holds(v, scene.objects)]
+
+
+def caption_ranking_set(n_images: int = 300, n_captions: int = 32, seed: int = 0, tasks=TASKS) -> RankingSet:
+    """
+    Fixed held-out shapes renders, each with `n_captions` candidates: the true caption first, then false
+    captions of the same scene (all single edits, shuffled, then random false captions of the world).
+
+    Returns:
+        `RankingSet`: `pixel_values` `(N, 3, 64, 64)` in `[0, 1]`, `candidates`, and the tasks as `groups`.
+    """
+    if n_images < 1 or n_captions < 2:
+        raise ValueError(f"need n_images >= 1 and n_captions >= 2, got {n_images} and {n_captions}")
+    # A string seed: these scenes come from their own stream, never the training streams ("shapes-clip/...").
+    rng = random.Random(f"clip-caption-ranking/{seed}")
+    images, candidates, image_tasks = [], [], []
+    for i in range(n_images):
+        task = tasks[i % len(tasks)]  # balanced over tasks
+        image, caption, scene = sample_example(rng, task)
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)  # (3, H, W)
+        candidates.append([caption] + captions_for_clip_negatives(scene, rng, n_captions - 1))
+        image_tasks.append(task)
+    return RankingSet(torch.stack(images), candidates, image_tasks)
+
+
+class CandidateBank:
+    """
+    Generated candidates and the checker's verdicts on them (`benchmarks/rerank_bank.py build`): the reranking
+    task itself. CLIP's renders-and-captions objective never shows it the transformer's typical failures (a
+    fifth diamond for "four diamonds", two objects side by side for "above"), which is where its pick falls
+    behind the checker's (report: counting 0.71 against 1.0). Only prompts with both passing and failing
+    candidates are kept: the others carry no ranking signal. So are only prompts none of whose candidates shows
+    a held-out colour/shape pair (as the checker detects it; the transformer sometimes draws one unasked): CLIP
+    must never see those, for the `novel` task to measure generalization.
+
+    Args:
+        paths (`list[str]`): bank folders (`bank.npz` with `images` `(P, N, H, W, 3)` uint8 and `passed` `(P, N)`,
+            `bank.json` with `prompts`, `tasks` and the build `config`).
+
+    Raises:
+        `ValueError`: a bank of `novel` prompts (its images would draw held-out pairs), one built on the
+            evaluation's prompt seeds (0 reported, 1 dev), or no prompt with both verdicts.
+    """
+
+    def __init__(self, paths: list[str]):
+        images, passed, prompts = [], [], []
+        for path in paths:
+            with open(os.path.join(path, "bank.json")) as f:
+                meta = json.load(f)
+            unknown = sorted(set(meta["tasks"]) - set(TASKS))
+            if unknown:
+                raise ValueError(f"{path} has prompts of {unknown}: a candidate bank takes only the training tasks "
+                                 f"{list(TASKS)} (novel candidates draw held-out pairs).")
+            prompt_seed = meta["config"].get("prompt_seed")
+            if prompt_seed in EVALUATION_PROMPT_SEEDS:
+                raise ValueError(f"{path} was built on prompt seed {prompt_seed}, one the evaluation uses "
+                                 f"{EVALUATION_PROMPT_SEEDS}: build the training bank on another.")
+            with np.load(os.path.join(path, "bank.npz")) as data:  # each key access decompresses: read once
+                bank_images, bank_passed = data["images"], data["passed"]
+            mixed = bank_passed.any(axis=1) & ~bank_passed.all(axis=1)  # (P,)
+            keep = np.array([m and not shows_held_out_pair(group) for m, group in zip(mixed, bank_images)])
+            images.append(bank_images[keep])
+            passed.append(bank_passed[keep])
+            prompts += [p for p, k in zip(meta["prompts"], keep) if k]
+        if not prompts:
+            raise ValueError(f"no prompt in {paths} has both passing and failing candidates and no held-out pair.")
+        self.images = np.concatenate(images)  # (P, N, H, W, 3) uint8
+        self.passed = torch.from_numpy(np.concatenate(passed))  # (P, N) bool
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """`k` random prompts: pixel values `(k * N, 3, H, W)` in `[0, 1]`, their prompts, `passed` `(k, N)`."""
+        index = torch.randint(len(self), (k,), generator=generator)
+        pixels = torch.from_numpy(self.images[index.numpy()])  # (k, N, H, W, 3)
+        pixels = pixels.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
+        return pixels, [self.prompts[i] for i in index.tolist()], self.passed[index]
+
+
+def shows_held_out_pair(images: np.ndarray) -> bool:
+    """Whether any of `images` `(N, H, W, 3)` uint8 has an object of a held-out colour/shape pair (the checker's
+    detector)."""
+    from ..eval.shapes import detect_objects  # the checker's detector (eval.shapes imports this module)
+
+    return any((o.color, o.shape) in HELD_OUT_PAIRS for image in images for o in detect_objects(image))
+
+
+
+class ShapesWorld(World):
+    """
+    The shapes world behind the `World` interface (`--dataset shapes`; the images are generated, no data folder).
+
+    Args:
+        task_weights (`str`, *optional*): `--task_weights`, e.g. `"color_attr=2,counting=1.5"`: tasks drawn more or
+            less often than the defaults (uniform for the dVAE and transformer, `CLIP_TASK_WEIGHTS` for CLIP).
+    """
+
+    name = "shapes"
+    native_image_size = IMAGE_SIZE
+    has_hard_negatives = True
+    has_ranking_set = True
+    hard_negatives_description = "single edits of its own scene: a swapped colour, shape, size, count or relation"
+
+    def __init__(self, data_dir: str | None = None, task_weights: str | None = None):
+        super().__init__(data_dir)
+        self.train_task_weights = parse_task_weights(task_weights, UNIFORM_TASK_WEIGHTS)
+        self.clip_task_weights = parse_task_weights(task_weights, CLIP_TASK_WEIGHTS)
+
+    def describe(self, for_clip: bool = False) -> str:
+        if for_clip:
+            return ("the procedural shapes world (`dalle_hf.data.shapes`): fresh renders of the six training tasks "
+                    "(held-out colour/shape pairs never drawn), each with its true caption and false captions of the "
+                    "same scene (`captions_for_clip_negatives`)")  # fmt: skip
+        return "the procedural shapes world (`dalle_hf.data.shapes.ShapesDataset`), a fresh stream of rendered scenes"
+
+    def train_dataset(self, image_size: int, seed: int) -> ShapesDataset:
+        return ShapesDataset(seed=seed, task_weights=self.train_task_weights, image_size=image_size)
+
+    def clip_dataset(self, image_size: int, seed: int, num_negatives: int) -> ShapesCaptionsWithNegatives:
+        """64 px renders (`image_size` is ignored: CLIP resizes them) with `num_negatives` false captions each."""
+        return ShapesCaptionsWithNegatives(seed, num_negatives, self.clip_task_weights)
+
+    def caption_is_true(self, text: str, example: dict) -> bool:
+        return caption_holds(_parsed_caption(text), example["objects"])
+
+    def tokenizer_captions(self, seed: int = 0) -> Iterator[str]:
+        return all_captions(TOKENIZER_CAPTIONS, seed=seed)
+
+    def caption_ranking_set(self, n_images: int, n_captions: int, seed: int = 0) -> RankingSet:
+        return caption_ranking_set(n_images, n_captions, seed)
+
+    def hyperparameters(self, for_clip: bool = False) -> dict:
+        weights = self.clip_task_weights if for_clip else self.train_task_weights
+        return {"task weights": ", ".join(f"{t}={w:g}" for t, w in weights.items())}
+
+    def candidate_bank(self, paths: list[str]) -> CandidateBank:
+        return CandidateBank(paths)
+
+    def evaluate_vae(self, vae, n: int, seed: int) -> dict:
+        if n <= 0 or vae.config.image_size != IMAGE_SIZE:
+            return {}
+        from ..eval.shapes import evaluate_vae_fidelity
+
+        fidelity = evaluate_vae_fidelity(vae, n_per_task=n, seed=seed)
+        return {"fidelity": fidelity["fidelity"], "reconstruction_mse": fidelity["mse"],
+                **{f"fidelity/{task}": value for task, value in fidelity["per_task"].items()}}  # fmt: skip
+
+    def evaluate_pipeline(self, pipe, output_dir: str, n: int) -> dict:
+        from ..eval.shapes import evaluate_pipeline
+
+        report = evaluate_pipeline(pipe, output_dir, images_per_prompt=1, prompts_per_task=n, progress=False)
+        return {"ShapesEval (best-of-1)": report["shapes_eval"], "novel": report["novel"]}
+
+    def validation_prompts(self) -> list[str]:
+        return list(SHOWCASE_PROMPTS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_caption(text: str) -> dict:
+    return parse_caption(text)
+
+

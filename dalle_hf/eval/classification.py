@@ -3,13 +3,14 @@
 The transformer picks the caption under which the image's dVAE codes are most likely ([`DallePipeline.classify`]:
 Bayes with a uniform prior over the candidates); CLIP picks the caption whose embedding is closest. Both rank the
 same images and candidates. World-agnostic: a world supplies images, candidate lists with the true caption first,
-and a task per image (the shapes world's are `dalle_hf.train_clip.caption_ranking_set`).
+and a group per image (a world's `caption_ranking_set`, `dalle_hf.data.world`).
 
 Example:
 
 ```python
->>> from dalle_hf.train_clip import caption_ranking_set
->>> pixel_values, candidates, tasks = caption_ranking_set(n_images=120, n_captions=8)
+>>> from dalle_hf.data.world import load_world
+>>> ranking = load_world("shapes").caption_ranking_set(n_images=120, n_captions=8)
+>>> pixel_values, candidates, tasks = ranking.pixel_values, ranking.candidates, ranking.groups
 >>> zero_shot_classification(pipe, pixel_values, candidates, tasks)["likelihood_top1"]
 ```
 """
