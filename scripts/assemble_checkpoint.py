@@ -21,6 +21,7 @@ import os
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
+from dalle_hf.data.world import load_world, write_world_file
 from dalle_hf.model_card import CARD_DATA_NAME, write_model_card
 from dalle_hf.modeling_dvae import DalleVAE
 from dalle_hf.pipeline_dalle import DallePipeline
@@ -63,6 +64,16 @@ def main():
         help="a JSON of the card's world-specific fields (name, summary, license, data_sources, limitations, "
         "sample_prompts, evaluation name/mean_key/mean_label), e.g. the previous checkpoint's card_data.json",
     )
+    parser.add_argument(
+        "--dataset", default=None,
+        help="the world the model was trained on (shapes, emoji, ...): writes its world.json (examples, styles, the "
+        "words of its captions) for the app",
+    )
+    parser.add_argument("--train_data_dir", default=None, help="the world's data (emoji: the cache), with --dataset")
+    parser.add_argument(
+        "--storage_dtype", choices=["float32", "bfloat16"], default="float32",
+        help="dtype of the saved transformer and CLIP weights (bfloat16 halves them; measure the evaluation first)",
+    )
     args = parser.parse_args()
 
     pipe = DallePipeline.from_pretrained(args.transformer_run[-1])
@@ -84,7 +95,13 @@ def main():
         )
     if args.default_guidance_scale is not None:
         pipe = DallePipeline(**pipe.components, default_guidance_scale=args.default_guidance_scale)
+    if args.storage_dtype == "bfloat16":
+        pipe.transformer.to(torch.bfloat16)
+        if pipe.clip_model is not None:
+            pipe.clip_model.to(torch.bfloat16)
     pipe.save_pretrained(args.out, safe_serialization=True)
+    if args.dataset:
+        write_world_file(load_world(args.dataset, args.train_data_dir), args.out)
 
     command = (
         "python scripts/assemble_checkpoint.py "
@@ -94,6 +111,9 @@ def main():
         + (f" --eval_report {args.eval_report}" if args.eval_report else "")
         + (f" --notes {args.notes}" if args.notes else "")
         + (f" --card_info {args.card_info}" if args.card_info else "")
+        + (f" --dataset {args.dataset}" if args.dataset else "")
+        + (f" --train_data_dir {args.train_data_dir}" if args.train_data_dir else "")
+        + ("" if args.storage_dtype == "float32" else f" --storage_dtype {args.storage_dtype}")
         + ("" if args.default_guidance_scale is None else f" --default_guidance_scale {args.default_guidance_scale:g}")
         + f" --out {args.out}"
     )

@@ -233,3 +233,18 @@ def test_three_training_scripts_on_the_emoji_world(cache, tmp_path):
     assert len(result["history"]) == 2 and all(np.isfinite(h["loss"]) for h in result["history"])
     assert os.path.isfile(os.path.join(dalle_dir, "samples", "step-0000002.png"))  # the world's validation prompts
     assert "the emoji world" in open(os.path.join(dalle_dir, "README.md")).read()
+
+
+def test_world_file_carries_examples_styles_and_words(cache, tmp_path):
+    from dalle_hf.data.world import caption_words, read_world_file, write_world_file
+
+    assert caption_words("A Cat-face, in 3D!") == ["a", "cat", "face", "in", "3d"]
+    shapes = load_world("shapes").metadata()
+    assert shapes["world"] == "shapes" and "triangle" in shapes["words"] and "hat" not in shapes["words"]
+    assert "styles" not in shapes and shapes["examples"][0] == "a circle"
+    write_world_file(load_world("emoji", cache), str(tmp_path))
+    emoji = read_world_file(str(tmp_path))
+    assert emoji["styles"] == ["noto", "noto mono", "twemoji", "fluent 3d", "symbola"] and emoji["style_prompt"] == "{label} in {style} style"
+    assert {"apple", "pear", "twemoji", "monochrome", "style"} <= set(emoji["words"])
+    assert emoji["style_aliases"]["noto mono"] == list(STYLE_ALIASES["noto mono"])
+    assert read_world_file(str(tmp_path / "nowhere")) is None

@@ -840,6 +840,8 @@ class EmojiWorld(World):
                 yield style_prompt(self.label(key), style)
         for label, word in zip(labels, itertools.cycle(words)):
             yield style_prompt(label, word)
+        for i, word in enumerate(words[len(labels) :]):  # a cache with fewer concepts than style words
+            yield style_prompt(labels[i % len(labels)], word)
 
     def caption_ranking_set(self, n_images: int, n_captions: int, seed: int = 0, split: str = "all") -> RankingSet:
         """
@@ -881,6 +883,13 @@ class EmojiWorld(World):
     def validation_prompts(self) -> list[str]:
         return ["red apple in twemoji style", "cat face in fluent 3d style", "rocket in noto mono style",
                 "grinning face"]  # fmt: skip
+
+    def metadata(self) -> dict:
+        """Adds the styles (exact names, in the table's order, only those in the cache), their aliases and the
+        styled prompt's template, so that the app can offer a style selector."""
+        styles = [style for style in STYLES if style in set(self.cache.styles.tolist())]
+        return {**super().metadata(), "styles": styles, "style_aliases": {s: list(STYLE_ALIASES[s]) for s in styles},
+                "style_prompt": style_prompt("{label}", "{style}")}  # fmt: skip
 
 
 __all__ = [

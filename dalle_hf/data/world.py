@@ -23,8 +23,11 @@ Example:
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pkgutil
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterable
@@ -152,6 +155,44 @@ class World(ABC):
         """A few prompts whose samples a training run saves as it goes."""
         return []
 
+    # ------------------------------------------------------------------------------------- shipped with a model
+
+    def vocabulary(self) -> list[str]:
+        """Every word of the world's training captions, lowercased and sorted: what a model trained on it has seen
+        (the app names the words of a prompt outside it)."""
+        return sorted({word for caption in self.tokenizer_captions(seed=0) for word in caption_words(caption)})
+
+    def metadata(self) -> dict:
+        """What a shipped checkpoint carries about its world (`world.json`, `write_world_file`): its name, example
+        prompts, vocabulary and, for worlds with styles, the styles and how a prompt names one."""
+        return {"world": self.name, "examples": self.validation_prompts(), "words": self.vocabulary()}
+
+
+WORLD_FILE = "world.json"  # at the root of a pipeline folder, beside model_index.json
+
+
+def caption_words(text: str) -> list[str]:
+    """The words of a caption or prompt as `World.vocabulary` counts them: lowercase runs of letters and digits."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def write_world_file(world: World, folder: str) -> str:
+    """Write `world.metadata()` to `folder/world.json`; returns the path."""
+    path = os.path.join(folder, WORLD_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(world.metadata(), f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def read_world_file(folder: str) -> dict | None:
+    """The `world.json` of a pipeline folder, or `None` if it has none (a checkpoint made before worlds had one)."""
+    path = os.path.join(folder, WORLD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
 
 def world_names() -> list[str]:
     """The worlds installed: modules of `dalle_hf.data` that define a `World` subclass with their name."""
@@ -212,4 +253,15 @@ def sample_false_captions(rng: random.Random, pool: list[str], true: set[str], n
     return out
 
 
-__all__ = ["IMAGE_SIZE", "RankingSet", "World", "load_world", "sample_false_captions", "world_names"]
+__all__ = [
+    "IMAGE_SIZE",
+    "WORLD_FILE",
+    "RankingSet",
+    "World",
+    "caption_words",
+    "load_world",
+    "read_world_file",
+    "sample_false_captions",
+    "world_names",
+    "write_world_file",
+]
