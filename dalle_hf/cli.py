@@ -2,6 +2,8 @@
 
     dalle-hf generate --pipeline checkpoints/dalle-shapes "a red circle" --candidates 16 --keep 4 --out out/
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
+    dalle-hf eval emoji-judge --cache /work/emoji-cache --out runs/emoji-judge   (EmojiEval's judge, once per cache)
+    dalle-hf eval emoji --pipeline checkpoints/dalle-emoji --judge runs/emoji-judge --cache CACHE --out eval/emoji/
     dalle-hf eval vae --pipeline checkpoints/dalle-shapes
     dalle-hf eval clip --pipeline checkpoints/dalle-shapes
     dalle-hf eval classify --pipeline checkpoints/dalle-shapes   (likelihood zero-shot classification beside CLIP)
@@ -20,6 +22,7 @@ import os
 import sys
 
 TRAINERS = {"dvae": "dalle_hf.train_dvae", "dalle": "dalle_hf.train_dalle", "clip": "dalle_hf.train_clip"}
+FORWARDED = {("eval", "emoji-judge"): "dalle_hf.eval.emoji_judge"}  # subcommands whose flags a module's parser owns
 
 
 QUANTIZATIONS = ("none", "int8-dynamic", "bnb-int8", "bnb-nf4")  # docs/performance.md compares them
@@ -103,6 +106,31 @@ def cmd_eval_shapes(args) -> int:
         prompt_seed=args.prompt_seed,
         sampling=sampling_kwargs(args),
         tasks=args.tasks,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    print(f"wrote {os.path.join(args.out, 'report.json')}")
+    return 0
+
+
+def parse_emoji_splits(text: str) -> list[str]:
+    """`--splits`: `'seen,novel'` -> `['seen', 'novel']`, checked by EmojiEval's own split validation."""
+    from .eval.emoji import parse_splits
+
+    try:
+        return list(parse_splits(text))
+    except ValueError as error:  # a usage error before the pipeline is loaded
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def cmd_eval_emoji(args) -> int:
+    from .eval.emoji import evaluate_emoji
+
+    pipe = load_pipeline(args.pipeline, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    report = evaluate_emoji(
+        pipe, args.judge, args.cache, args.out, prompts_per_split=args.prompts, candidates=args.candidates,
+        seed=args.seed, splits=args.splits, batch_size=args.batch_size, n_vae=args.n_vae, n_clip=args.n_clip,
+        prompt_seed=args.prompt_seed, sampling=sampling_kwargs(args),
     )
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     print(f"wrote {os.path.join(args.out, 'report.json')}")
@@ -294,6 +322,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument("--out", required=True, help="folder for report.json and the sample sheets")
     shapes.set_defaults(func=cmd_eval_shapes)
+    emoji_eval = ev.add_parser("emoji", help="EmojiEval: concept and style of generated emoji by a trained judge, "
+                               "dVAE fidelity, CLIP retrieval, Fréchet distance (docs/emoji-world.md)")  # fmt: skip
+    emoji_eval.add_argument("--pipeline", required=True, help="an emoji pipeline folder (e.g. checkpoints/dalle-emoji)")
+    emoji_eval.add_argument("--judge", required=True, help="the judge folder (dalle-hf eval emoji-judge --out)")
+    emoji_eval.add_argument("--cache", required=True, help="the emoji cache (dalle-hf data emoji --cache DIR)")
+    emoji_eval.add_argument("--out", required=True, help="folder for report.json and the sample sheets")
+    emoji_eval.add_argument("--prompts", type=int, default=60, help="prompts per generated split")
+    emoji_eval.add_argument("--candidates", type=int, default=16, help="samples per prompt: CLIP best-of-N and the "
+                            "mean of all N (best-of-1) from one call")  # fmt: skip
+    emoji_eval.add_argument("--seed", type=int, default=0)
+    emoji_eval.add_argument("--prompt-seed", dest="prompt_seed", type=int, default=0, help="selects the prompts")
+    emoji_eval.add_argument("--splits", type=parse_emoji_splits, default=None,
+                            help="comma-separated among seen,novel,plain,vae,clip (default: all)")  # fmt: skip
+    emoji_eval.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="samples per pipeline call")
+    emoji_eval.add_argument("--n-vae", dest="n_vae", type=int, default=300, help="held-out renders for `vae`")
+    emoji_eval.add_argument("--n-clip", dest="n_clip", type=int, default=300, help="renders per group for `clip`")
+    emoji_eval.add_argument("--temperature", type=float, default=None, help="default: the pipeline's")
+    emoji_eval.add_argument("--top-k", dest="top_k", type=int, default=None, help="default: the pipeline's")
+    emoji_eval.add_argument("--top-p", dest="top_p", type=float, default=None, help="default: the pipeline's")
+    emoji_eval.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=None,
+                            help="default: the pipeline's")  # fmt: skip
+    emoji_eval.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    emoji_eval.set_defaults(func=cmd_eval_emoji)
+    # Flags forwarded to `python -m dalle_hf.eval.emoji_judge` by `main` (like `train`): one definition of them.
+    ev.add_parser("emoji-judge", add_help=False, help="train EmojiEval's judge on an emoji cache (about 10 minutes on "
+                  "one CPU core; see python -m dalle_hf.eval.emoji_judge --help)")  # fmt: skip
     vae = ev.add_parser("vae", help="dVAE fidelity: shapes reconstructions that still pass the ShapesEval checker; "
                         "emoji PSNR on held-out renders")  # fmt: skip
     vae.add_argument("--pipeline", required=True, help="a pipeline folder (uses vae/) or a dVAE folder")
@@ -397,6 +451,11 @@ def main(argv=None) -> int:
         module = importlib.import_module(TRAINERS[argv[1]])
         module.main(module.parse_args(argv[2:]))
         return 0
+    if tuple(argv[:2]) in FORWARDED:
+        import importlib
+
+        module = importlib.import_module(FORWARDED[tuple(argv[:2])])
+        return module.main(module.parse_args(argv[2:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
