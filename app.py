@@ -12,6 +12,7 @@ Nothing happens at import: `build_demo()` makes the Blocks; pipelines load once 
 import argparse
 import contextvars
 import ctypes
+import dataclasses
 import functools
 import html
 import json
@@ -21,6 +22,7 @@ import numbers
 import os
 import queue
 import random
+import re
 import threading
 import time
 import traceback
@@ -37,7 +39,7 @@ import torch
 import transformers
 from PIL import ImageOps
 
-from dalle_hf.data.shapes import SHOWCASE_PROMPTS
+from dalle_hf.data.world import caption_words, read_world_file
 from dalle_hf.image_processing import cell_mask, mask_to_tensor
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
@@ -51,7 +53,11 @@ logger = logging.getLogger("dalle_hf.app")
 CHECKPOINTS_ENV = "DALLE_HF_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # next to app.py, so it runs from any cwd
 DEFAULT_MODEL = "dalle-shapes"  # listed first when present
-EXAMPLES = list(SHOWCASE_PROMPTS)  # one per ShapesEval task: single_object, two_object, ..., color_attr
+# A model's example prompts, style selector and vocabulary come from the `world.json` it was shipped with. These are
+# the examples of a model without one: made before checkpoints carried it, so trained on the shapes world.
+EXAMPLES = ("a circle", "a square and a triangle", "three diamonds", "a red circle", "a circle left of a square",
+            "a blue square and a yellow triangle")
+NO_STYLE = "(any style)"  # the style selector's choice that leaves the style out of the prompt
 # The pipeline's defaults. The guidance slider starts at the selected model's own `default_guidance_scale` (its
 # `model_index.json`; the shipped checkpoint's was chosen on ShapesEval dev prompts for CLIP-reranked sampling,
 # see its card), and at the pipeline's 1.0 (no guidance) for a model that saved none.
@@ -121,6 +127,105 @@ def read_model_info(path: Path) -> dict:
         "image_size": vae.get("image_size"),
         "clip": (path / "clip_model").is_dir(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The selected model's world (its world.json): example prompts, a style selector, the words it was trained on
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelWorld:
+    """What the app reads from a model's `world.json` (`dalle_hf.data.world.write_world_file`), so that it names no
+    world itself: the examples to show, the styles a prompt can ask for and the words of the training captions.
+
+    A model without one (`ModelWorld()`, made before checkpoints carried it) gets the shapes examples, no style
+    selector and no unseen-word note (its vocabulary is unknown).
+    """
+
+    examples: tuple[str, ...] = EXAMPLES
+    words: frozenset[str] | None = None  # None: unknown, so no word is called unseen
+    styles: tuple[str, ...] = ()  # exact names, in the world's order
+    style_aliases: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # "fluent 3d" -> ("3d",)
+    style_prompt: str = "{label} in {style} style"  # how a prompt asks for a style
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "ModelWorld":
+        """The `world.json` of a model folder; `ModelWorld()` if it has none or it cannot be read (logged)."""
+        try:
+            world = read_world_file(str(folder))
+            if world is None:
+                return cls()
+            styles = tuple(world.get("styles") or ())
+            template = world.get("style_prompt") or cls.style_prompt
+            if styles and ("{label}" not in template or "{style}" not in template):
+                raise ValueError(f"style_prompt must contain {{label}} and {{style}}, got {template!r}")
+            return cls(
+                examples=tuple(world.get("examples") or EXAMPLES),
+                words=frozenset(world["words"]) if isinstance(world.get("words"), list) else None,
+                styles=styles,
+                style_aliases={s: tuple(world.get("style_aliases", {}).get(s, ())) for s in styles},
+                style_prompt=template,
+            )
+        except (OSError, ValueError, TypeError, AttributeError) as e:  # the model itself may still load
+            logger.warning("Ignoring the unreadable %s: %s", Path(folder) / "world.json", e)
+            return cls()
+
+    @functools.cached_property
+    def style_pattern(self) -> re.Pattern | None:
+        """A whole prompt in `style_prompt`'s form naming one of the styles or their aliases (the longest first, so
+        "noto mono" is not read as "noto"); None for a world without styles."""
+        if not self.styles:
+            return None
+        names = sorted({*self.styles, *(a for s in self.styles for a in self.style_aliases.get(s, ()))}, key=len,
+                       reverse=True)
+        pattern = re.escape(self.style_prompt.strip())
+        pattern = pattern.replace(re.escape("{label}"), "(?P<label>.*?)")
+        pattern = pattern.replace(re.escape("{style}"), "(?P<style>" + "|".join(map(re.escape, names)) + ")")
+        return re.compile(r"\s*" + pattern.replace(re.escape(" "), r"\s+"), re.IGNORECASE)
+
+
+def split_style(prompt: str, world: ModelWorld) -> tuple[str, str | None]:
+    """A prompt -> (its label, the style it asks for: a canonical name, also when it names an alias; None if none).
+
+    `"red apple in twitter style"` -> `("red apple", "twemoji")`; `"red apple"` -> `("red apple", None)`.
+    """
+    prompt = (prompt or "").strip()
+    # A space in front: a prompt that is only the style phrase ("in noto style") matches with an empty label.
+    match = world.style_pattern.fullmatch(" " + prompt) if world.style_pattern else None
+    if match is None:
+        return prompt, None
+    named = " ".join(match["style"].lower().split())
+    style = next(s for s in world.styles if named in (s.lower(), *(a.lower() for a in world.style_aliases.get(s, ()))))
+    return match["label"].strip(), style
+
+
+def apply_style(prompt: str, style: str | None, world: ModelWorld) -> str:
+    """The prompt asking for `style` in the world's form, replacing the style it named before (any style or alias);
+    `NO_STYLE` (or None) removes it: `"red apple"` + `"twemoji"` -> `"red apple in twemoji style"`."""
+    label, _ = split_style(prompt, world)
+    if style in (None, "", NO_STYLE):
+        return label
+    if not world.styles:
+        raise gr.Error(f"This model has no styles (its world.json names none), got {shown(style)}.")
+    if style not in world.styles:
+        raise gr.Error(f"Unknown style {shown(style)}: expected one of {', '.join(world.styles)}.")
+    return world.style_prompt.format(label=label, style=style).strip()
+
+
+def unseen_words(prompt: str, world: ModelWorld) -> list[str]:
+    """The prompt's words (`caption_words`) that no training caption of the model had, once each, in order."""
+    if world.words is None or not isinstance(prompt, str):
+        return []
+    return list(dict.fromkeys(w for w in caption_words(prompt[:MAX_PROMPT_CHARS]) if w not in world.words))
+
+
+def unseen_words_note(model_name: str, prompt: str, world: ModelWorld) -> str:
+    """The note under the prompt naming the words the model never saw; "" when there are none."""
+    words = unseen_words(prompt, world)
+    if not words:
+        return ""
+    listed = ", ".join(f'"{w}"' for w in words)
+    return (f"The {html.escape(str(model_name), quote=False)} model never saw {listed} in training: it will draw "
+            "what it knows instead.")
 
 
 _PIPELINES: dict[Path, tuple[DallePipeline, DalleImageVariationPipeline]] = {}
@@ -353,6 +458,19 @@ class CheckedTextbox(gr.Textbox):
         if payload is not None and not isinstance(payload, str):
             raise gr.Error(f"{setting_name(self)} must be text, got {shown(payload)}.")
         return super().preprocess(payload)
+
+
+class StyleDropdown(gr.Dropdown):
+    """The style selector: a `gr.Dropdown` whose input is checked by the handler against the styles of the model named
+    in the same call (`apply_style`), not against the choices this session last showed (an API client can ask
+    for a style of any model)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is not None and not isinstance(payload, str):
+            raise gr.Error(f"{setting_name(self)} must be text, got {shown(payload)}.")
+        return payload
 
 
 def to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
@@ -707,6 +825,37 @@ def on_model_change(models, name):
     return rows, gr.Slider(value=info["guidance_scale"]), how_it_works(info)
 
 
+def on_model_world(models, worlds, name, prompt):
+    """The examples (and the prompt's placeholder, the first), the style selector (only for a world with styles, set
+    to the style the prompt names) and the unseen-word note follow the selected model's `world.json`."""
+    if name not in models:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    world = worlds[name]
+    _, style = split_style(prompt, world)
+    return (gr.Dataset(samples=[[p] for p in world.examples]),
+            gr.Dropdown(choices=[NO_STYLE, *world.styles], value=style or NO_STYLE, visible=bool(world.styles)),
+            on_prompt_change(models, worlds, name, prompt)[0], gr.Textbox(placeholder=world.examples[0]))
+
+
+def on_style(models, worlds, name, prompt, style):
+    """A style chosen in the selector -> the prompt asking for it (replacing the style it asked for)."""
+    if name not in models:
+        return gr.skip()
+    return apply_style(prompt if isinstance(prompt, str) else "", style, worlds[name])
+
+
+def on_prompt_change(models, worlds, name, prompt):
+    """As the prompt is typed: the unseen-word note (hidden when empty) and the style selector follows the style
+    the prompt names."""
+    if name not in models:
+        return gr.skip(), gr.skip()
+    world, prompt = worlds[name], prompt if isinstance(prompt, str) else ""
+    note = unseen_words_note(name, prompt, world)
+    style = split_style(prompt, world)[1] or NO_STYLE
+    style = gr.Dropdown(choices=[NO_STYLE, *world.styles], value=style) if world.styles else gr.skip()
+    return gr.Markdown(note, visible=bool(note)), style
+
+
 def send_to_editor(gallery, index):
     """The selected (else the best) image of a gallery -> the edit tab's canvas, nothing painted yet."""
     if not gallery:
@@ -761,26 +910,34 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
     grid = info["grid"] if info else 8
     guidance_scale = info["guidance_scale"] if info else DEFAULTS["guidance_scale"]
     brush_px = max(2, ((info or {}).get("image_size") or 64) // EDIT_BRUSH_FRACTION)  # Gradio's "auto" fills 16 px
+    worlds = {name: ModelWorld.read(path) for name, path in models.items()}  # small JSON files, read once
+    world = worlds[default] if models else ModelWorld()
 
     with gr.Blocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# dalle-hf\nDALL-E (v1) rebuilt the Hugging Face way: a prompt becomes N sampled candidates, "
                     "CLIP keeps the best k. Small enough to run on a CPU.")
         if not models:
             gr.Markdown(f"**{no_checkpoint_message(root)}**", elem_id="no-model")
-        model = gr.Dropdown(list(models), value=default, label="Model", visible=len(models) > 1)
+        model = gr.Dropdown(list(models), value=default, label="Model", visible=len(models) > 1, elem_id="model")
         selected = gr.State(0)
         edit_selected = gr.State(0)
         with gr.Tabs() as tabs:
             with gr.Tab("Text to images", id="text"):
                 with gr.Row(equal_height=True):
-                    prompt = CheckedTextbox(label="Prompt", placeholder="a red circle left of a blue square",
+                    prompt = CheckedTextbox(label="Prompt", placeholder=world.examples[0],
                                             max_lines=1, max_length=MAX_PROMPT_CHARS, show_label=False,
                                             container=False, scale=5, elem_id="prompt")
                     run = gr.Button("Run", variant="primary", scale=0, min_width=120, elem_id="run")
-                negative = CheckedTextbox("", label="Negative prompt (optional)", max_lines=1,
-                                          max_length=MAX_PROMPT_CHARS,
-                                          placeholder="what to steer away from, e.g. “a square” for “a cyan square”",
-                                          elem_id="negative-prompt")
+                unseen = gr.Markdown(visible=False, elem_id="unseen-words")
+                with gr.Row(equal_height=True):
+                    style = StyleDropdown([NO_STYLE, *world.styles], value=NO_STYLE, label="Style",
+                                         info="writes the style into the prompt", visible=bool(world.styles),
+                                         scale=1, elem_id="style")  # only for a world with styles (its world.json)
+                    negative = CheckedTextbox("", label="Negative prompt (optional)", max_lines=1,
+                                              max_length=MAX_PROMPT_CHARS, scale=2,
+                                              placeholder="what to steer away from, e.g. “a square” for “a cyan "
+                                                          "square”",
+                                              elem_id="negative-prompt")
                 gallery = gr.Gallery(label="Best k of N (CLIP score)", columns=4, height="auto", format="png",
                                      object_fit="contain", buttons=["download", "download_all", "fullscreen"],
                                      elem_id="gallery")
@@ -789,7 +946,8 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                     send = gr.Button("Make variations of the selected image", size="sm")
                     send_edit = gr.Button("Edit the selected image", size="sm", elem_id="send-edit")
                 status = gr.Markdown(label="Status", elem_id="status")
-                gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples")
+                examples = gr.Dataset(components=[prompt], samples=[[p] for p in world.examples], label="Examples",
+                                      elem_id="examples")  # the selected model's, from its world.json
             with gr.Tab("Image variations", id="variations"):
                 with gr.Row():
                     with gr.Column():
@@ -857,6 +1015,16 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
               api_name="variations", concurrency_id="sampling", show_progress_on=[var_status])
         model.change(functools.partial(on_model_change, models), model, [rows, guidance, how], queue=False,
                      api_visibility="private")
+        # The style selector, the examples and the unseen-word note: cheap, unqueued; callable by API clients but
+        # not listed among the app's tasks.
+        model.change(functools.partial(on_model_world, models, worlds), [model, prompt],
+                     [examples, style, unseen, prompt], queue=False, api_name="model_world",
+                     api_visibility="undocumented")
+        style.input(functools.partial(on_style, models, worlds), [model, prompt, style], prompt, queue=False,
+                    api_name="apply_style", api_visibility="undocumented")
+        prompt.change(functools.partial(on_prompt_change, models, worlds), [model, prompt], [unseen, style],
+                      queue=False, trigger_mode="always_last", api_name="prompt_notes", api_visibility="undocumented")
+        examples.click(lambda sample: sample[0], examples, prompt, queue=False, api_visibility="private")
         gallery.select(on_select, None, selected, queue=False, api_visibility="private")
         send.click(send_to_variations, [gallery, selected], [image, tabs], queue=False, api_visibility="private")
         gr.on([edit_run.click, edit_prompt.submit], functools.partial(edit, models),

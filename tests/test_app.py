@@ -32,8 +32,9 @@ SETTINGS = dict(candidates=6, keep=3, temperature=1.0, top_k=0, top_p=1.0, guida
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny saved pipeline and the app serving it (shared with tests/test_app_browser.py)
 # ----------------------------------------------------------------------------------------------------------------
-def save_tiny_pipeline(path: Path) -> Path:
-    """The tiny random components of tests/conftest.py (4x4 grid of 16 px images, CLIP), saved with save_pretrained."""
+def save_tiny_pipeline(path: Path, captions: list[str] = CAPTIONS) -> Path:
+    """The tiny random components of tests/conftest.py (4x4 grid of 16 px images, CLIP), saved with save_pretrained;
+    the tokenizer is trained on `captions`."""
     from transformers import CLIPModel
 
     from dalle_hf.clip import make_clip_config, make_clip_processor
@@ -44,7 +45,7 @@ def save_tiny_pipeline(path: Path) -> Path:
     from dalle_hf.tokenization import train_text_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = train_text_tokenizer(CAPTIONS * 10, vocab_size=300, text_seq_len=8)
+    tokenizer = train_text_tokenizer(captions * 10, vocab_size=300, text_seq_len=8)
     vae = DalleVAE(DalleVAEConfig(image_size=16, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32))
     clip = CLIPModel(make_clip_config(len(tokenizer), text_seq_len=8, image_size=16, patch_size=4, vision_width=32,
                                       vision_layers=2, text_width=32, text_layers=2, projection_dim=32, head_dim=16))
@@ -58,9 +59,16 @@ _SHARED = {}  # one checkpoint folder and one server per test session, for both 
 
 
 def tiny_checkpoints(tmp_path_factory) -> Path:
+    """Two models, as shipped: `tiny` (the default) with the shapes world's world.json and `tiny-emoji` with the
+    emoji world's, written from a tiny emoji cache (5 styles, 6 concepts)."""
     if "checkpoints" not in _SHARED:
+        from dalle_hf.data.world import load_world, write_world_file
+        from tests.test_worlds import write_tiny_cache
+
         root = tmp_path_factory.mktemp("checkpoints")
-        save_tiny_pipeline(root / "tiny")
+        write_world_file(load_world("shapes"), str(save_tiny_pipeline(root / "tiny")))
+        emoji = load_world("emoji", write_tiny_cache(root.parent / f"{root.name}-emoji-cache"))
+        write_world_file(emoji, str(save_tiny_pipeline(root / "tiny-emoji", list(emoji.tokenizer_captions(seed=0)))))
         _SHARED["checkpoints"] = root
     return _SHARED["checkpoints"]
 
@@ -185,8 +193,11 @@ def test_build_demo_loads_nothing_and_lists_models(checkpoints):
     demo = app.build_demo(checkpoints)
     assert app._PIPELINES == before
     config = demo.get_config_file()
-    dropdown = next(c for c in config["components"] if c["type"] == "dropdown")
-    assert dropdown["props"]["value"] == "tiny" and dropdown["props"]["visible"] is False  # one model: no selector
+    dropdown = next(c for c in config["components"] if c["props"].get("elem_id") == "model")
+    assert dropdown["props"]["value"] == "tiny" and dropdown["props"]["visible"] is True
+    assert [choice[0] for choice in dropdown["props"]["choices"]] == ["tiny", "tiny-emoji"]
+    one = app.build_demo(checkpoints / "tiny").get_config_file()["components"]
+    assert next(c for c in one if c["props"].get("elem_id") == "model")["props"]["visible"] is False  # no selector
     apis = {d.get("api_name") for d in config["dependencies"] if d.get("api_visibility") == "public"}
     assert {"generate", "variations"} <= apis
 
@@ -197,6 +208,118 @@ def test_model_change_updates_rows_and_how_it_works(checkpoints):
     assert rows.maximum == 3 and rows.value == 2 and "4x4 grid of 32 codes" in how
     assert guidance.value == 1.0  # saved without a default guidance: the pipeline's own (off)
     assert app.on_model_change(models, "gone") == (gr.skip(), gr.skip(), gr.skip())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The selected model's world.json: examples, the style selector, the unseen-word note (issue 17)
+# ----------------------------------------------------------------------------------------------------------------
+EMOJI_LIKE = app.ModelWorld(
+    examples=("red apple in twemoji style", "grinning face"), words=frozenset("red apple cat face in style".split()),
+    styles=("noto", "noto mono", "twemoji", "fluent 3d"),
+    style_aliases={"noto": ("google",), "noto mono": ("black and white", "monochrome"), "twemoji": ("twitter",),
+                   "fluent 3d": ("3d",)},
+)  # fmt: skip
+
+
+def by_id(components: list[dict], elem_id: str) -> dict:
+    return next(c for c in components if c["props"].get("elem_id") == elem_id)
+
+
+def test_model_world_reads_world_json(checkpoints, tmp_path):
+    shapes, emoji = (app.ModelWorld.read(checkpoints / name) for name in ("tiny", "tiny-emoji"))
+    assert shapes.examples[0] == "a circle" and not shapes.styles and {"circle", "left", "red"} <= shapes.words
+    assert emoji.examples[0] == "red apple in twemoji style" and "cat" in emoji.words and "circle" not in emoji.words
+    assert emoji.styles == ("noto", "noto mono", "twemoji", "fluent 3d", "symbola")  # the tiny cache's five
+    assert emoji.style_aliases["fluent 3d"] == ("3d",) and emoji.style_prompt == "{label} in {style} style"
+    assert app.ModelWorld.read(tmp_path) == app.ModelWorld()  # no world.json: a model made before it existed
+    assert app.ModelWorld().examples == app.EXAMPLES and app.ModelWorld().words is None
+    (tmp_path / "world.json").write_text("{not json")
+    assert app.ModelWorld.read(tmp_path) == app.ModelWorld()  # unreadable: ignored (logged), the model still loads
+    (tmp_path / "world.json").write_text(json.dumps({"styles": ["a"], "style_prompt": "{label} only"}))
+    assert app.ModelWorld.read(tmp_path) == app.ModelWorld()
+
+
+@pytest.mark.parametrize(
+    "prompt, style, expected",
+    [
+        ("red apple", "twemoji", "red apple in twemoji style"),
+        ("  red apple ", "noto", "red apple in noto style"),
+        ("red apple in twemoji style", "fluent 3d", "red apple in fluent 3d style"),  # replaced, not appended
+        ("red apple in noto mono style", "noto", "red apple in noto style"),  # "noto mono" is not read as "noto"
+        ("red apple in noto style", "noto mono", "red apple in noto mono style"),
+        ("Red Apple in  Black and White style", "twemoji", "Red Apple in twemoji style"),  # an alias, any case
+        ("red apple in 3d style", "twemoji", "red apple in twemoji style"),
+        ("red apple in twitter style", app.NO_STYLE, "red apple"),  # "(any style)" removes it
+        ("red apple in fluent 3d style", None, "red apple"),
+        ("red apple", app.NO_STYLE, "red apple"),
+        ("in noto style", "twemoji", "in twemoji style"),  # only the style phrase
+        ("", "twemoji", "in twemoji style"),
+        ("red apple in the style", "noto", "red apple in the style in noto style"),  # "the" is no style
+        ("red apple in red style", "noto", "red apple in red style in noto style"),
+    ],
+)
+def test_apply_style(prompt, style, expected):
+    assert app.apply_style(prompt, style, EMOJI_LIKE) == expected
+    assert app.split_style(expected, EMOJI_LIKE)[1] == (None if style == app.NO_STYLE else style)
+
+
+def test_split_style_and_unknown_styles():
+    assert app.split_style("cat face in monochrome style", EMOJI_LIKE) == ("cat face", "noto mono")
+    assert app.split_style("cat face", EMOJI_LIKE) == ("cat face", None)
+    assert app.split_style("a red circle in twemoji style", app.ModelWorld()) == (
+        "a red circle in twemoji style", None)  # a world without styles has no style phrase
+    with pytest.raises(gr.Error, match="Unknown style 'comic': expected one of noto, noto mono, twemoji, fluent 3d"):
+        app.apply_style("cat", "comic", EMOJI_LIKE)
+    with pytest.raises(gr.Error, match="This model has no styles"):
+        app.apply_style("a circle", "noto", app.ModelWorld())
+    custom = app.ModelWorld(styles=("ink",), style_prompt="{style} drawing of {label}")
+    assert app.apply_style("a cat", "ink", custom) == "ink drawing of a cat"
+    assert app.split_style("Ink drawing of a cat", custom) == ("a cat", "ink")
+
+
+def test_unseen_words_note():
+    shapes = app.ModelWorld(words=frozenset("a red circle hat".split()))
+    assert app.unseen_words("A cat wearing a hat, a CAT!", shapes) == ["cat", "wearing"]  # once each, in order
+    assert app.unseen_words_note("dalle-shapes", "a cat wearing a red hat", shapes) == (
+        'The dalle-shapes model never saw "cat", "wearing" in training: it will draw what it knows instead.')
+    assert app.unseen_words_note("dalle-shapes", "a red circle", shapes) == ""
+    assert app.unseen_words_note("dalle-shapes", "", shapes) == ""
+    assert app.unseen_words_note("old", "a cat", app.ModelWorld()) == ""  # no world.json: vocabulary unknown
+    assert app.unseen_words_note("dalle-shapes", None, shapes) == ""
+
+
+def test_examples_style_selector_and_note_follow_the_model(checkpoints):
+    models = app.find_checkpoints(checkpoints)
+    worlds = {name: app.ModelWorld.read(path) for name, path in models.items()}
+    components = app.build_demo(checkpoints).get_config_file()["components"]
+    assert by_id(components, "examples")["props"]["samples"] == [[p] for p in worlds["tiny"].examples]
+    assert by_id(components, "style")["props"]["visible"] is False  # the default model has no styles
+    assert by_id(components, "unseen-words")["props"]["visible"] is False
+    assert by_id(components, "prompt")["props"]["placeholder"] == "a circle"
+
+    examples, style, note, prompt = app.on_model_world(models, worlds, "tiny-emoji", "a red apple in 3d style")
+    assert examples.raw_samples == [[p] for p in worlds["tiny-emoji"].examples]
+    assert style.visible is True and style.value == "fluent 3d" and prompt.placeholder == "red apple in twemoji style"
+    assert [c[0] for c in style.choices] == [app.NO_STYLE, "noto", "noto mono", "twemoji", "fluent 3d", "symbola"]
+    assert note.visible is True and note.value.startswith('The tiny-emoji model never saw "a" in training')
+    examples, style, note, _ = app.on_model_world(models, worlds, "tiny", "a red circle")
+    assert examples.raw_samples[0] == ["a circle"] and style.visible is False and note.visible is False
+    assert app.on_model_world(models, worlds, "gone", "x") == (gr.skip(),) * 4
+
+    assert app.on_style(models, worlds, "tiny-emoji", "cat face", "twemoji") == "cat face in twemoji style"
+    note, style = app.on_prompt_change(models, worlds, "tiny-emoji", "cat face in google style")
+    assert note.visible is False and style.value == "noto"
+    note, style = app.on_prompt_change(models, worlds, "tiny", "a cat in a hat")
+    assert note.visible is True and '"cat", "in", "hat"' in note.value and style == gr.skip()
+
+
+def test_a_model_without_world_json_gets_the_fallback_examples(tmp_path):
+    for name in ("dalle-shapes", "own-model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    components = app.build_demo(tmp_path).get_config_file()["components"]
+    assert by_id(components, "examples")["props"]["samples"] == [[p] for p in app.EXAMPLES]
+    assert by_id(components, "style")["props"]["visible"] is False
 
 
 def test_guidance_slider_starts_at_the_models_default(tmp_path):
@@ -741,6 +864,41 @@ def test_client_wrong_types_are_the_apps_messages(client, bad):
     if bad is not None:
         with pytest.raises(AppError, match="Rows of image tokens kept must be a number in \\[0, 3\\]"):
             client.predict("tiny", None, "", bad, 4, 2, 1.0, 0, 1.0, 1.0, 5, False, api_name="/variations")
+
+
+def test_client_examples_style_selector_and_note_per_model(client):
+    """Issue 17, against `python app.py` serving a shapes-like and an emoji-like model: switching the model switches
+    the examples and shows the style selector; a style writes itself into the prompt; the note names unseen words."""
+    examples, style, note, prompt = client.predict("tiny-emoji", "red apple", api_name="/model_world")
+    assert examples["samples"][:2] == [["red apple in twemoji style"], ["cat face in fluent 3d style"]]
+    assert style["visible"] is True and style["value"] == app.NO_STYLE and "twemoji" in str(style["choices"])
+    assert note["visible"] is False and prompt["placeholder"] == "red apple in twemoji style"
+    examples, style, note, _ = client.predict("tiny", "red apple", api_name="/model_world")
+    assert examples["samples"][0] == ["a circle"] and style["visible"] is False
+    assert note["visible"] is True and note["value"].startswith('The tiny model never saw "apple"')
+
+    assert client.predict("tiny-emoji", "red apple", "twemoji", api_name="/apply_style") == "red apple in twemoji style"
+    assert client.predict("tiny-emoji", "red apple in twemoji style", "symbola",
+                          api_name="/apply_style") == "red apple in symbola style"
+    assert client.predict("tiny-emoji", "red apple in 3d style", app.NO_STYLE, api_name="/apply_style") == "red apple"
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Unknown style 'comic': expected one of noto, noto mono, twemoji"):
+        client.predict("tiny-emoji", "red apple", "comic", api_name="/apply_style")
+    with pytest.raises(AppError, match="This model has no styles"):
+        client.predict("tiny", "a red circle", "twemoji", api_name="/apply_style")
+    with pytest.raises(AppError, match="Style must be text, got 3"):
+        client.predict("tiny-emoji", "red apple", 3, api_name="/apply_style")
+
+    note, style = client.predict("tiny", "a cat wearing a hat", api_name="/prompt_notes")
+    assert note["visible"] is True
+    assert note["value"] == ('The tiny model never saw "cat", "wearing", "hat" in training: it will draw what it '
+                             "knows instead.")
+    note, style = client.predict("tiny-emoji", "cat face in twitter style", api_name="/prompt_notes")
+    assert note["visible"] is False and style["value"] == "twemoji"
+    gallery, _, status = client.predict("tiny-emoji", "cat face in twemoji style", 2, 2, 1.0, 0, 1.0, 1.0, 3, False,
+                                        api_name="/generate")
+    assert len(gallery) == 2 and "2 candidates -> best 2" in status
 
 
 def test_client_api_is_the_three_tasks(client):

@@ -146,3 +146,56 @@ def test_paint_a_mask_and_edit(server, page, tmp_path):
     assert page.locator("#edit-gallery img").count() >= 3
     page.screenshot(path=str(shots / "app_edit_again.png"), full_page=True)
     assert not page.errors, page.errors
+
+
+def pick(page, dropdown: str, choice: str):
+    """Choose `choice` in the Gradio dropdown `#dropdown`, as a user does: open it, click the option."""
+    page.locator(f"#{dropdown} input").first.click()
+    page.get_by_role("option", name=choice, exact=True).click()
+
+
+def test_emoji_model_examples_style_selector_and_unseen_words(server, page, tmp_path):
+    """Issue 17: the examples, the style selector and the unseen-word note follow the selected model; a style chosen
+    writes itself into the prompt, and the emoji model generates from it."""
+    from playwright.sync_api import expect
+
+    shots = Path(os.environ.get("DALLE_HF_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.goto(server, timeout=60_000)
+    prompt = page.locator("#prompt textarea, #prompt input").first
+    prompt.wait_for(timeout=60_000)
+    examples, style, note = page.locator("#examples"), page.locator("#style"), page.locator("#unseen-words")
+    expect(examples).to_contain_text("a blue square and a yellow triangle")  # the shapes model's world.json
+    expect(style).to_be_hidden()  # no styles in the shapes world
+    prompt.fill("a cat wearing a hat")
+    expect(note).to_contain_text('The tiny model never saw "cat", "wearing", "hat" in training', timeout=10_000)
+
+    pick(page, "model", "tiny-emoji")
+    expect(examples).to_contain_text("red apple in twemoji style", timeout=10_000)
+    expect(examples).not_to_contain_text("a blue square")
+    expect(style).to_be_visible()
+    expect(note).to_contain_text('The tiny-emoji model never saw "a", "wearing", "hat"')  # "cat" is an emoji word
+    prompt.fill("red apple")
+    expect(note).to_be_hidden(timeout=10_000)
+    pick(page, "style", "twemoji")
+    expect(prompt).to_have_value("red apple in twemoji style", timeout=10_000)
+    pick(page, "style", "fluent 3d")
+    expect(prompt).to_have_value("red apple in fluent 3d style", timeout=10_000)
+    pick(page, "style", "(any style)")
+    expect(prompt).to_have_value("red apple", timeout=10_000)
+    examples.get_by_text("rocket in noto mono style").click()  # the emoji model's example, not the shapes one
+    expect(prompt).to_have_value("rocket in noto mono style", timeout=10_000)
+    expect(style.locator("input")).to_have_value("noto mono", timeout=10_000)  # the selector follows the prompt
+    pick(page, "style", "twemoji")
+    expect(prompt).to_have_value("rocket in twemoji style", timeout=10_000)
+    expect(note).to_contain_text('never saw "rocket"')  # not a concept of the tiny emoji cache
+
+    page.locator("#run").click()
+    page.locator("#status").get_by_text("candidates -> best").wait_for(timeout=60_000)
+    assert page.locator("#gallery img").count() >= 3
+    assert "#1 · CLIP" in page.locator("#gallery").inner_text()
+    page.screenshot(path=str(shots / "app_emoji_style.png"), full_page=True)
+    pick(page, "model", "tiny")  # back: the shapes examples, no style selector
+    expect(examples).to_contain_text("a blue square and a yellow triangle", timeout=10_000)
+    expect(style).to_be_hidden()
+    assert not page.errors, page.errors
