@@ -239,7 +239,7 @@ def evaluate_emoji(
         verdicts, features, sheet_rows, reranked_by_clip = [], [], [], None
         batches = [pairs[i : i + per_call] for i in range(0, len(pairs), per_call)]
         for batch_index, batch in enumerate(tqdm(batches, desc=f"EmojiEval {split}", disable=not progress)):
-            prompts = [plain_prompt(label) if style is None else style_prompt(label, style) for _, label, style in batch]
+            prompts = [plain_prompt(lab) if style is None else style_prompt(lab, style) for _, lab, style in batch]
             output = pipe(prompt=prompts, num_images_per_prompt=candidates, num_images_to_keep=candidates,
                           generator=torch.Generator().manual_seed(_seed_of("emoji-eval", seed, split, batch_index)),
                           output_type="pt", **sampling)  # fmt: skip
@@ -268,8 +268,11 @@ def evaluate_emoji(
         report[split] = _split_scores(verdicts, candidates, with_style=split != "plain")
         report[split]["reranked_by_clip"] = reranked_by_clip
         report[split]["frechet_distance"] = _frechet_to_real(judge, world, split, torch.cat(features), seed)
-        title = f"{split}: judge passes (green: {'concept' if split == 'plain' else 'concept and style'} right)"
-        title += f"; samples in CLIP order, first column the CLIP pick of {candidates}" if candidates > 1 else ""
+        field = "concept" if split == "plain" else "both"
+        title = f"{split}: {field} best-of-1 {report[split]['best_of_1'][field]:.3f}"
+        if candidates > 1:
+            title += f", CLIP best-of-{candidates} {report[split]['clip_best_of_n'][field]:.3f}; samples in CLIP order"
+        title += f" (green: {'concept' if split == 'plain' else 'concept and style'} right)"
         _save_sheet(os.path.join(out_dir, f"samples_{split}.png"), sheet_rows, title)
 
     # 3. dVAE fidelity on held-out renders.
