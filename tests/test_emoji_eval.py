@@ -229,3 +229,11 @@ def test_documented_defaults_match_signatures(function):
             assert text == default.__name__, name
         else:
             assert ast.literal_eval(text) == default, name
+
+
+def test_judge_with_a_dvae_trains_on_and_reports_round_trips(emoji_cache, vae, tmp_path):
+    vae.save_pretrained(tmp_path / "vae")  # a 16 px dVAE: round trips are resized back to 64 px
+    quality = train_judge(emoji_cache, str(tmp_path / "judge"), max_steps=1, batch_size=8,
+                          vae_path=str(tmp_path / "vae"), log=lambda line: None)  # fmt: skip
+    assert 0 <= quality["accuracy"]["dvae_round_trip"]["concept"] <= 1
+    assert quality["training"]["vae"] == str(tmp_path / "vae")
