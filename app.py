@@ -3,7 +3,9 @@
     python app.py [--checkpoints DIR] [--host 127.0.0.1] [--port 7860] [--concurrency 2] [--max-queue 24]
 
 Every sub-folder of the checkpoints folder with a `model_index.json` is a model (or the folder itself, if it has
-one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. Ready for a Hugging Face Space: the README
+one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. A model's `world.json` (written with the
+checkpoint) gives its example prompts, its styles (a style selector) and the words of its training captions (a note
+names a prompt's others); the app itself names no world. Ready for a Hugging Face Space: the README
 front matter names this file, and the `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` that Spaces set are respected.
 Nothing happens at import: `build_demo()` makes the Blocks; pipelines load once per model, on first use or in
 `main()`, and are shared by all requests.

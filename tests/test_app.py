@@ -305,6 +305,9 @@ def test_examples_style_selector_and_note_follow_the_model(checkpoints):
     examples, style, note, _ = app.on_model_world(models, worlds, "tiny", "a red circle")
     assert examples.raw_samples[0] == ["a circle"] and style.visible is False and note.visible is False
     assert app.on_model_world(models, worlds, "gone", "x") == (gr.skip(),) * 4
+    alone = app.build_demo(checkpoints / "tiny-emoji").get_config_file()["components"]  # the emoji model alone
+    assert by_id(alone, "style")["props"]["visible"] is True and by_id(alone, "style")["props"]["value"] == app.NO_STYLE
+    assert by_id(alone, "examples")["props"]["samples"][0] == ["red apple in twemoji style"]
 
     assert app.on_style(models, worlds, "tiny-emoji", "cat face", "twemoji") == "cat face in twemoji style"
     note, style = app.on_prompt_change(models, worlds, "tiny-emoji", "cat face in google style")
