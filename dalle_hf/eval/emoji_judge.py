@@ -18,7 +18,7 @@ wrong-concept images (each validation image asked for its most likely *wrong* co
 Train it once per cache (about 10 minutes on one CPU core at the defaults):
 
 ```bash
-python -m dalle_hf.eval.emoji_judge --cache /work/emoji-cache --out runs/emoji-judge --epochs 8 --seed 0
+python -m dalle_hf.eval.emoji_judge --cache /work/emoji-cache --out runs/emoji-judge --epochs 12 --seed 0
 ```
 
 Example:
@@ -389,7 +389,7 @@ def judge_quality(judge: EmojiJudge, pixels: torch.Tensor, concepts: torch.Tenso
 def train_judge(
     cache_dir: str,
     out_dir: str,
-    epochs: float = 8.0,
+    epochs: float = 12.0,
     seed: int = 0,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
@@ -404,7 +404,8 @@ def train_judge(
     Args:
         cache_dir (`str`): the emoji cache (`dalle-hf data emoji --cache DIR`).
         out_dir (`str`): where to save the judge.
-        epochs (`float`, *optional*, defaults to 8.0): passes over the training renders.
+        epochs (`float`, *optional*, defaults to 12.0): passes over the training renders (about 9 minutes at the
+            ~260 images/s measured on one busy core).
         seed (`int`, *optional*, defaults to 0): seeds the initialization, the batches and the augmentations.
         batch_size (`int`, *optional*, defaults to 128): renders per step.
         learning_rate (`float`, *optional*, defaults to 3e-3): AdamW's peak; 3% linear warmup, then cosine to 0.
@@ -438,7 +439,8 @@ def train_judge(
         subfolder = "vae" if os.path.isdir(os.path.join(vae_path, "vae")) else ""
         vae = DalleVAE.from_pretrained(vae_path, subfolder=subfolder).eval()
 
-    judge = EmojiJudge(EmojiJudgeConfig(concepts=concepts, styles=styles)).train()
+    # channels_last: oneDNN's convolutions ran 35% faster in that layout here (208 -> 280 images/s, batch 128, 1 core)
+    judge = EmojiJudge(EmojiJudgeConfig(concepts=concepts, styles=styles)).to(memory_format=torch.channels_last).train()
     decay = [p for p in judge.parameters() if p.dim() >= 2]
     no_decay = [p for p in judge.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
@@ -463,6 +465,7 @@ def train_judge(
                 if step >= total or (len(batch_index) < batch_size and len(train_index) >= batch_size):
                     break
                 pixels = augment(to_pixels(cache.images[batch_index.numpy()]), rng, vae)
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
                 out = judge(pixels)
                 loss = F.cross_entropy(out.concept_logits, concept_ids[batch_index], label_smoothing=0.1) + \
                     F.cross_entropy(out.style_logits, style_ids[batch_index])  # fmt: skip
@@ -478,7 +481,7 @@ def train_judge(
                     log_file.flush()
                     log(json.dumps(record))
     seconds = time.perf_counter() - start
-    judge.eval()
+    judge = judge.to(memory_format=torch.contiguous_format).eval()  # safetensors stores contiguous tensors
     report = judge_quality(judge, to_pixels(cache.images[val_index.numpy()]), concept_ids[val_index],
                            style_ids[val_index], vae=vae)  # fmt: skip
     report["validation"] = (f"a fixed {100 // JUDGE_VALIDATION_MODULUS}% of the renders (is_judge_validation: "
@@ -502,7 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dalle-hf eval emoji-judge", description=__doc__.split("\n")[0])
     parser.add_argument("--cache", required=True, help="the emoji cache (dalle-hf data emoji --cache DIR)")
     parser.add_argument("--out", required=True, help="folder for the judge, judge_quality.json and train_log.jsonl")
-    parser.add_argument("--epochs", type=float, default=8.0)
+    parser.add_argument("--epochs", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=128)
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-3)
