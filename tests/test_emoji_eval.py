@@ -150,7 +150,7 @@ def test_evaluate_emoji_writes_every_field_and_sheets(pipe, judge_dir, emoji_cac
     assert report["clip"]["n_captions"] == 100 and report["clip"]["n_images_seen"] == 4
     assert report["clip"]["n_images_novel"] == 3  # all the tiny cache's held-out renders
     assert 0 <= report["clip"]["caption_top1_seen"] <= 1 and 0 <= report["clip"]["caption_top1_novel"] <= 1
-    assert report["config"]["splits"] == list(SPLITS) and report["judge"]["path"] == judge_dir
+    assert report["config"]["splits"] == list(SPLITS) and report["config"]["judge"]["path"] == judge_dir
     with open(tmp_path / "report.json") as f:
         assert json.load(f) == json.loads(json.dumps(report))
     records = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
@@ -165,6 +165,18 @@ def test_evaluate_emoji_writes_every_field_and_sheets(pipe, judge_dir, emoji_cac
     seen_records = [r for r in records if r["split"] == "seen"]
     assert report["seen"]["best_of_1"]["both"] == pytest.approx(np.mean([np.mean(r["both"]) for r in seen_records]))
     assert report["seen"]["clip_best_of_n"]["both"] == pytest.approx(np.mean([r["both"][0] for r in seen_records]))
+
+
+def test_splits_run_separately_merge_into_one_report(pipe, judge_dir, emoji_cache, tmp_path):
+    options = {"prompts_per_split": 1, "candidates": 2, "n_vae": 2, "progress": False}
+    first = evaluate_emoji(pipe, judge_dir, emoji_cache, str(tmp_path), splits="novel", **options)
+    merged = evaluate_emoji(pipe, judge_dir, emoji_cache, str(tmp_path), splits="vae,seen", **options)
+    assert merged["config"]["splits"] == ["seen", "novel", "vae"] and merged["novel"] == first["novel"]
+    with open(tmp_path / "report.json") as f:
+        assert json.load(f) == json.loads(json.dumps(merged))
+    assert sorted({json.loads(line)["split"] for line in open(tmp_path / "results.jsonl")}) == ["novel", "seen"]
+    with pytest.raises(ValueError, match="same configuration .* but seed differ: choose another --out"):
+        evaluate_emoji(pipe, judge_dir, emoji_cache, str(tmp_path), splits="plain", **{**options, "seed": 1})
 
 
 def test_evaluate_emoji_rejects_bad_input(pipe, judge_dir, emoji_cache, tmp_path):
@@ -205,7 +217,7 @@ def test_cli_trains_a_judge_and_evaluates(tokenizer, emoji_cache, tmp_path, caps
                  "--prompts", "1", "--candidates", "2", "--splits", "novel,vae", "--n-vae", "2"]) == 0  # fmt: skip
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    assert set(report) == {"novel", "vae", "judge", "config"} and report["config"]["candidates"] == 2
+    assert set(report) == {"novel", "vae", "config"} and report["config"]["candidates"] == 2
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["eval", "emoji", "--pipeline", pipeline, "--judge", judge, "--cache", emoji_cache, "--out", out,

@@ -180,8 +180,10 @@ def evaluate_emoji(
     Report keys (only the splits run): `seen` and `novel` (`best_of_1` and `clip_best_of_n` each with `concept`,
     `style`, `both`; `oracle_any_of_n`; `frechet_distance`; `n_prompts`; `reranked_by_clip`), `plain` (the same with
     `concept` only), `vae` (`psnr_held_out`, `judge_concept_accuracy_originals`, `..._reconstructions`, `ratio`),
-    `clip` (`caption_top1_seen`, `caption_top1_novel`), `judge` (its accept rule and threshold) and `config`.
-    With `candidates == 1`, `clip_best_of_n` and `oracle_any_of_n` are `None`.
+    `clip` (`caption_top1_seen`, `caption_top1_novel`) and `config` (the settings, the pipeline, and the judge's
+    path, accept rule and threshold). With `candidates == 1`, `clip_best_of_n` and `oracle_any_of_n` are `None`.
+    Splits run separately into the same `out_dir` with the same configuration are merged into one report; another
+    configuration there raises `ValueError`.
 
     Args:
         pipe (`DallePipeline`): the pipeline to evaluate (its `vae` and `clip_model` serve the `vae` and `clip`
@@ -223,10 +225,25 @@ def evaluate_emoji(
     _check_judge(judge, world)
     if "clip" in splits and getattr(pipe, "clip_model", None) is None:
         raise ValueError("expected a pipeline with a CLIP model for the `clip` split (or leave `clip` out of splits)")
-    os.makedirs(out_dir, exist_ok=True)
     concept_index = {c: i for i, c in enumerate(judge.config.concepts)}
     style_index = {s: i for i, s in enumerate(judge.config.styles)}
     threshold = judge.config.accept_threshold
+    pipeline_path = getattr(pipe, "name_or_path", None)
+    config = {
+        "pipeline": os.path.abspath(pipeline_path) if pipeline_path else None,
+        "prompts_per_split": prompts_per_split, "candidates": candidates, "seed": seed, "prompt_seed": prompt_seed,
+        "batch_size": batch_size, "n_vae": n_vae, "n_clip": n_clip, "sampling": sampling,
+        "cache": os.path.abspath(cache_dir), "cache_images": int(len(world.cache.keys)),
+        "pipeline_default_guidance_scale": getattr(getattr(pipe, "config", None), "default_guidance_scale", None),
+        "judge": {"path": os.path.abspath(judge_path) if judge_path else None, "accept_threshold": threshold,
+                  "concepts": len(judge.config.concepts),
+                  "accept_rule": "concept accepted iff the judge's argmax is the asked concept and its probability >= "
+                                 "accept_threshold; style right iff the style argmax is the asked style"},
+        "best_of_1": "the mean verdict over all candidates of a prompt (each an independent, unranked sample)",
+        "clip_best_of_n": "the verdict on the pipeline's CLIP pick (first returned) of the candidates",
+    }  # fmt: skip
+    previous, previous_records = _previous_run(out_dir, config)
+    os.makedirs(out_dir, exist_ok=True)
 
     report: dict = {}
     records: list[dict] = []
@@ -290,24 +307,38 @@ def evaluate_emoji(
             report["clip"][f"caption_top1_{group}"] = float(hits.float().mean())
             report["clip"][f"n_images_{group}"] = len(hits)
 
-    # 5. Write the report.
-    report["judge"] = {"path": judge_path, "accept_threshold": threshold, "concepts": len(judge.config.concepts),
-                       "accept_rule": "concept accepted iff the judge's argmax is the asked concept and its "
-                                      "probability >= accept_threshold; style right iff the style argmax is the "
-                                      "asked style"}  # fmt: skip
-    report["config"] = {
-        "splits": list(splits), "prompts_per_split": prompts_per_split, "candidates": candidates, "seed": seed,
-        "prompt_seed": prompt_seed, "batch_size": batch_size, "n_vae": n_vae, "n_clip": n_clip, "sampling": sampling,
-        "cache": os.path.abspath(cache_dir), "cache_images": int(len(world.cache.keys)),
-        "pipeline_default_guidance_scale": getattr(getattr(pipe, "config", None), "default_guidance_scale", None),
-        "best_of_1": "the mean verdict over all candidates of a prompt (each an independent, unranked sample)",
-        "clip_best_of_n": "the verdict on the pipeline's CLIP pick (first returned) of the candidates",
-    }  # fmt: skip
+    # 5. Write the report, merged with the other splits of an earlier run of the same configuration in `out_dir`.
+    report = {split: report[split] if split in report else previous[split] for split in SPLITS
+              if split in report or split in previous}  # fmt: skip
+    report["config"] = {"splits": [split for split in SPLITS if split in report], **config}
+    records = [r for r in previous_records if r["split"] not in splits] + records
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
     return report
+
+
+def _previous_run(out_dir: str, config: dict) -> tuple[dict, list[dict]]:
+    """The report and records of an earlier run in `out_dir` (empty if none); a run of another configuration there
+    is an error rather than silently mixed or overwritten."""
+    path = os.path.join(out_dir, "report.json")
+    if not os.path.isfile(path):
+        return {}, []
+    with open(path) as f:
+        previous = json.load(f)
+    old = {k: v for k, v in previous.get("config", {}).items() if k != "splits"}
+    new = json.loads(json.dumps(config))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ:
+        raise ValueError(f"expected {out_dir!r} to hold no report or one of the same configuration (its splits are "
+                         f"merged), but {', '.join(differ)} differ: choose another --out or delete that report")
+    records_path = os.path.join(out_dir, "results.jsonl")
+    records = []
+    if os.path.isfile(records_path):
+        with open(records_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    return previous, records
 
 
 def _to_pil(image: torch.Tensor):
