@@ -18,7 +18,7 @@ wrong-concept images (each validation image asked for its most likely *wrong* co
 Train it once per cache (about 10 minutes on one CPU core at the defaults):
 
 ```bash
-python -m dalle_hf.eval.emoji_judge --cache /work/emoji-cache --out runs/emoji-judge --epochs 12 --seed 0
+python -m dalle_hf.eval.emoji_judge --cache /work/emoji-cache --out runs/emoji-judge --epochs 40 --seed 0
 ```
 
 Example:
@@ -70,10 +70,13 @@ class EmojiJudgeConfig(PreTrainedConfig):
             The concept keys of the cache it was trained on, sorted: class `i` of the concept head is `concepts[i]`.
         styles (`list[str]`, *optional*, defaults to `[]`):
             The style names, in `STYLES` order: class `i` of the style head is `styles[i]`.
-        image_size (`int`, *optional*, defaults to 64):
-            Side the judge reads; other sizes are resized (bicubic, antialiased) first.
-        widths (`list[int]`, *optional*, defaults to `[32, 64, 128, 256]`):
-            Channels of the four stride-2 stages (64 -> 32 -> 16 -> 8 -> 4 px).
+        image_size (`int`, *optional*, defaults to 32):
+            Side the judge reads; other sizes (the 64 px renders) are resized (bicubic, antialiased) first. In the
+            same 40 s of training on 100 concepts, 32 px reached 24% concept accuracy on unseen renders and 78% on
+            training renders (58 epochs); 64 px with four stages reached 0% and 9% (12 epochs): with ~8 renders
+            per concept, epochs matter more than pixels.
+        widths (`list[int]`, *optional*, defaults to `[32, 64, 128]`):
+            Channels of the stride-2 stages (32 -> 16 -> 8 -> 4 px); `[64, 128, 256]` reached 14% in those 40 s.
         feature_dim (`int`, *optional*, defaults to 128):
             Width of the penultimate features (the Fréchet distance's space): small enough that ~1,000 generated
             images estimate its covariance.
@@ -87,8 +90,8 @@ class EmojiJudgeConfig(PreTrainedConfig):
 
     concepts: list[str] | None = None  # keys of the training cache, sorted
     styles: list[str] | None = None  # STYLES order
-    image_size: int = 64  # the emoji world's render size
-    widths: list[int] | None = None  # None -> [32, 64, 128, 256]: sized for ~10 minutes of training on one core
+    image_size: int = 32  # half the render size: 4x the epochs of 64 px in the same time, which mattered more
+    widths: list[int] | None = None  # None -> [32, 64, 128]: the best of three sizes in a 40 s probe (see above)
     feature_dim: int = 128  # Fréchet features: a 128 x 128 covariance is estimable from ~1,000 images
     dropout: float = 0.2  # ~8 renders per concept
     accept_threshold: float = 0.5  # replaced by the validation quantile after training
@@ -96,7 +99,7 @@ class EmojiJudgeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.concepts = list(self.concepts or [])
         self.styles = list(self.styles or [])
-        self.widths = list(self.widths or [32, 64, 128, 256])
+        self.widths = list(self.widths or [32, 64, 128])
         if len(self.widths) < 1 or min(self.widths) < 1 or self.image_size < 2 ** len(self.widths):
             raise ValueError(f"expected positive `widths` with image_size >= 2 ** len(widths), got {self.widths} "
                              f"and {self.image_size}")  # fmt: skip
@@ -153,8 +156,8 @@ class EmojiJudgePreTrainedModel(PreTrainedModel):
 
 class EmojiJudge(EmojiJudgePreTrainedModel):
     r"""
-    EmojiEval's judge: four conv stages, global average pooling, a `feature_dim` projection and two linear heads
-    (concept, style). Inputs are `(B, 3, H, W)` in `[0, 1]`; `H = W != image_size` is resized first.
+    EmojiEval's judge: stride-2 conv stages on 32 px, global average pooling, a `feature_dim` projection and two
+    linear heads (concept, style). Inputs are `(B, 3, H, W)` in `[0, 1]`; `H = W != image_size` is resized first.
 
     Args:
         config ([`EmojiJudgeConfig`]): the model configuration.
@@ -389,7 +392,7 @@ def judge_quality(judge: EmojiJudge, pixels: torch.Tensor, concepts: torch.Tenso
 def train_judge(
     cache_dir: str,
     out_dir: str,
-    epochs: float = 12.0,
+    epochs: float = 40.0,
     seed: int = 0,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
@@ -404,8 +407,8 @@ def train_judge(
     Args:
         cache_dir (`str`): the emoji cache (`dalle-hf data emoji --cache DIR`).
         out_dir (`str`): where to save the judge.
-        epochs (`float`, *optional*, defaults to 12.0): passes over the training renders (about 9 minutes at the
-            ~260 images/s measured on one busy core).
+        epochs (`float`, *optional*, defaults to 40.0): passes over the training renders (about 8 minutes at the
+            ~1,000 images/s measured on one busy core, augmentations included).
         seed (`int`, *optional*, defaults to 0): seeds the initialization, the batches and the augmentations.
         batch_size (`int`, *optional*, defaults to 128): renders per step.
         learning_rate (`float`, *optional*, defaults to 3e-3): AdamW's peak; 3% linear warmup, then cosine to 0.
@@ -439,7 +442,7 @@ def train_judge(
         subfolder = "vae" if os.path.isdir(os.path.join(vae_path, "vae")) else ""
         vae = DalleVAE.from_pretrained(vae_path, subfolder=subfolder).eval()
 
-    # channels_last: oneDNN's convolutions ran 35% faster in that layout here (208 -> 280 images/s, batch 128, 1 core)
+    # channels_last: oneDNN's convolutions ran 35% faster in that layout here (208 -> 280 images/s at 64 px, 1 core)
     judge = EmojiJudge(EmojiJudgeConfig(concepts=concepts, styles=styles)).to(memory_format=torch.channels_last).train()
     decay = [p for p in judge.parameters() if p.dim() >= 2]
     no_decay = [p for p in judge.parameters() if p.dim() < 2]
@@ -505,7 +508,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dalle-hf eval emoji-judge", description=__doc__.split("\n")[0])
     parser.add_argument("--cache", required=True, help="the emoji cache (dalle-hf data emoji --cache DIR)")
     parser.add_argument("--out", required=True, help="folder for the judge, judge_quality.json and train_log.jsonl")
-    parser.add_argument("--epochs", type=float, default=12.0)
+    parser.add_argument("--epochs", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=128)
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-3)
