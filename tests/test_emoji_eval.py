@@ -112,6 +112,9 @@ def test_augmentations_keep_shape_and_range():
     moved = shift(images, torch.tensor([4, 0, 0, 0]), torch.tensor([0, 0, 0, 0]))
     torch.testing.assert_close(moved[0, :, 20:40, 24:44], images[0, :, 20:40, 20:40])
     assert moved[0, :, :, :4].eq(1).all()  # white fill
+    black = torch.zeros(64, 3, 64, 64)  # stand-in round trips: about 30% of the images are replaced by them
+    means = augment(torch.ones(64, 3, 64, 64), torch.Generator().manual_seed(0), round_trips=black).mean((1, 2, 3))
+    assert 5 <= int((means < 0.5).sum()) <= 35
 
 
 def test_evaluation_pairs_are_fixed_balanced_and_respect_the_held_out_rule(emoji_cache):
