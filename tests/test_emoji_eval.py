@@ -146,6 +146,8 @@ def test_evaluate_emoji_writes_every_field_and_sheets(pipe, judge_dir, emoji_cac
             assert all(0 <= v <= 1 for v in scores[key].values())
             assert scores[key]["both"] <= min(scores[key]["concept"], scores[key]["style"])
         assert scores["frechet_distance"] >= 0
+        assert set(scores["real_renders"]) == {"concept", "style", "both"}
+        assert all(0 <= v <= 1 for v in scores["real_renders"].values())
     assert set(report["plain"]["best_of_1"]) == {"concept"}
     vae = report["vae"]
     assert vae["n"] == 3 and vae["image_size"] == 16 and np.isfinite(vae["psnr_held_out"])
