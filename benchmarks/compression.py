@@ -1,4 +1,7 @@
-"""The likelihood view, measured on the shipped checkpoint: compression, zero-shot classification, reranking.
+"""The likelihood view, measured on a checkpoint: compression, zero-shot classification, reranking.
+
+`compression` and `classify` take a world (`--dataset shapes` by default, `--dataset emoji --data-dir CACHE`):
+its held-out examples (`World.held_out_examples`) and its caption-ranking set (`World.caption_ranking_set`).
 
     # 200 held-out shapes renders: exact round trips (1 and 2 threads), bits per image token against the uniform
     # code and the model's cross-entropy, bytes against PNG and lossless WebP, seconds per image, refusals
@@ -7,6 +10,14 @@
     # zero-shot classification by likelihood beside CLIP (the renders and candidates of `dalle-hf eval clip`)
     OMP_NUM_THREADS=1 python benchmarks/compression.py classify --pipeline checkpoints/dalle-shapes \
         --n-images 300 --n-captions 8 --json benchmarks/results/zero_shot_classification_dalle-shapes.json
+    # the same two on the emoji world: compression on renders of held-out (concept, style) pairs; classification on
+    # its caption-ranking set (a fixed draw of all renders, seen pairs included: the set `dalle-hf eval clip` uses)
+    OMP_NUM_THREADS=1 python benchmarks/compression.py compression --pipeline checkpoints/dalle-emoji \
+        --dataset emoji --data-dir /work/emoji-cache --n-images 200 \
+        --json benchmarks/results/compression_dalle-emoji.json
+    OMP_NUM_THREADS=1 python benchmarks/compression.py classify --pipeline checkpoints/dalle-emoji --dataset emoji \
+        --data-dir /work/emoji-cache --n-images 300 --n-captions 8 \
+        --json benchmarks/results/zero_shot_classification_dalle-emoji.json
     # likelihood reranking against CLIP's on one bank of drawn candidates (ShapesEval checker)
     OMP_NUM_THREADS=1 python benchmarks/compression.py rerank --pipeline checkpoints/dalle-shapes \
         --prompts-per-task 20 --candidates 12 --json benchmarks/results/likelihood_rerank_dalle-shapes.json
@@ -28,7 +39,8 @@ from tqdm.auto import tqdm
 
 from dalle_hf import DallePipeline
 from dalle_hf.compression import CompressionError, LikelihoodCoder, NextCodeDistribution, pinned_num_threads
-from dalle_hf.data.shapes import EVAL_TASKS, sample_example
+from dalle_hf.data.shapes import EVAL_TASKS
+from dalle_hf.data.world import load_world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -37,12 +49,6 @@ def load(path: str, dtype: str = "float32") -> DallePipeline:
     pipe = DallePipeline.from_pretrained(path, dtype=DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def held_out_examples(n: int, seed: int):
-    """`n` fresh renders from their own stream (never a training stream), cycling over the seven eval tasks."""
-    rng = random.Random(f"shapes-compression/{seed}")
-    return [(task, *sample_example(rng, task)[:2]) for task in (EVAL_TASKS[i % len(EVAL_TASKS)] for i in range(n))]
 
 
 def encoded_size(image, format: str, **kwargs) -> int:
@@ -112,7 +118,8 @@ def compression(args) -> dict:
     with torch.no_grad():
         other.transformer.lm_head.weight[0, 0] += 1e-6
     other_coder = LikelihoodCoder(other)
-    examples = held_out_examples(args.n_images, args.seed)
+    # (group, image, caption): a shapes task or an emoji style, kept as "task" in the records and "per_task"
+    examples = load_world(args.dataset, args.data_dir).held_out_examples(args.n_images, args.seed)
     codes = pipe.encode_images([image for _, image, _ in examples])  # (n, g, g)
     captions = [caption for _, _, caption in examples]
     scores = pipe.score(image_tokens=codes, captions=captions)
@@ -206,7 +213,7 @@ def compression(args) -> dict:
                 "mean_png_bytes": mean("png_bytes", rows),
                 "mean_webp_lossless_bytes": mean("webp_lossless_bytes", rows),
             }
-            for task in EVAL_TASKS
+            for task in dict.fromkeys(r["task"] for r in records)  # shapes: EVAL_TASKS order
             if (rows := [r for r in records if r["task"] == task])
         },
     }
@@ -222,10 +229,10 @@ def compression(args) -> dict:
 
 def classify(args) -> dict:
     from dalle_hf.eval.classification import zero_shot_classification
-    from dalle_hf.data.shapes import caption_ranking_set
 
+    world = load_world(args.dataset, args.data_dir)
     pipe = load(args.pipeline, args.dtype)
-    ranking = caption_ranking_set(args.n_images, args.n_captions, args.seed)
+    ranking = world.caption_ranking_set(args.n_images, args.n_captions, args.seed)
     pixel_values, candidates, tasks = ranking.pixel_values, ranking.candidates, ranking.groups
     start = time.perf_counter()
     report = zero_shot_classification(pipe, pixel_values, candidates, tasks, batch_size=args.batch_size)
@@ -328,6 +335,9 @@ def main() -> None:
     r.add_argument("--batch-size", dest="batch_size", type=int, default=48)
     r.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     r.set_defaults(func=rerank)
+    for p in (c, z):
+        p.add_argument("--dataset", default="shapes", help="the world: shapes, emoji, ...")
+        p.add_argument("--data-dir", dest="data_dir", default=None, help="its data (emoji: the cache folder)")
     for p in (c, z, r):
         p.add_argument("--json", help="write the result here")
     args = parser.parse_args()

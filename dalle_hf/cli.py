@@ -365,11 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = ev.add_parser(
         "classify", help="zero-shot classification by likelihood beside CLIP: top-1 of the true caption among N "
-        "captions of the same shapes scene (the set `eval clip` uses)",
+        "candidates of the world's caption-ranking set, the set `eval clip` uses (shapes: captions of the same scene; "
+        "emoji: the styled caption among other concepts and styles)",
     )
     classify.add_argument("--pipeline", required=True)
-    classify.add_argument("--n-images", dest="n_images", type=int, default=120, help="held-out renders, balanced "
-                          "over the six training tasks")  # fmt: skip
+    classify.add_argument("--n-images", dest="n_images", type=int, default=120, help="images of the ranking set "
+                          "(shapes: fresh renders balanced over the six training tasks; emoji: a fixed draw of "
+                          "renders)")  # fmt: skip
     classify.add_argument("--n-captions", dest="n_captions", type=int, default=8, help="the true one and N - 1 false "
                           "ones; each costs a teacher-forced pass over the image")  # fmt: skip
     classify.add_argument("--seed", type=int, default=0)

@@ -865,6 +865,18 @@ class EmojiWorld(World):
             groups.append(item["style"])
         return RankingSet(torch.stack(pixels), candidates, groups)
 
+    def held_out_examples(self, n: int, seed: int = 0) -> list[tuple[str, Image.Image, str]]:
+        """Up to `n` renders of held-out pairs (the `novel` split: no model trained on them), a fixed draw for `seed`,
+        each with its caption `"{label} in {style} style"`; grouped by style."""
+        renders = EmojiRenders.from_cache(self.cache, split="novel")
+        rng = random.Random(f"emoji-held-out/{seed}")
+        chosen = rng.sample(range(len(renders)), min(n, len(renders)))
+        examples = []
+        for i in renders.indices[chosen]:
+            label, style = str(self.cache.labels[i]), str(self.cache.styles[i])
+            examples.append((style, Image.fromarray(self.cache.images[i]), style_prompt(label, style)))
+        return examples
+
     @torch.no_grad()
     def evaluate_vae(self, vae, n: int, seed: int) -> dict:
         """PSNR of argmax-code reconstructions on `n` held-out renders (pairs the dVAE never trained on)."""

@@ -1160,6 +1160,13 @@ class ShapesWorld(World):
     def caption_ranking_set(self, n_images: int, n_captions: int, seed: int = 0) -> RankingSet:
         return caption_ranking_set(n_images, n_captions, seed)
 
+    def held_out_examples(self, n: int, seed: int = 0) -> list[tuple[str, Image.Image, str]]:
+        """`n` fresh renders cycling over the seven eval tasks, grouped by task, from their own stream (never a
+        training stream; its name dates from the compression benchmark and is kept so its results reproduce)."""
+        rng = random.Random(f"shapes-compression/{seed}")
+        tasks = [EVAL_TASKS[i % len(EVAL_TASKS)] for i in range(n)]
+        return [(task, *sample_example(rng, task)[:2]) for task in tasks]
+
     def hyperparameters(self, for_clip: bool = False) -> dict:
         weights = self.clip_task_weights if for_clip else self.train_task_weights
         return {"task weights": ", ".join(f"{t}={w:g}" for t, w in weights.items())}

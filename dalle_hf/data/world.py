@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterable
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 IMAGE_SIZE = 64  # every world draws 64 x 64 RGB on white; other sizes are resized by the world
@@ -129,6 +130,16 @@ class World(ABC):
         """Held-out images, each with its true caption and `n_captions - 1` false ones (CLIP's validation); only
         worlds that know which captions are false of an image (`has_ranking_set`)."""
         raise NotImplementedError(f"the {self.name} world has no caption-ranking set")
+
+    def held_out_examples(self, n: int, seed: int = 0) -> list[tuple[str, Image.Image, str]]:
+        """
+        Up to `n` images no model of the world trained on, each with its caption: what the likelihood benchmarks
+        (`benchmarks/compression.py`) compress and score. A fixed draw for `seed`.
+
+        Returns:
+            `list[tuple[str, PIL.Image.Image, str]]`: `(group, image, caption)` triples, `group` as in `RankingSet`.
+        """
+        raise NotImplementedError(f"the {self.name} world has no held-out examples")
 
     def describe(self, for_clip: bool = False) -> str:
         """One line for a model card's Data entry (`for_clip`: of a CLIP run, which may see other data)."""
