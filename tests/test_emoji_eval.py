@@ -254,3 +254,15 @@ def test_judge_with_a_dvae_trains_on_and_reports_round_trips(emoji_cache, vae, t
                           vae_path=str(tmp_path / "vae"), log=lambda line: None)  # fmt: skip
     assert 0 <= quality["accuracy"]["dvae_round_trip"]["concept"] <= 1
     assert quality["training"]["vae"] == str(tmp_path / "vae")
+
+
+def test_judge_size_flags_reach_its_config(emoji_cache, tmp_path):
+    from dalle_hf.eval.emoji_judge import EmojiJudge, main, parse_args
+
+    args = parse_args(["--cache", emoji_cache, "--out", str(tmp_path / "j"), "--max-steps", "1", "--batch-size", "8",
+                       "--widths", "16,24", "--feature-dim", "32", "--dropout", "0"])  # fmt: skip
+    assert main(args) == 0
+    judge = EmojiJudge.from_pretrained(str(tmp_path / "j"))
+    assert judge.config.widths == [16, 24] and judge.config.feature_dim == 32 and judge.config.dropout == 0.0
+    with pytest.raises(SystemExit):
+        parse_args(["--cache", emoji_cache, "--out", "x", "--widths", "64,wide"])
