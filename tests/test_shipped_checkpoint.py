@@ -1,4 +1,4 @@
-"""The checkpoint shipped in checkpoints/dalle-shapes loads on a fresh clone and generates."""
+"""The checkpoints shipped in checkpoints/ (dalle-shapes, dalle-emoji) load on a fresh clone and generate."""
 
 import json
 from pathlib import Path
@@ -9,6 +9,8 @@ import torch
 from dalle_hf.pipeline_dalle import DallePipeline
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "dalle-shapes"
+EMOJI = CHECKPOINT.parent / "dalle-emoji"
+CHECKPOINTS_BUDGET = 100 * 2**20  # all of checkpoints/ (every version stays in git history)
 
 
 def test_checkpoint_is_complete_and_small():
@@ -18,7 +20,7 @@ def test_checkpoint_is_complete_and_small():
         assert index[component][0] is not None and (CHECKPOINT / component).is_dir(), component
     files = [p for p in CHECKPOINT.parent.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # safetensors only
-    assert sum(p.stat().st_size for p in files) < 60 * 2**20
+    assert sum(p.stat().st_size for p in files) < CHECKPOINTS_BUDGET
     assert "python -m dalle_hf.train_dalle" in (CHECKPOINT / "README.md").read_text()
 
 
@@ -37,4 +39,32 @@ def test_shipped_pipeline_generates():
     again = pipe(
         "a red circle", num_images_per_prompt=2, num_images_to_keep=1, generator=torch.Generator().manual_seed(0)
     )
+    assert torch.equal(out.image_tokens, again.image_tokens)
+
+
+def test_emoji_checkpoint_is_complete_and_carries_its_world():
+    from dalle_hf.data.emoji import STYLES
+    from dalle_hf.data.world import read_world_file
+
+    index = json.loads((EMOJI / "model_index.json").read_text())
+    for component in ("tokenizer", "transformer", "vae", "clip_model", "clip_processor"):
+        assert index[component][0] is not None and (EMOJI / component).is_dir(), component
+    world = read_world_file(str(EMOJI))
+    assert world["world"] == "emoji" and world["styles"] == list(STYLES)
+    assert {"apple", "cat", "rocket", "twemoji"} <= set(world["words"])
+    assert "red apple in twemoji style" in world["examples"]
+    card = (EMOJI / "README.md").read_text()
+    assert "python -m dalle_hf.train_dalle" in card and "--dataset emoji" in card
+    assert "CC BY 4.0" in card and "Twemoji" in card  # the attribution the CC BY styles ask for
+
+
+@pytest.mark.latest
+def test_shipped_emoji_pipeline_generates():
+    pipe = DallePipeline.from_pretrained(EMOJI)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("red apple in twemoji style", num_images_per_prompt=2, num_images_to_keep=1,
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert len(out.images) == 1 and out.images[0].size == (64, 64) and out.image_tokens.shape == (1, 16, 16)
+    again = pipe("red apple in twemoji style", num_images_per_prompt=2, num_images_to_keep=1,
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.equal(out.image_tokens, again.image_tokens)
