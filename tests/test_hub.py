@@ -57,6 +57,7 @@ SHIPPED_FILES = [
     "vae/configuration_dvae.py",
     "vae/model.safetensors",
     "vae/modeling_dvae.py",
+    "world.json",  # the world's examples and vocabulary: the app and the Space read it
 ]
 # Run first in every "user without dalle-hf" subprocess: it checks that dalle_hf cannot be imported.
 NO_DALLE_HF = textwrap.dedent("""
