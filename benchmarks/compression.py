@@ -110,6 +110,65 @@ def determinism_probe(pipe, examples) -> dict:
 # Compression
 
 
+def summarize_compression(records: list[dict], N: int, raw_bits: int, vocab_size: int) -> dict:
+    """The compression summary from per-image records (`resummarize` recomputes it from a saved JSON).
+
+    Besides means, it fits `payload_bits = slope * cross_entropy_bits + intercept` over the images: the slope is the
+    coder's rate against the model's cross-entropy, the intercept its fixed cost per file (a file is whole bytes, so
+    even an ideal code pays rounding up to a byte, about 4 bits on average; `payload_over_byte_rounded_cross_entropy`
+    compares the payload with the cross-entropy rounded up to whole bytes)."""
+
+    def mean(key, rows=records):
+        return statistics.fmean(r[key] for r in rows)
+
+    cross_entropy = np.array([r["cross_entropy_bits"] for r in records])
+    payload = np.array([r["payload_bits"] for r in records], dtype=float)
+    slope, intercept = np.polyfit(cross_entropy, payload, 1) if len(records) > 1 else (float("nan"), float("nan"))
+    byte_rounded = 8 * np.ceil(cross_entropy / 8)
+    uniform_bits = N * raw_bits
+    summary = {
+        "n_images": len(records),
+        "image_tokens": N,
+        "codebook": vocab_size,
+        "exact_round_trips_1_thread": sum(r["exact_1_thread"] for r in records),
+        "exact_round_trips_2_threads": sum(r["exact_2_threads"] for r in records),
+        "flipped_bit_refused": sum(r["flipped_bit_refused"] for r in records),
+        "other_model_refused": sum(r["other_model_refused"] for r in records),
+        "raw_fallbacks": sum(r["raw_fallback"] for r in records),
+        "uniform_bits_per_token": raw_bits,
+        "payload_bits_per_token": mean("payload_bits") / N,
+        "cross_entropy_bits_per_token": mean("cross_entropy_bits") / N,
+        "unconditional_cross_entropy_bits_per_token": mean("unconditional_bits") / N,
+        "payload_over_cross_entropy": mean("payload_bits") / mean("cross_entropy_bits"),
+        "mean_payload_minus_cross_entropy_bits": mean("payload_bits") - mean("cross_entropy_bits"),
+        "payload_vs_cross_entropy_fit": {"slope": float(slope), "intercept_bits": float(intercept)},
+        "payload_over_byte_rounded_cross_entropy": float(payload.sum() / byte_rounded.sum()),
+        "payload_over_uniform": mean("payload_bits") / uniform_bits,
+        "file_over_uniform": 8 * mean("file_bytes") / uniform_bits,
+        "mean_header_bytes": mean("header_bytes"),
+        "mean_file_bytes": mean("file_bytes"),
+        "uniform_bytes": uniform_bits / 8,
+        "mean_png_bytes": mean("png_bytes"),
+        "mean_webp_lossless_bytes": mean("webp_lossless_bytes"),
+        "mean_compress_s": mean("compress_s"),
+        "mean_decompress_s_1_thread": mean("decompress_s_1_thread"),
+        "mean_decompress_s_2_threads": mean("decompress_s_2_threads"),
+        "per_task": {
+            task: {
+                "n": len(rows),
+                "cross_entropy_bits_per_token": mean("cross_entropy_bits", rows) / N,
+                "payload_bits_per_token": mean("payload_bits", rows) / N,
+                "mean_file_bytes": mean("file_bytes", rows),
+                "mean_png_bytes": mean("png_bytes", rows),
+                "mean_webp_lossless_bytes": mean("webp_lossless_bytes", rows),
+            }
+            for task in dict.fromkeys(r["task"] for r in records)  # shapes: EVAL_TASKS order
+            if (rows := [r for r in records if r["task"] == task])
+        },
+    }
+    return summary
+
+
 def compression(args) -> dict:
     pipe = load(args.pipeline)
     coder = LikelihoodCoder(pipe)
@@ -124,7 +183,6 @@ def compression(args) -> dict:
     captions = [caption for _, _, caption in examples]
     scores = pipe.score(image_tokens=codes, captions=captions)
     N = codes[0].numel()
-    uniform_bits = N * coder.raw_bits
     flip_rng = random.Random(f"flip/{args.seed}")
     records = []
     for i, (task, image, caption) in enumerate(tqdm(examples, desc="compress")):
@@ -176,51 +234,21 @@ def compression(args) -> dict:
             "other_model_refused": other_refused,
         })
 
-    def mean(key, rows=records):
-        return statistics.fmean(r[key] for r in rows)
-
-    summary = {
-        "n_images": len(records),
-        "image_tokens": N,
-        "codebook": coder.vocab_size,
-        "exact_round_trips_1_thread": sum(r["exact_1_thread"] for r in records),
-        "exact_round_trips_2_threads": sum(r["exact_2_threads"] for r in records),
-        "flipped_bit_refused": sum(r["flipped_bit_refused"] for r in records),
-        "other_model_refused": sum(r["other_model_refused"] for r in records),
-        "raw_fallbacks": sum(r["raw_fallback"] for r in records),
-        "uniform_bits_per_token": coder.raw_bits,
-        "payload_bits_per_token": mean("payload_bits") / N,
-        "cross_entropy_bits_per_token": mean("cross_entropy_bits") / N,
-        "unconditional_cross_entropy_bits_per_token": mean("unconditional_bits") / N,
-        "payload_over_cross_entropy": mean("payload_bits") / mean("cross_entropy_bits"),
-        "mean_payload_minus_cross_entropy_bits": mean("payload_bits") - mean("cross_entropy_bits"),
-        "payload_over_uniform": mean("payload_bits") / uniform_bits,
-        "file_over_uniform": 8 * mean("file_bytes") / uniform_bits,
-        "mean_header_bytes": mean("header_bytes"),
-        "mean_file_bytes": mean("file_bytes"),
-        "uniform_bytes": uniform_bits / 8,
-        "mean_png_bytes": mean("png_bytes"),
-        "mean_webp_lossless_bytes": mean("webp_lossless_bytes"),
-        "mean_compress_s": mean("compress_s"),
-        "mean_decompress_s_1_thread": mean("decompress_s_1_thread"),
-        "mean_decompress_s_2_threads": mean("decompress_s_2_threads"),
-        "per_task": {
-            task: {
-                "n": len(rows),
-                "cross_entropy_bits_per_token": mean("cross_entropy_bits", rows) / N,
-                "payload_bits_per_token": mean("payload_bits", rows) / N,
-                "mean_file_bytes": mean("file_bytes", rows),
-                "mean_png_bytes": mean("png_bytes", rows),
-                "mean_webp_lossless_bytes": mean("webp_lossless_bytes", rows),
-            }
-            for task in dict.fromkeys(r["task"] for r in records)  # shapes: EVAL_TASKS order
-            if (rows := [r for r in records if r["task"] == task])
-        },
-    }
+    summary = summarize_compression(records, N, coder.raw_bits, coder.vocab_size)
     probe = determinism_probe(pipe, examples[: args.probe_images])
     return {"summary": summary, "determinism_probe": probe, "records": records,
             "config": {k: v for k, v in vars(args).items() if k not in ("func", "json")}, "threads_note":
             "the coder pins its own thread count (CODING_THREADS = 1); 1 and 2 are the caller's settings"}  # fmt: skip
+
+
+def resummarize(args) -> dict:
+    """A saved `compression` result with its summary recomputed from its records (no model is run)."""
+    with open(args.json) as f:
+        result = json.load(f)
+    old = result["summary"]
+    result["summary"] = summarize_compression(result["records"], old["image_tokens"], old["uniform_bits_per_token"],
+                                              old["codebook"])  # fmt: skip
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,11 +363,14 @@ def main() -> None:
     r.add_argument("--batch-size", dest="batch_size", type=int, default=48)
     r.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     r.set_defaults(func=rerank)
+    s = sub.add_parser("resummarize", help="recompute a compression JSON's summary from its records")
+    s.set_defaults(func=resummarize)
     for p in (c, z):
         p.add_argument("--dataset", default="shapes", help="the world: shapes, emoji, ...")
         p.add_argument("--data-dir", dest="data_dir", default=None, help="its data (emoji: the cache folder)")
     for p in (c, z, r):
         p.add_argument("--json", help="write the result here")
+    s.add_argument("--json", required=True, help="a `compression` result, rewritten in place")
     args = parser.parse_args()
     result = args.func(args)
     shown = result.get("summary", result)

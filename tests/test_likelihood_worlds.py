@@ -110,6 +110,30 @@ def test_compression_benchmark_on_emoji(emoji_pipeline, emoji_cache, monkeypatch
                                                                                           "float64 head"}
 
 
+def test_compression_resummarize_fits_rate_and_per_file_cost(monkeypatch, capsys, tmp_path):
+    # Synthetic records whose payload is exactly 1.01 x cross-entropy + 3 bits: the fit recovers both.
+    ce = [50.0, 120.0, 300.0, 815.0]
+    records = [{"task": "t", "caption": "c", "cross_entropy_bits": c, "unconditional_bits": c + 1,
+                "payload_bits": 1.01 * c + 3, "raw_fallback": False, "header_bytes": 40, "file_bytes": 100,
+                "png_bytes": 1, "webp_lossless_bytes": 1, "compress_s": 0.1, "decompress_s_1_thread": 0.1,
+                "decompress_s_2_threads": 0.1, "exact_1_thread": True, "exact_2_threads": True,
+                "flipped_bit_refused": True, "other_model_refused": True} for c in ce]  # fmt: skip
+    saved = tmp_path / "compression.json"
+    saved.write_text(json.dumps({"summary": {"image_tokens": 256, "uniform_bits_per_token": 9, "codebook": 512},
+                                 "records": records}))  # fmt: skip
+    benchmark = load_script("benchmarks/compression.py")
+    monkeypatch.setattr("sys.argv", ["compression.py", "resummarize", "--json", str(saved)])
+    benchmark.main()
+    capsys.readouterr()
+    summary = json.loads(saved.read_text())["summary"]
+    assert summary["payload_vs_cross_entropy_fit"]["slope"] == pytest.approx(1.01)
+    assert summary["payload_vs_cross_entropy_fit"]["intercept_bits"] == pytest.approx(3)
+    byte_rounded = sum(8 * -(-c // 8) for c in ce)  # 56 + 120 + 304 + 816
+    payload = sum(1.01 * c + 3 for c in ce)
+    assert summary["payload_over_byte_rounded_cross_entropy"] == pytest.approx(payload / byte_rounded)
+    assert summary["n_images"] == 4 and summary["codebook"] == 512 and summary["exact_round_trips_1_thread"] == 4
+
+
 def test_classify_benchmark_and_cli_on_emoji(emoji_pipeline, emoji_cache, monkeypatch, capsys, tmp_path):
     from dalle_hf.cli import main
 
