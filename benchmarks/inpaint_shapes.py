@@ -54,7 +54,9 @@ from dalle_hf.eval.shapes import detect_objects
 from dalle_hf.pipeline_dalle import DallePipeline, standardize_per_group
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
 
-RANKINGS = ("unranked", "clip", "likelihood", "likelihood_ratio", "both", "both_ratio", "oracle")
+RANKINGS = ("unranked", "clip", "likelihood", "likelihood_ratio", "both", "both_ratio", "context", "clip_context",
+            "masked_ratio", "clip_masked_ratio", "clip_context_masked_ratio", "oracle")
+SWEEP_WEIGHTS = (0.25, 0.5, 1.0, 2.0)  # weights of the likelihood term added to CLIP in the summary's sweep
 KEPT_TOLERANCE_PX = 2.0  # the kept object's center may move this much (it is pasted back, so it should not move)
 TRAINING_PAIRS = [(c, s) for s in SHAPES for c in COLORS if (c, s) not in HELD_OUT_PAIRS]
 
@@ -119,6 +121,31 @@ def edit_passes(image, edit: Edit) -> bool:
     return kept_ok and new_ok and caption_holds(edit.prompt, objects)
 
 
+def region_log_likelihoods(pipe, image_tokens, cells, prompt: str) -> dict[str, torch.Tensor]:
+    """Each candidate's code log-likelihood (nats, float64, (N,)) split by region of the raster order: the masked
+    cells ("masked"), and the kept cells after the first masked one ("after"), which the sampler could not see
+    when it filled the mask; "whole" is the whole grid (the kept cells before the mask add the same to every
+    candidate). `*_ratio` subtracts the same region's log-likelihood given empty text."""
+    n = len(image_tokens)
+    codes = image_tokens.reshape(n, -1)  # (N, g*g) raster order
+    masked = cells.reshape(-1).bool()  # (g*g,)
+    first = int(masked.nonzero()[0])
+    after = ~masked & (torch.arange(masked.numel()) > first)
+    cond = pipe.code_log_probs(codes, pipe.encode_prompt([prompt] * n))  # (N, g*g)
+    uncond = pipe.code_log_probs(codes, pipe.unconditional_ids(n))  # (N, g*g)
+    out = {"whole": cond.sum(-1), "whole_ratio": (cond - uncond).sum(-1)}
+    for name, region in (("masked", masked), ("after", after)):
+        out[name] = cond[:, region].sum(-1)
+        out[f"{name}_ratio"] = (cond - uncond)[:, region].sum(-1)
+    return out
+
+
+def zscore(values) -> np.ndarray:
+    """Standardized over one edit's candidates (all equal -> zeros), as `standardize_per_group` does."""
+    x = np.asarray(values, dtype=float)
+    return (x - x.mean()) / x.std() if x.std() > 0 else np.zeros_like(x)
+
+
 def best_of(passed: np.ndarray, score: np.ndarray | None, k: int, order: np.ndarray) -> float:
     """Mean pass of the top-scored candidate over the disjoint k-subsets of the N that `order` (a random
     permutation, the same for every ranking) cuts; `score=None` is the unranked draw (the mean over all N)."""
@@ -140,13 +167,36 @@ def parse_args(argv=None):
     parser.add_argument("--mask_dilation", type=int, default=0)
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the checkpoint's")
     parser.add_argument("--out", default="benchmarks/results/inpaint_shapes_dalle-shapes.json")
+    parser.add_argument("--summarize_only", action="store_true",
+                        help="recompute --out's summary from its saved records (no model is run)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.edits < 1 or args.candidates < 1 or any(not 1 <= k <= args.candidates for k in args.best_of):
         parser.error("--edits and --candidates must be >= 1 and every --best_of in [1, candidates]")
     return args
 
 
+def resummarize(args) -> dict:
+    """--out's saved result with its summary recomputed from its records (its run's settings and sanity kept)."""
+    with open(args.out) as f:
+        saved = json.load(f)
+    for key in ("edits", "candidates", "seed", "mask_margin", "mask_dilation"):
+        setattr(args, key, saved[key])
+    n = len(saved["records"])
+    sanity = {"input_passes": saved["checker_sanity"]["input_image_passes"] * n,
+              "ideal_edit_passes": saved["checker_sanity"]["ideal_edit_passes"] * n}  # fmt: skip
+    result = summarize(saved["records"], sanity, args, saved["seconds"], saved["complete"])
+    result["checkpoint"], result["torch_threads"] = saved["checkpoint"], saved["torch_threads"]
+    result["guidance_scale"] = saved["guidance_scale"]
+    return result
+
+
 def main(args):
+    if args.summarize_only:
+        result = resummarize(args)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
+        return
     torch.manual_seed(args.seed)
     pipe = DallePipeline.from_pretrained(args.checkpoint)
     # the checkpoint's default guidance is a pipeline setting, not a component: pass it on
@@ -166,13 +216,15 @@ def main(args):
                       mask_dilation=args.mask_dilation, generator=torch.Generator().manual_seed(args.seed * 100003 + i),
                       output_type="np")  # fmt: skip
         outside_same = bool((np.round(out.images * 255)[:, ~edit.mask] == np.asarray(edit.image)[~edit.mask]).all())
-        scored = pipe.score(image_tokens=out.image_tokens, captions=edit.prompt)
+        regions = region_log_likelihoods(pipe, out.image_tokens, out.cell_mask, edit.prompt)
         clip = out.clip_scores[0].double()
-        ratio = scored.log_likelihood - scored.unconditional_log_likelihood
+        z = lambda s: standardize_per_group(s, 1)  # noqa: E731 (over this edit's N candidates)
         scores = {
-            "clip": clip, "likelihood": scored.log_likelihood, "likelihood_ratio": ratio,
-            "both": standardize_per_group(clip, 1) + standardize_per_group(scored.log_likelihood, 1),
-            "both_ratio": standardize_per_group(clip, 1) + standardize_per_group(ratio, 1),
+            "clip": clip, "likelihood": regions["whole"], "likelihood_ratio": regions["whole_ratio"],
+            "both": z(clip) + z(regions["whole"]), "both_ratio": z(clip) + z(regions["whole_ratio"]),
+            "context": regions["after"], "clip_context": z(clip) + z(regions["after"]),
+            "masked_ratio": regions["masked_ratio"], "clip_masked_ratio": z(clip) + z(regions["masked_ratio"]),
+            "clip_context_masked_ratio": z(clip) + z(regions["after"]) + z(regions["masked_ratio"]),
         }
         passed = np.array([edit_passes(image, edit) for image in out.images])
         records.append({
@@ -214,12 +266,21 @@ def summarize(records: list[dict], sanity: dict, args, seconds: float, complete:
         for a, b in (("both", "clip"), ("both", "likelihood"), ("both", "unranked"), ("clip", "unranked")):
             paired[f"{a}_vs_{b}"] = {f"{a}_better": round(float(np.clip(picked[a] - picked[b], 0, None).sum()), 2),
                                      f"{b}_better": round(float(np.clip(picked[b] - picked[a], 0, None).sum()), 2)}
+    # CLIP plus a weighted likelihood term, z-scored per edit: does any weight of any region's score help CLIP?
+    sweep = {}
+    if N in args.best_of:
+        for name in ("likelihood", "likelihood_ratio", "context", "masked_ratio"):
+            if all(name in r for r in records):
+                sweep[name] = {str(w): round(float(np.mean([
+                    r["passed"][int(np.argmax(zscore(r["clip"]) + w * zscore(r[name])))] for r in records
+                ])), 4) for w in SWEEP_WEIGHTS}  # fmt: skip
     single = [np.mean(r["passed"]) for r in records]
     return {
         "checkpoint": args.checkpoint, "complete": complete, "edits": n, "candidates": N, "seed": args.seed,
         "mask_margin": args.mask_margin, "mask_dilation": args.mask_dilation,
         "accuracy": accuracy,
         f"paired_best_of_{N}": paired,
+        f"clip_plus_weighted_likelihood_best_of_{N}": sweep,
         "standard_error_best_of_1": round(float(np.std(single) / n**0.5), 4),
         "pixels_outside_mask_identical": all(r["outside_identical"] for r in records),
         "checker_sanity": {"input_image_passes": sanity["input_passes"] / n,

@@ -435,21 +435,29 @@ class DallePipeline(DiffusionPipeline):
         return image_tokens
 
     @torch.no_grad()
-    def code_log_likelihood(
+    def code_log_probs(
         self, image_tokens: torch.LongTensor, input_ids: torch.LongTensor, batch_size: int = 32
     ) -> torch.DoubleTensor:
-        """`log p(codes | text)` in nats for (n, N) codes and (n, L) text ids: one teacher-forced forward per batch
-        of rows, the head's projection and softmax in float64 (`image_log_probs`). Returns (n,) float64."""
+        """`log p(code_i | codes_<i, text)` in nats for each of (n, N) codes given (n, L) text ids: one
+        teacher-forced forward per batch of rows, the head's projection and softmax in float64
+        (`image_log_probs`). Returns (n, N) float64 on the CPU."""
         transformer = self.transformer
         N = image_tokens.shape[1]
-        totals = []
+        rows = []
         for codes, text in zip(image_tokens.split(batch_size), input_ids.split(batch_size)):
             codes = codes.to(self._execution_device)
             # positions L .. L + N - 1 (the last N) predict the codes; the head runs on those only
             out = transformer(input_ids=text, image_ids=codes[:, :-1], logits_to_keep=N)
             log_probs = transformer.image_log_probs(out.last_hidden_state)  # (b, N, V_i) float64
-            totals.append(log_probs.gather(-1, codes[..., None])[..., 0].sum(-1).cpu())  # (b,)
-        return torch.cat(totals)
+            rows.append(log_probs.gather(-1, codes[..., None])[..., 0].cpu())  # (b, N)
+        return torch.cat(rows)
+
+    def code_log_likelihood(
+        self, image_tokens: torch.LongTensor, input_ids: torch.LongTensor, batch_size: int = 32
+    ) -> torch.DoubleTensor:
+        """`log p(codes | text)` in nats for (n, N) codes and (n, L) text ids: the sum of `code_log_probs`.
+        Returns (n,) float64."""
+        return self.code_log_probs(image_tokens, input_ids, batch_size).sum(-1)
 
     @torch.no_grad()
     def score(
