@@ -75,3 +75,31 @@ def test_script_runs_on_a_tiny_pipeline(bench, tokenizer, tmp_path):
     assert set(result["accuracy"]["best_of_4"]) == set(bench.RANKINGS)
     assert result["pixels_outside_mask_identical"] is True and len(result["records"]) == 2
     assert result["checker_sanity"] == {"input_image_passes": 0.0, "ideal_edit_passes": 1.0}
+    assert set(result["clip_plus_weighted_likelihood_best_of_4"]) == {"likelihood", "likelihood_ratio", "context",
+                                                                      "masked_ratio"}  # fmt: skip
+    # --summarize_only recomputes the same summary from the saved records, without a model.
+    again = tmp_path / "again.json"
+    again.write_text(out.read_text())
+    bench.main(bench.parse_args(["--summarize_only", "--best_of", "1", "2", "4", "--out", str(again)]))
+    recomputed = json.loads(again.read_text())
+    for key in ("accuracy", "clip_plus_weighted_likelihood_best_of_4", "checker_sanity", "edits", "seed"):
+        assert recomputed[key] == result[key], key
+
+
+def test_region_log_likelihoods_split_the_whole_grid(bench, tokenizer, tmp_path):
+    """masked + context + the kept cells before the first masked one = the whole grid's log p(codes | prompt)."""
+    import torch
+
+    from dalle_hf.pipeline_dalle import DallePipeline
+
+    pipe = DallePipeline.from_pretrained(save_tiny_64px_pipeline(tmp_path / "pipe", tokenizer))
+    codes = torch.randint(0, 32, (3, 16, 16), generator=torch.Generator().manual_seed(0))
+    cells = torch.zeros(16, 16, dtype=torch.bool)
+    cells[5:8, 4:9] = True
+    regions = bench.region_log_likelihoods(pipe, codes, cells, "a red circle")
+    per_code = pipe.code_log_probs(codes.reshape(3, -1), pipe.encode_prompt(["a red circle"] * 3))  # (3, 256)
+    first = 5 * 16 + 4
+    torch.testing.assert_close(regions["whole"], pipe.score(image_tokens=codes, captions="a red circle").log_likelihood)
+    torch.testing.assert_close(regions["masked"] + regions["after"] + per_code[:, :first].sum(-1), regions["whole"])
+    torch.testing.assert_close(regions["masked"], per_code[:, cells.reshape(-1)].sum(-1))
+
