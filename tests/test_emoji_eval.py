@@ -20,6 +20,7 @@ from dalle_hf.eval.emoji_judge import (
     choose_threshold,
     false_accept_rate,
     gaussian_blur,
+    non_emoji_images,
     shift,
     train_judge,
 )
@@ -115,6 +116,25 @@ def test_augmentations_keep_shape_and_range():
     black = torch.zeros(64, 3, 64, 64)  # stand-in round trips: about 30% of the images are replaced by them
     means = augment(torch.ones(64, 3, 64, 64), torch.Generator().manual_seed(0), round_trips=black).mean((1, 2, 3))
     assert 5 <= int((means < 0.5).sum()) <= 35
+
+
+def test_non_emoji_images_and_outlier_exposure(emoji_cache, tmp_path):
+    images = non_emoji_images(30, torch.Generator().manual_seed(0))
+    assert images.shape == (30, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    per_image_std = images.std((1, 2, 3))
+    assert (per_image_std < 0.06).any() and (per_image_std > 0.25).any()  # flat colours and uniform noise both drawn
+    # Outlier exposure pushes a non-emoji image's concept distribution toward uniform: after the same few steps from
+    # the same seed, the judge trained with it is less sure of any concept on noise images than the one without.
+    noise = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    top = {}
+    for fraction in (0.0, 0.5):
+        train_judge(emoji_cache, str(tmp_path / f"j{fraction}"), max_steps=30, batch_size=8, learning_rate=1e-2,
+                    outlier_fraction=fraction, log=lambda line: None)  # fmt: skip
+        judge = EmojiJudge.from_pretrained(str(tmp_path / f"j{fraction}"))
+        top[fraction] = judge.predict(noise)["concept_probs"].max(1).values.mean().item()
+    assert top[0.5] < top[0.0]
+    with pytest.raises(ValueError, match="outlier_fraction"):
+        train_judge(emoji_cache, str(tmp_path / "bad"), outlier_fraction=1.0)
 
 
 def test_evaluation_pairs_are_fixed_balanced_and_respect_the_held_out_rule(emoji_cache):

@@ -58,6 +58,7 @@ ACCEPT_QUANTILE = 0.05  # the threshold keeps 95% of the judge's correct answers
 QUALITY_FILE = "judge_quality.json"
 # Fixed corruptions of the quality report (mid-range of the training augmentations).
 BLUR_SIGMA, NOISE_STD, JPEG_QUALITY, SHIFT_PX = 1.0, 0.05, 30, 4
+OUTLIER_WEIGHT = 0.5  # the outlier-exposure term's weight, Hendrycks et al. (2019)'s for classifiers
 
 
 @strict
@@ -390,6 +391,25 @@ def judge_quality(judge: EmojiJudge, pixels: torch.Tensor, concepts: torch.Tenso
     return report
 
 
+def non_emoji_images(n: int, rng: torch.Generator, size: int = 64) -> torch.Tensor:
+    """
+    `(n, 3, size, size)` images in [0, 1] that show no emoji, for outlier exposure: a third each of flat colours
+    with up to 5% Gaussian noise (half of them near white, the background of every render and what a generator
+    draws when it draws nothing), uniform noise, and smooth colour fields (random 4 x 4 colours, bicubic upsampled).
+    """
+    kind = torch.randint(0, 3, (n,), generator=rng)
+    colour = torch.rand(n, 3, 1, 1, generator=rng)
+    near_white = 0.9 + 0.1 * torch.rand(n, 1, 1, 1, generator=rng)
+    flat = torch.where(torch.rand(n, 1, 1, 1, generator=rng) < 0.5, near_white, colour).expand(n, 3, size, size)
+    flat = flat + 0.05 * torch.rand(n, 1, 1, 1, generator=rng) * torch.randn(n, 3, size, size, generator=rng)
+    noise = torch.rand(n, 3, size, size, generator=rng)
+    smooth = F.interpolate(torch.rand(n, 3, 4, 4, generator=rng), size=(size, size), mode="bicubic",
+                           align_corners=False)  # fmt: skip
+    images = torch.where((kind == 0)[:, None, None, None], flat, torch.where((kind == 1)[:, None, None, None], noise,
+                                                                             smooth))  # fmt: skip
+    return images.clamp(0, 1)
+
+
 def train_judge(
     cache_dir: str,
     out_dir: str,
@@ -401,6 +421,7 @@ def train_judge(
     max_steps: int | None = None,
     log=print,
     model_config: dict | None = None,
+    outlier_fraction: float = 0.1,
 ) -> dict:
     """
     Train the judge on every render of the cache except a fixed 10% (`is_judge_validation`), report its quality on
@@ -420,12 +441,18 @@ def train_judge(
         log (`Callable[[str], None]`, *optional*, defaults to `print`): progress lines.
         model_config (`dict`, *optional*, defaults to `None`): `EmojiJudgeConfig` fields other than the concepts and
             styles (`widths`, `feature_dim`, `dropout`, `image_size`); `None` keeps the config's defaults.
+        outlier_fraction (`float`, *optional*, defaults to 0.1): outlier exposure (Hendrycks et al., 2019, "Deep
+            Anomaly Detection with Outlier Exposure"): each batch gets this fraction of extra `non_emoji_images`,
+            whose concept target is the uniform distribution (weight `OUTLIER_WEIGHT`, no style loss), so that a
+            blank or noise image gets no confident concept and the accept threshold rejects it.
 
     Returns:
         `dict`: the quality report written to `out_dir/judge_quality.json`.
     """
     from ..data.emoji import STYLES, read_emoji_cache
 
+    if not 0.0 <= outlier_fraction < 1.0:
+        raise ValueError(f"expected outlier_fraction in [0, 1), got {outlier_fraction}")
     if epochs <= 0 or batch_size < 1 or (max_steps is not None and max_steps < 1):
         raise ValueError(f"expected epochs > 0, batch_size >= 1 and max_steps >= 1 or None, got {epochs}, "
                          f"{batch_size}, {max_steps}")  # fmt: skip
@@ -482,10 +509,16 @@ def train_judge(
                     break
                 trips = None if vae is None else round_trips[row_of[batch_index]].float() / 255.0
                 pixels = augment(to_pixels(cache.images[batch_index.numpy()]), rng, trips)
+                n_outliers = round(outlier_fraction * len(batch_index))
+                if n_outliers:
+                    pixels = torch.cat([pixels, non_emoji_images(n_outliers, rng, pixels.shape[-1])])
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
                 out = judge(pixels)
-                loss = F.cross_entropy(out.concept_logits, concept_ids[batch_index], label_smoothing=0.1) + \
-                    F.cross_entropy(out.style_logits, style_ids[batch_index])  # fmt: skip
+                b = len(batch_index)  # the renders come first, then the outliers
+                loss = F.cross_entropy(out.concept_logits[:b], concept_ids[batch_index], label_smoothing=0.1) + \
+                    F.cross_entropy(out.style_logits[:b], style_ids[batch_index])  # fmt: skip
+                if n_outliers:  # cross-entropy to the uniform distribution over concepts
+                    loss = loss - OUTLIER_WEIGHT * F.log_softmax(out.concept_logits[b:], dim=-1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -510,7 +543,8 @@ def train_judge(
                           "vae": vae_path, "seconds": round(seconds, 1),
                           "images_per_s": round(seen / max(seconds, 1e-9), 1),
                           "torch_threads": torch.get_num_threads(), "widths": config.widths,
-                          "feature_dim": config.feature_dim, "dropout": config.dropout}  # fmt: skip
+                          "feature_dim": config.feature_dim, "dropout": config.dropout,
+                          "outlier_fraction": outlier_fraction}  # fmt: skip
     judge.save_pretrained(out_dir)
     with open(os.path.join(out_dir, QUALITY_FILE), "w") as f:
         json.dump(report, f, indent=2)
@@ -529,14 +563,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-3)
     parser.add_argument("--vae", default=None, help="a dVAE or pipeline folder: adds dVAE round trips")
     parser.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="stop early (throughput probes)")
-    parser.add_argument("--widths", default=None, help="channels of the conv stages, e.g. 64,128,256 (default 32,64,128)")
+    parser.add_argument("--widths", default=None,
+                        help="channels of the conv stages, e.g. 64,128,256 (default 32,64,128)")
     parser.add_argument("--feature-dim", dest="feature_dim", type=int, default=None, help="penultimate width (128)")
     parser.add_argument("--dropout", type=float, default=None, help="dropout before the heads (0.2)")
+    parser.add_argument("--outlier-fraction", dest="outlier_fraction", type=float, default=0.1,
+                        help="extra non-emoji images per batch, trained toward no concept (outlier exposure)")
     args = parser.parse_args(argv)
     try:
         args.widths = [int(w) for w in args.widths.split(",")] if args.widths else None
     except ValueError:
         parser.error(f"expected --widths as comma-separated integers, got {args.widths!r}")
+    if not 0.0 <= args.outlier_fraction < 1.0:
+        parser.error(f"expected --outlier-fraction in [0, 1), got {args.outlier_fraction}")
     if args.epochs <= 0 or args.batch_size < 1:
         parser.error(f"expected --epochs > 0 and --batch-size >= 1, got {args.epochs} and {args.batch_size}")
     return args
@@ -546,7 +585,7 @@ def main(args: argparse.Namespace) -> int:
     model_config = {k: getattr(args, k) for k in ("widths", "feature_dim", "dropout") if getattr(args, k) is not None}
     train_judge(args.cache, args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                 learning_rate=args.learning_rate, vae_path=args.vae, max_steps=args.max_steps,
-                model_config=model_config)  # fmt: skip
+                model_config=model_config, outlier_fraction=args.outlier_fraction)  # fmt: skip
     return 0
 
 
@@ -563,5 +602,6 @@ __all__ = [
     "choose_threshold",
     "false_accept_rate",
     "is_judge_validation",
+    "non_emoji_images",
     "train_judge",
 ]
