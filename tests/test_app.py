@@ -736,6 +736,30 @@ def test_edit_repaints_only_the_mask_and_reproduces(models):
     assert (info["task"], info["prompt"], info["rank"]) == ("edit", "a red circle", 1)
 
 
+def test_edit_rank_by_reorders_the_same_candidates(models):
+    """The same seed draws the same 6 candidates; the ranking only chooses and orders the 3 kept, and the captions
+    show the scores it computed."""
+    value = editor_value()
+    captions = {}
+    for rank_by in ("CLIP", "likelihood", "CLIP + likelihood"):
+        _, (gallery, _, status) = run(app.edit, models, "tiny", value, "a red circle", False, rank_by=rank_by)
+        assert f"(ranked by {rank_by})" in status, status
+        captions[rank_by] = [text for _, text in gallery]
+
+    def scores(texts, name):
+        return [float(t.split(f"{name} ")[1].split(" ·")[0]) for t in texts]
+
+    assert all(" · CLIP " in t and " · LL " not in t for t in captions["CLIP"])
+    assert all(" · LL " in t and " · CLIP " not in t for t in captions["likelihood"])
+    assert all(" · CLIP " in t and " · LL " in t for t in captions["CLIP + likelihood"])
+    by_clip, by_ll = scores(captions["CLIP"], "CLIP"), scores(captions["likelihood"], "LL")
+    assert by_clip == sorted(by_clip, reverse=True) and by_ll == sorted(by_ll, reverse=True)
+    both = captions["CLIP + likelihood"]
+    assert by_clip[0] >= max(scores(both, "CLIP")) and by_ll[0] >= max(scores(both, "LL"))  # each ranking's best
+    with pytest.raises(gr.Error, match="Rank by must be one of CLIP \\+ likelihood, CLIP, likelihood, got 'both'"):
+        run(app.edit, models, "tiny", value, "a red circle", False, rank_by="both")
+
+
 def test_edit_of_a_large_upload_scales_the_mask_with_it(models):
     _, (gallery, _, status) = run(app.edit, models, "tiny", editor_value((128, 128), (0, 0, 64, 128)), "", False)
     assert "8/16 cells repainted" in status and len(gallery) == 3  # the left half, at 16 px
