@@ -286,3 +286,20 @@ def test_judge_size_flags_reach_its_config(emoji_cache, tmp_path):
     assert judge.config.widths == [16, 24] and judge.config.feature_dim == 32 and judge.config.dropout == 0.0
     with pytest.raises(SystemExit):
         parse_args(["--cache", emoji_cache, "--out", "x", "--widths", "64,wide"])
+
+
+def test_shipped_judge_loads_and_rejects_blanks():
+    """checkpoints/emoji-judge: the judge EmojiEval's numbers were measured with (its card, judge_quality.json)."""
+    from pathlib import Path
+
+    from dalle_hf.data.emoji import STYLES
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "emoji-judge"
+    judge = EmojiJudge.from_pretrained(folder).eval()
+    quality = json.loads((folder / QUALITY_FILE).read_text())
+    assert len(judge.config.concepts) == quality["training"]["concepts"] == 1627
+    assert judge.config.styles == list(STYLES) == quality["training"]["styles"]
+    assert judge.config.accept_threshold == pytest.approx(quality["accept_threshold"])
+    white = (1 - 0.02 * torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    probs = judge.predict(white)["concept_probs"]
+    assert false_accept_rate(probs, judge.config.accept_threshold) == 0.0  # outlier exposure: no concept for a blank
