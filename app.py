@@ -840,15 +840,17 @@ def on_model_change(models, name):
 
 
 def on_model_world(models, worlds, name, prompt):
-    """The examples (and the prompt's placeholder, the first), the style selector (only for a world with styles, set
-    to the style the prompt names) and the unseen-word note follow the selected model's `world.json`."""
+    """The examples (and the first as the placeholder of the prompt and of the Edit tab's prompt), the style selector
+    (only for a world with styles, set to the style the prompt names) and the unseen-word note follow the selected
+    model's `world.json`."""
     if name not in models:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     world = worlds[name]
     _, style = split_style(prompt, world)
     return (gr.Dataset(samples=[[p] for p in world.examples]),
             gr.Dropdown(choices=[NO_STYLE, *world.styles], value=style or NO_STYLE, visible=bool(world.styles)),
-            on_prompt_change(models, worlds, name, prompt)[0], gr.Textbox(placeholder=world.examples[0]))
+            on_prompt_change(models, worlds, name, prompt)[0], gr.Textbox(placeholder=world.examples[0]),
+            gr.Textbox(placeholder=world.examples[0]))  # the Edit tab's prompt
 
 
 def on_style(models, worlds, name, prompt, style):
@@ -949,8 +951,8 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                          scale=1, elem_id="style")  # only for a world with styles (its world.json)
                     negative = CheckedTextbox("", label="Negative prompt (optional)", max_lines=1,
                                               max_length=MAX_PROMPT_CHARS, scale=2,
-                                              placeholder="what to steer away from, e.g. “a square” for “a cyan "
-                                                          "square”",
+                                              placeholder="what to steer away from: the prompt without the "
+                                                          "attribute that comes out wrong",
                                               elem_id="negative-prompt")
                 gallery = gr.Gallery(label="Best k of N (CLIP score)", columns=4, height="auto", format="png",
                                      object_fit="contain", buttons=["download", "download_all", "fullscreen"],
@@ -989,7 +991,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                                 elem_id="edit-image")
                         edit_prompt = CheckedTextbox(label="Prompt: the whole edited image", max_lines=1,
                                                      max_length=MAX_PROMPT_CHARS, elem_id="edit-prompt",
-                                                     placeholder="a red circle left of a green triangle")
+                                                     placeholder=world.examples[0])
                         grow = CheckedCheckbox(label="Also repaint the cells around the mask (a softer seam)",
                                                value=False)
                         rank_by = gr.Radio(list(EDIT_RANKINGS), value=DEFAULT_EDIT_RANKING, label="Rank by",
@@ -1035,7 +1037,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
         # The style selector, the examples and the unseen-word note: cheap, unqueued; callable by API clients but
         # not listed among the app's tasks.
         model.change(functools.partial(on_model_world, models, worlds), [model, prompt],
-                     [examples, style, unseen, prompt], queue=False, api_name="model_world",
+                     [examples, style, unseen, prompt, edit_prompt], queue=False, api_name="model_world",
                      api_visibility="undocumented")
         style.input(functools.partial(on_style, models, worlds), [model, prompt, style], prompt, queue=False,
                     api_name="apply_style", api_visibility="undocumented")

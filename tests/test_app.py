@@ -297,14 +297,16 @@ def test_examples_style_selector_and_note_follow_the_model(checkpoints):
     assert by_id(components, "unseen-words")["props"]["visible"] is False
     assert by_id(components, "prompt")["props"]["placeholder"] == "a circle"
 
-    examples, style, note, prompt = app.on_model_world(models, worlds, "tiny-emoji", "a red apple in 3d style")
+    examples, style, note, prompt, edit_prompt = app.on_model_world(models, worlds, "tiny-emoji",
+                                                                    "a red apple in 3d style")  # fmt: skip
     assert examples.raw_samples == [[p] for p in worlds["tiny-emoji"].examples]
     assert style.visible is True and style.value == "fluent 3d" and prompt.placeholder == "red apple in twemoji style"
+    assert edit_prompt.placeholder == "red apple in twemoji style"
     assert [c[0] for c in style.choices] == [app.NO_STYLE, "noto", "noto mono", "twemoji", "fluent 3d", "symbola"]
     assert note.visible is True and note.value.startswith('The tiny-emoji model never saw "a" in training')
-    examples, style, note, _ = app.on_model_world(models, worlds, "tiny", "a red circle")
+    examples, style, note, _, _ = app.on_model_world(models, worlds, "tiny", "a red circle")
     assert examples.raw_samples[0] == ["a circle"] and style.visible is False and note.visible is False
-    assert app.on_model_world(models, worlds, "gone", "x") == (gr.skip(),) * 4
+    assert app.on_model_world(models, worlds, "gone", "x") == (gr.skip(),) * 5
     alone = app.build_demo(checkpoints / "tiny-emoji").get_config_file()["components"]  # the emoji model alone
     assert by_id(alone, "style")["props"]["visible"] is True and by_id(alone, "style")["props"]["value"] == app.NO_STYLE
     assert by_id(alone, "examples")["props"]["samples"][0] == ["red apple in twemoji style"]
@@ -896,12 +898,14 @@ def test_client_wrong_types_are_the_apps_messages(client, bad):
 def test_client_examples_style_selector_and_note_per_model(client):
     """Issue 17, against `python app.py` serving a shapes-like and an emoji-like model: switching the model switches
     the examples and shows the style selector; a style writes itself into the prompt; the note names unseen words."""
-    examples, style, note, prompt = client.predict("tiny-emoji", "red apple", api_name="/model_world")
+    examples, style, note, prompt, edit_prompt = client.predict("tiny-emoji", "red apple", api_name="/model_world")
     assert examples["samples"][:2] == [["red apple in twemoji style"], ["cat face in fluent 3d style"]]
     assert style["visible"] is True and style["value"] == app.NO_STYLE and "twemoji" in str(style["choices"])
     assert note["visible"] is False and prompt["placeholder"] == "red apple in twemoji style"
-    examples, style, note, _ = client.predict("tiny", "red apple", api_name="/model_world")
+    assert edit_prompt["placeholder"] == "red apple in twemoji style"
+    examples, style, note, _, edit_prompt = client.predict("tiny", "red apple", api_name="/model_world")
     assert examples["samples"][0] == ["a circle"] and style["visible"] is False
+    assert edit_prompt["placeholder"] == "a circle"
     assert note["visible"] is True and note["value"].startswith('The tiny model never saw "apple"')
 
     assert client.predict("tiny-emoji", "red apple", "twemoji", api_name="/apply_style") == "red apple in twemoji style"
