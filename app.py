@@ -813,8 +813,9 @@ def edit(models, model_name, editor, prompt, grow_mask, candidates, keep, temper
     # each score only where its ranking computed it (`rank_by="CLIP"`: no likelihood; "likelihood": no CLIP)
     clip = [None] * k if out.clip_scores is None else out.clip_scores.flatten().tolist()
     likelihood = [None] * k if out.likelihood_scores is None else out.likelihood_scores.flatten().tolist()
-    images = with_metadata(out.images, info, likelihood if out.likelihood_scores is not None else
-                           None if out.clip_scores is None else clip)  # fmt: skip
+    # the metadata's score: the likelihood where it was computed, else CLIP's (the scores the kept order came from)
+    stored = out.likelihood_scores if out.likelihood_scores is not None else out.clip_scores
+    images = with_metadata(out.images, info, None if stored is None else stored.flatten().tolist())
     gallery = [(im, f"#{i + 1}" + ("" if clip[i] is None else f" · CLIP {clip[i]:.2f}")
                 + ("" if likelihood[i] is None else f" · LL {likelihood[i]:+.1f}"))
                for i, im in enumerate(images)]  # LL: log p(image codes | prompt) in nats

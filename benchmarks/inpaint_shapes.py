@@ -140,12 +140,6 @@ def region_log_likelihoods(pipe, image_tokens, cells, prompt: str) -> dict[str, 
     return out
 
 
-def zscore(values) -> np.ndarray:
-    """Standardized over one edit's candidates (all equal -> zeros), as `standardize_per_group` does."""
-    x = np.asarray(values, dtype=float)
-    return (x - x.mean()) / x.std() if x.std() > 0 else np.zeros_like(x)
-
-
 def best_of(passed: np.ndarray, score: np.ndarray | None, k: int, order: np.ndarray) -> float:
     """Mean pass of the top-scored candidate over the disjoint k-subsets of the N that `order` (a random
     permutation, the same for every ranking) cuts; `score=None` is the unranked draw (the mean over all N)."""
@@ -268,11 +262,12 @@ def summarize(records: list[dict], sanity: dict, args, seconds: float, complete:
                                      f"{b}_better": round(float(np.clip(picked[b] - picked[a], 0, None).sum()), 2)}
     # CLIP plus a weighted likelihood term, z-scored per edit: does any weight of any region's score help CLIP?
     sweep = {}
+    z_of = lambda values: standardize_per_group(torch.tensor(values), 1)  # noqa: E731 (over one edit's candidates)
     if N in args.best_of:
         for name in ("likelihood", "likelihood_ratio", "context", "masked_ratio"):
             if all(name in r for r in records):
                 sweep[name] = {str(w): round(float(np.mean([
-                    r["passed"][int(np.argmax(zscore(r["clip"]) + w * zscore(r[name])))] for r in records
+                    r["passed"][int(torch.argmax(z_of(r["clip"]) + w * z_of(r[name])))] for r in records
                 ])), 4) for w in SWEEP_WEIGHTS}  # fmt: skip
     single = [np.mean(r["passed"]) for r in records]
     return {
