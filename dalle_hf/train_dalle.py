@@ -12,6 +12,8 @@ transformer, vae and, if given, CLIP) is saved to `--output_dir` with a README.m
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 
@@ -93,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Start from these transformer weights (a pipeline folder or transformer/ folder) instead of a random "
         "init; the model flags must match its config.",
+    )
+    parser.add_argument(
+        "--image_codes",
+        default=None,
+        help="A file of the dataset's dVAE codes (safetensors): read if it exists and matches the dVAE and dataset, "
+        "else written; default: image_codes.safetensors in --output_dir. Pass an earlier run's file to skip encoding.",
     )
     parser.add_argument("--text_seq_len", type=int, default=16, help="Text tokens per caption (paper: 256).")
     parser.add_argument("--text_vocab_size", type=int, default=512, help="BPE vocabulary when training a tokenizer.")
@@ -181,6 +189,62 @@ def encode_dataset(dataset, vae, batch_size: int = 64) -> EncodedImages:
         pixels = torch.stack([e["pixel_values"] for e in examples])
         image_ids.append(vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu())
     return EncodedImages(dataset, torch.cat(image_ids))
+
+
+# Images re-encoded from the dataset when a saved code file is reused: a changed, reordered or differently
+# resized dataset shows up as different codes at these evenly spaced positions.
+SPOT_CHECK_IMAGES = 32
+
+
+def vae_fingerprint(vae) -> str:
+    """sha256 over the dVAE's tensors (names, shapes, bytes): a code file belongs to exactly these weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def load_or_encode_dataset(dataset, vae, path: str) -> EncodedImages:
+    """
+    `encode_dataset`, saved to `path` (safetensors) the first time and read back afterwards.
+
+    Encoding is the slow part of starting a run (emoji: 13,714 images, about 6 minutes on one core), and every resume
+    and every later stage on the same dVAE would repeat it. A saved file is used only when its dVAE fingerprint and
+    image count match and `SPOT_CHECK_IMAGES` images re-encoded now give the saved codes; otherwise a `ValueError`
+    says what differs (the file is never silently replaced).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fingerprint = {"vae_sha256": vae_fingerprint(vae), "n_images": len(dataset)}
+    if os.path.exists(path):
+        with safe_open(path, framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+            image_ids = f.get_tensor("image_ids")
+        differs = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+        if differs:
+            raise ValueError(
+                f"{path} holds codes for another dVAE or dataset (saved, now): {differs}; delete it or pass another "
+                "--image_codes"
+            )
+        positions = torch.linspace(0, len(dataset) - 1, min(len(dataset), SPOT_CHECK_IMAGES)).long().unique()
+        pixels = torch.stack([dataset[int(i)]["pixel_values"] for i in positions])
+        now = vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu()
+        if not torch.equal(now, image_ids[positions].to(now.dtype)):
+            raise ValueError(
+                f"{path}: the dataset's images are not the ones these codes were made from (re-encoded "
+                f"{len(positions)} spread-out images and got other codes); delete it or pass another --image_codes"
+            )
+        logger.info(f"Read the codes of {len(dataset)} images from {path}")
+        return EncodedImages(dataset, image_ids.long())
+    encoded = encode_dataset(dataset, vae)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({"image_ids": encoded.image_ids.to(torch.int32).contiguous()}, path,
+              metadata={"fingerprint": json.dumps(fingerprint)})  # fmt: skip
+    logger.info(f"Saved the codes of {len(dataset)} images to {path}")
+    return encoded
 
 
 def collate_encoded(examples: list[dict]) -> dict:
@@ -291,7 +355,12 @@ def main(args: argparse.Namespace) -> dict:
             dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step
         )
     else:
-        encoded = encode_dataset(dataset, vae)
+        codes_path = args.image_codes or os.path.join(args.output_dir, "image_codes.safetensors")
+        if accelerator.is_main_process:
+            encoded = load_or_encode_dataset(dataset, vae, codes_path)
+        accelerator.wait_for_everyone()  # the main process wrote the file; the others read it
+        if not accelerator.is_main_process:
+            encoded = load_or_encode_dataset(dataset, vae, codes_path)
         dataloader = DataLoader(encoded, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                 collate_fn=collate_encoded,
                                 generator=torch.Generator().manual_seed(args.seed + first_step))  # fmt: skip

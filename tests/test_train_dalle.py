@@ -170,3 +170,48 @@ def test_word_dropout_flag(tiny_vae_dir, tmp_path, monkeypatch):
     main(tiny_args(tiny_vae_dir, tmp_path / "off", "--max_train_steps", "1"))
     assert calls == []  # off by default
     assert "| word_dropout | 0.2 |" in (out / "README.md").read_text()  # recorded in the card
+
+
+def test_image_codes_are_saved_reused_and_checked(tiny_vae_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(8):
+            Image.new("RGB", (64, 64), (30 * i, 100, 200)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
+    world = ["--dataset", "imagefolder", "--train_data_dir", str(folder), "--max_train_steps", "2"]
+    main(tiny_args(tiny_vae_dir, tmp_path / "run0", *world))
+    codes = tmp_path / "run0" / "image_codes.safetensors"
+    from safetensors.torch import load_file
+
+    saved = load_file(codes)["image_ids"]
+    assert saved.shape == (8, 256)  # 8 images x a 16 x 16 grid
+
+    # a later run reads the file instead of encoding (encode_dataset is not called)
+    import dalle_hf.train_dalle as train_dalle
+
+    calls = []
+    real_encode = train_dalle.encode_dataset
+    train_dalle.encode_dataset = lambda *a, **k: calls.append(1) or real_encode(*a, **k)
+    try:
+        main(tiny_args(tiny_vae_dir, tmp_path / "run1", *world, "--image_codes", str(codes)))
+    finally:
+        train_dalle.encode_dataset = real_encode
+    assert calls == []
+    assert torch.equal(load_file(codes)["image_ids"], saved)  # read, not rewritten
+
+    # another dVAE: refused, and the file is kept as it was
+    torch.manual_seed(1)
+    other = DalleVAE(DalleVAEConfig(image_size=64, num_groups=3, n_hid=8, n_init=8, n_blk_per_group=1, vocab_size=32))
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(ValueError, match="another dVAE or dataset"):
+        main(tiny_args(str(tmp_path / "other_vae"), tmp_path / "run2", *world, "--image_codes", str(codes)))
+    # the same dVAE but a changed image: the spot check re-encodes it and refuses
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "3.png")
+    with pytest.raises(ValueError, match="not the ones these codes were made from"):
+        main(tiny_args(tiny_vae_dir, tmp_path / "run3", *world, "--image_codes", str(codes)))
+    assert torch.equal(load_file(codes)["image_ids"], saved)
