@@ -171,6 +171,9 @@ def test_evaluate_emoji_writes_every_field_and_sheets(pipe, judge_dir, emoji_cac
     assert set(report["plain"]["best_of_1"]) == {"concept"}
     vae = report["vae"]
     assert vae["n"] == 3 and vae["image_size"] == 16 and np.isfinite(vae["psnr_held_out"])
+    # the same renders and number as training's `World.evaluate_vae` with the same seed
+    assert EmojiWorld(emoji_cache).evaluate_vae(pipe.vae, 3, seed=0) == {k: vae[k] for k in ("psnr_held_out",
+                                                                                             "reconstruction_mse", "n")}
     assert 0 <= vae["judge_concept_accuracy_originals"] <= 1 and 0 <= vae["judge_concept_accuracy_reconstructions"] <= 1
     assert report["clip"]["n_captions"] == 100 and report["clip"]["n_images_seen"] == 4
     assert report["clip"]["n_images_novel"] == 3  # all the tiny cache's held-out renders

@@ -46,6 +46,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
@@ -758,6 +759,13 @@ class EmojiTraining(Dataset):
         return item
 
 
+def reconstruction_metrics(drawn: dict) -> dict:
+    """Mean PSNR (of each image's MSE; pixels in [0, 1]) and MSE of `EmojiWorld.held_out_reconstructions`' output."""
+    mse = ((drawn["reconstructions"] - drawn["pixels"]) ** 2).flatten(1).mean(1)  # (n,)
+    psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+    return {"psnr_held_out": round(psnr, 2), "reconstruction_mse": round(mse.mean().item(), 5), "n": len(mse)}
+
+
 class EmojiWorld(World):
     """
     The emoji world behind the `World` interface (`--dataset emoji --train_data_dir CACHE`).
@@ -878,19 +886,34 @@ class EmojiWorld(World):
         return examples
 
     @torch.no_grad()
-    def evaluate_vae(self, vae, n: int, seed: int) -> dict:
-        """PSNR of argmax-code reconstructions on `n` held-out renders (pairs the dVAE never trained on)."""
-        if n <= 0:
-            return {}
+    def held_out_reconstructions(self, vae, n: int, seed: int) -> dict:
+        """
+        `n` held-out renders (pairs the dVAE never trained on), chosen by `seed`, and their argmax-code
+        reconstructions: `{"keys": (n,) concept keys, "originals": (n, 3, 64, 64), "pixels": the originals at the
+        dVAE's image size, "reconstructions": (n, 3, size, size)}`, all in [0, 1] on the CPU. One draw for
+        `evaluate_vae` (training) and `dalle-hf eval emoji`'s `vae` split, so both quote the same renders.
+        """
         renders = EmojiRenders.from_cache(self.cache, split="novel")
+        if n <= 0 or len(renders) == 0:
+            raise ValueError(f"expected n > 0 and held-out renders in the cache, got n={n} and {len(renders)} renders")
         rng = random.Random(f"emoji-vae-eval/{seed}")
         chosen = rng.sample(range(len(renders)), min(n, len(renders)))
-        pixels = torch.stack([renders[i]["pixel_values"] for i in chosen])  # (n, 3, 64, 64)
-        reconstructions = torch.cat([vae.decode_code(vae.get_codebook_indices(batch)).float().clamp(0, 1)
-                                     for batch in pixels.split(64)])  # fmt: skip
-        mse = ((reconstructions - pixels) ** 2).flatten(1).mean(1)  # (n,)
-        psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
-        return {"psnr_held_out": round(psnr, 2), "reconstruction_mse": round(mse.mean().item(), 5)}
+        originals = torch.stack([renders[i]["pixel_values"] for i in chosen])  # (n, 3, 64, 64)
+        size = vae.config.image_size
+        pixels = originals if size == originals.shape[-1] else \
+            F.interpolate(originals, size=size, mode="bicubic", antialias=True).clamp(0, 1)  # fmt: skip
+        reconstructions = torch.cat([
+            vae.decode_code(vae.get_codebook_indices(batch.to(vae.device, vae.dtype))).float().clamp(0, 1).cpu()
+            for batch in pixels.split(64)
+        ])  # (n, 3, size, size)
+        keys = [renders[i]["key"] for i in chosen]
+        return {"keys": keys, "originals": originals, "pixels": pixels, "reconstructions": reconstructions}
+
+    def evaluate_vae(self, vae, n: int, seed: int) -> dict:
+        """PSNR of argmax-code reconstructions on `n` held-out renders (`held_out_reconstructions`)."""
+        if n <= 0:
+            return {}
+        return reconstruction_metrics(self.held_out_reconstructions(vae, n, seed))
 
     def validation_prompts(self) -> list[str]:
         return ["red apple in twemoji style", "cat face in fluent 3d style", "rocket in noto mono style",
@@ -919,6 +942,7 @@ __all__ = [
     "is_held_out",
     "plain_prompt",
     "read_emoji_cache",
+    "reconstruction_metrics",
     "read_emojibase",
     "style_prompt",
 ]

@@ -40,10 +40,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.emoji import STYLES, EmojiWorld, plain_prompt, style_prompt
+from ..data.emoji import STYLES, EmojiWorld, plain_prompt, reconstruction_metrics, style_prompt
 from .emoji_judge import EmojiJudge, accepts, to_pixels
 from .shapes import _save_sheet, _validate_positive_int
 
@@ -389,36 +388,20 @@ def _frechet_to_real(judge: EmojiJudge, world: EmojiWorld, split: str, generated
 
 def _vae_fidelity(vae, judge: EmojiJudge, world: EmojiWorld, n: int, seed: int, concept_index: dict,
                   threshold: float) -> dict:  # fmt: skip
-    """PSNR of argmax-code reconstructions on `n` held-out renders (the formula of `EmojiWorld.evaluate_vae`) and the
-    judge's concept accuracy (accept rule) on the reconstructions and on the originals."""
-    cache = world.cache
-    index = np.flatnonzero(cache.held_out)
-    rng = random.Random(f"emoji-eval-vae/{seed}")
-    index = np.array(sorted(rng.sample(index.tolist(), min(n, len(index)))), dtype=int)
-    if len(index) == 0:
-        raise ValueError("expected held-out renders in the cache for the `vae` split, found none")
-    originals = to_pixels(cache.images[index])  # (n, 3, 64, 64)
-    size = vae.config.image_size
-    pixels = originals if size == originals.shape[-1] else \
-        F.interpolate(originals, size=size, mode="bicubic", antialias=True).clamp(0, 1)  # fmt: skip
-    reconstructions = torch.cat([
-        vae.decode_code(vae.get_codebook_indices(batch.to(vae.device, vae.dtype))).float().clamp(0, 1).cpu()
-        for batch in pixels.split(64)
-    ])  # (n, 3, size, size)
-    mse = ((reconstructions - pixels) ** 2).flatten(1).mean(1)  # (n,)
-    psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
-    asked = torch.tensor([concept_index[k] for k in cache.keys[index].tolist()])
-    on_originals = float(accepts(judge.predict(originals)["concept_probs"], asked, threshold).float().mean())
-    on_reconstructions = float(accepts(judge.predict(reconstructions)["concept_probs"], asked, threshold)
+    """The world's PSNR on `n` held-out renders (`EmojiWorld.evaluate_vae`, the same draw) and the judge's concept
+    accuracy (accept rule) on those reconstructions and on the originals."""
+    drawn = world.held_out_reconstructions(vae, n, seed)
+    fidelity = reconstruction_metrics(drawn)
+    asked = torch.tensor([concept_index[k] for k in drawn["keys"]])
+    on_originals = float(accepts(judge.predict(drawn["originals"])["concept_probs"], asked, threshold).float().mean())
+    on_reconstructions = float(accepts(judge.predict(drawn["reconstructions"])["concept_probs"], asked, threshold)
                                .float().mean())  # fmt: skip
     return {
-        "psnr_held_out": round(psnr, 2),
-        "reconstruction_mse": round(float(mse.mean()), 5),
+        **fidelity,
         "judge_concept_accuracy_originals": on_originals,
         "judge_concept_accuracy_reconstructions": on_reconstructions,
         "ratio": on_reconstructions / on_originals if on_originals > 0 else None,
-        "n": len(index),
-        "image_size": size,
+        "image_size": vae.config.image_size,
     }
 
 
