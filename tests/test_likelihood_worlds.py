@@ -162,3 +162,31 @@ def test_a_world_without_held_out_examples_says_so(tmp_path):
     world = load_world("imagefolder", str(tmp_path))
     with pytest.raises(NotImplementedError, match="the imagefolder world has no held-out examples"):
         world.held_out_examples(1)
+
+
+def test_storage_dtype_benchmark_rounds_only_what_a_bf16_checkpoint_stores(emoji_pipeline, emoji_cache, capsys,
+                                                                           tmp_path):
+    benchmark = load_script("benchmarks/storage_dtype.py")
+    pipe = DallePipeline.from_pretrained(emoji_pipeline)
+    name, weight = max(pipe.transformer.named_parameters(), key=lambda item: item[1].numel())  # a random matrix
+    rounded = benchmark.as_mode(pipe, "bf16 weights")
+    bf16 = benchmark.as_mode(pipe, "bf16 compute")
+    assert weight.dtype == torch.float32  # the source pipeline is untouched
+    assert rounded.transformer.dtype == torch.float32 and rounded.clip_model.dtype == torch.float32
+    assert bf16.transformer.dtype == torch.bfloat16 and bf16.clip_model.dtype == torch.bfloat16
+    assert rounded.vae.dtype == bf16.vae.dtype == torch.float32  # the dVAE is stored float32 either way
+    rounded_weight = dict(rounded.transformer.named_parameters())[name]
+    assert torch.equal(rounded_weight, weight.to(torch.bfloat16).float()) and not torch.equal(rounded_weight, weight)
+    with pytest.raises(ValueError, match="mode among"):
+        benchmark.as_mode(pipe, "float16")
+
+    out = tmp_path / "storage.json"
+    report = benchmark.main(["--pipeline", emoji_pipeline, "--dataset", "emoji", "--data-dir", emoji_cache,
+                             "--n-images", "3", "--n-captions", "4", "--json", str(out)])  # fmt: skip
+    capsys.readouterr()
+    assert json.loads(out.read_text()) == report and report["n_images"] == 3
+    assert set(report["results"]) == set(benchmark.MODES)
+    for result in report["results"].values():
+        assert 0 < result["bits_per_image_token"] < 10 and 0 <= result["clip_top1"] <= 1
+    # rounding changes the numbers a little, not a lot (a random model: about 5 bits per token of 32 codes)
+    assert all(abs(change) < 0.1 for change in report["bits_per_image_token_change"].values())
