@@ -101,6 +101,20 @@ def pipe(tokenizer, transformer, vae, clip):
     return pipe
 
 
+def write_folder(root, images: dict, captions: dict | None = None):
+    """An imagefolder (`--dataset imagefolder`): `images` ({file name: PIL image}) saved under `root` with a
+    metadata.jsonl of `captions` ({file name: text}; default "caption of NAME")."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        image.save(root / name)
+    captions = captions or {name: f"caption of {name}" for name in images}
+    with open(root / "metadata.jsonl", "w") as f:
+        for name, text in captions.items():
+            f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+
+
 def load_script(path):
     """Import a script that is not part of the package (e.g. `benchmarks/gpu_check.py`) as a module, by file path."""
     import importlib.util

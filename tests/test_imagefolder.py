@@ -5,16 +5,7 @@ import torch
 from PIL import Image
 
 from dalle_hf.data.imagefolder import ImageFolderCaptions
-
-
-def write_folder(root, images: dict, captions: dict | None = None):
-    root.mkdir(parents=True, exist_ok=True)
-    for name, image in images.items():
-        image.save(root / name)
-    captions = captions or {name: f"caption of {name}" for name in images}
-    with open(root / "metadata.jsonl", "w") as f:
-        for name, text in captions.items():
-            f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+from tests.conftest import write_folder
 
 
 def test_items_and_modes(tmp_path):

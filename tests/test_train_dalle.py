@@ -8,6 +8,7 @@ from dalle_hf.configuration_dvae import DalleVAEConfig
 from dalle_hf.modeling_dvae import DalleVAE
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.train_dalle import main, parse_args
+from tests.conftest import write_folder
 
 
 @pytest.fixture
@@ -25,6 +26,15 @@ def tiny_args(vae_dir, out, *extra):
         "--checkpointing_steps", "2", "--validation_steps", "4", "--logging_steps", "1", "--lr_warmup_steps", "1",
         "--learning_rate", "1e-3", *extra,
     ])
+
+
+def picture_folder(folder, size: tuple[int, int]):
+    """An imagefolder of 8 flat-colour pictures of `size`, captioned "a picture number I"."""
+    from PIL import Image
+
+    write_folder(folder, {f"{i}.png": Image.new("RGB", size, (30 * i, 100, 200)) for i in range(8)},
+                 {f"{i}.png": f"a picture number {i}" for i in range(8)})  # fmt: skip
+    return folder
 
 
 @pytest.mark.latest
@@ -50,14 +60,7 @@ def test_train_dalle_end_to_end_and_resume(tiny_vae_dir, tmp_path):
 
 
 def test_imagefolder_is_tokenized_once(tiny_vae_dir, tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(8):
-            Image.new("RGB", (80, 64), (30 * i, 100, 200)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
+    folder = picture_folder(tmp_path / "images", (80, 64))
     # without --tokenizer_name_or_path, a BPE is trained on the folder's own captions (World.tokenizer_captions)
     main(tiny_args(tiny_vae_dir, tmp_path / "run0", "--dataset", "imagefolder", "--train_data_dir", str(folder)))
     from transformers import AutoTokenizer
@@ -176,12 +179,7 @@ def test_image_codes_are_saved_reused_and_checked(tiny_vae_dir, tmp_path):
     import numpy as np
     from PIL import Image
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(8):
-            Image.new("RGB", (64, 64), (30 * i, 100, 200)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
+    folder = picture_folder(tmp_path / "images", (64, 64))
     world = ["--dataset", "imagefolder", "--train_data_dir", str(folder), "--max_train_steps", "2"]
     main(tiny_args(tiny_vae_dir, tmp_path / "run0", *world))
     codes = tmp_path / "run0" / "image_codes.safetensors"

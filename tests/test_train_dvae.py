@@ -7,6 +7,7 @@ import torch
 from dalle_hf import training_utils
 from dalle_hf.modeling_dvae import DalleVAE
 from dalle_hf.train_dvae import main, parse_args
+from tests.conftest import write_folder
 
 TINY = [
     "--dataset", "shapes", "--image_size", "16", "--num_groups", "3", "--n_hid", "8", "--n_blk_per_group", "1",
@@ -66,11 +67,8 @@ def test_imagefolder_training(tmp_path):
     from PIL import Image
 
     data = tmp_path / "data"
-    data.mkdir()
-    with open(data / "metadata.jsonl", "w") as f:
-        for i in range(5):
-            Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(data / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) + "\n")
+    write_folder(data, {f"{i}.png": Image.new("RGB", (20, 20), (50 * i, 0, 0)) for i in range(5)},
+                 {f"{i}.png": f"image {i}" for i in range(5)})  # fmt: skip
     args = TINY + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "3"]
     args[args.index("shapes")] = "imagefolder"
     result = main(parse_args(args + ["--train_data_dir", str(data)]))  # 5 images, batch 4: a new epoch each step
