@@ -13,6 +13,7 @@ the sample grid. The YAML front matter is a `huggingface_hub.ModelCardData` (lic
 """
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -183,13 +184,25 @@ def write_model_card(folder: str, name_or_path: str | None = None, repo_id: str 
     return card
 
 
+def load_pipeline(folder: str):
+    """The pipeline saved in `folder`, of the dalle-hf class its `model_index.json` names (as diffusers resolves
+    `_class_name`). The card's code names no pipeline class: pipelines import it to publish themselves."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(f"expected a saved pipeline folder (with model_index.json), got {folder!r}")
+    with open(index_path, encoding="utf-8") as f:
+        class_name = json.load(f)["_class_name"]
+    pipeline_class = getattr(importlib.import_module(__name__.split(".")[0]), class_name, None)
+    if pipeline_class is None:
+        raise ValueError(f"{index_path} names {class_name!r}, which is not a dalle-hf pipeline")
+    return pipeline_class.from_pretrained(folder)
+
+
 def write_sample_grid(folder: str, pipe=None) -> str:
     """Draw `folder/samples.png` from the card data's `sample_prompts` (`[""]`, unconditional, without any)."""
     card_data = read_card_data(folder)
     if pipe is None:
-        from .pipeline_dalle import DallePipeline
-
-        pipe = DallePipeline.from_pretrained(folder)
+        pipe = load_pipeline(folder)
         pipe.set_progress_bar_config(disable=True)
     settings = {**SAMPLE_GRID_DEFAULTS, **card_data.get("sample_grid", {})}
     grid = sample_grid(pipe, card_data.get("sample_prompts", [""]), **settings)

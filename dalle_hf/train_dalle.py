@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .configuration_dalle import ATTENTION_TYPES, DalleConfig
+from .eval import evaluate_during_training
 from .modeling_dalle import DalleForImageGeneration
 from .training_utils import (
     load_frozen_vae,
@@ -468,7 +469,8 @@ def main(args: argparse.Namespace) -> dict:
         wall_time = clock.seconds
         validate(pipe, world.validation_prompts(), args.output_dir, step, args.seed)
         if args.eval_prompts_per_task:
-            results = world.evaluate_pipeline(pipe, os.path.join(args.output_dir, "eval"), args.eval_prompts_per_task)
+            results = evaluate_during_training(world, pipe, os.path.join(args.output_dir, "eval"),
+                                              args.eval_prompts_per_task)
         if history:
             results = {
                 "final image loss": history[-1]["image_loss"],

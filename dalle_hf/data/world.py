@@ -154,10 +154,6 @@ class World(ABC):
         raise ValueError(f"--candidate_bank needs a world with an exact checker (shapes); --dataset {self.name} "
                          "has none.")  # fmt: skip
 
-    def evaluate_pipeline(self, pipe, output_dir: str, n: int) -> dict:
-        """`train_dalle.py --eval_prompts_per_task N`: the world's benchmark on a trained pipeline (default: none)."""
-        return {}
-
     def evaluate_vae(self, vae, n: int, seed: int) -> dict:
         """World-specific reconstruction metrics for `train_dvae.py`'s final evaluation (default: none)."""
         return {}
