@@ -129,8 +129,15 @@ def test_ranking_by_whole_grid_likelihood_and_clip(pipe, inpaint, image):
     mask = box_mask(4, 12, 4, 12)
     everything = inpaint("a red circle", image=image, mask_image=mask, num_images_per_prompt=6, rerank="clip",
                          generator=gen(3), output_type="pt")
+    # the default ranks by CLIP alone (with a CLIP model): it picked the best edits (docs/inpainting.md)
+    default = inpaint("a red circle", image=image, mask_image=mask, num_images_per_prompt=6, num_images_to_keep=2,
+                      generator=gen(3), output_type="pt")
+    assert default.ranked_by == "clip" and default.likelihood_scores is None
+    top_clip = everything.clip_scores[0].topk(2).indices
+    assert torch.equal(default.image_tokens, everything.image_tokens[top_clip])
+    torch.testing.assert_close(default.clip_scores[0], everything.clip_scores[0][top_clip])
     both = inpaint("a red circle", image=image, mask_image=mask, num_images_per_prompt=6, num_images_to_keep=2,
-                   generator=gen(3), output_type="pt")
+                   generator=gen(3), output_type="pt", rerank="both")
     assert both.ranked_by == "both" and both.clip_scores.shape == (1, 2) and both.likelihood_scores.shape == (1, 2)
     # the likelihood is the whole grid's (kept cells after the mask included), as DallePipeline.score gives it
     scored = pipe.score(image_tokens=everything.image_tokens, captions="a red circle")
