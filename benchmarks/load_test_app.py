@@ -9,11 +9,11 @@ sending `--requests` text-to-image requests (every other one a variation of the 
 how many succeeded, request latencies, and the server's resident memory (Linux /proc): after the warm-up, at its
 peak, and after the load once idle. Exits 1 if a request failed or the memory did not settle within `--tolerance`.
 
-`--cancel-cycles N` instead cancels requests (issue 22: each cancelled request used to keep its KV cache, about
-100 MB with the shipped model, until a full garbage collection): on the shipped checkpoint unless `--checkpoint`
-says otherwise, after one complete request as warm-up, N times: submit `/generate`, wait for the first partial
-grid (the server is sampling), `job.cancel()`, wait for the server to go idle, read its RSS. Prints the series and
-exits 1 if the last value is more than `--cancel-tolerance-mb` above the warmed-up start.
+`--cancel-cycles N` instead cancels requests (the leak it guards against: each cancelled request used to keep its
+KV cache, about 100 MB with the shipped model, until a full garbage collection): on the shipped checkpoint unless
+`--checkpoint` says otherwise, after one complete request as warm-up, N times: submit `/generate`, wait for the
+first partial grid (the server is sampling), `job.cancel()`, wait for the server to go idle, read its RSS. Prints
+the series and exits 1 if the last value is more than `--cancel-tolerance-mb` above the warmed-up start.
 """
 
 import argparse

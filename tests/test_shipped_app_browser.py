@@ -1,5 +1,5 @@
 """The README's run command (`python app.py`, no flags) on the shipped checkpoints, in a real browser: both models are
-in the selector, and the emoji model draws from a prompt its style selector wrote (issue 17)."""
+in the selector, and the emoji model draws from a prompt its style selector wrote."""
 
 import os
 import subprocess

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 from .world import RankingSet, World, sample_false_captions
 
 # ----------------------------------------------------------------------------------------------------
-# The world's constants. The evaluation, the cache and the checkpoints depend on these values (issue 17, "The world").
+# The world's constants. The evaluation, the cache and the checkpoints depend on these values: do not change them.
 
 IMAGE_SIZE = 64  # every render is 64 x 64 RGB, the shapes world's size (8x8 or 16x16 dVAE grids)
 BACKGROUND = (255, 255, 255)  # artwork is composited on white, as in the shapes world
@@ -62,7 +62,7 @@ SKIN_TONES = range(0x1F3FB, 0x1F3FF + 1)  # Fitzpatrick modifiers: a variant of 
 REGIONAL_INDICATORS = range(0x1F1E6, 0x1F1FF + 1)  # letters that pair into country flags
 KEYCAP = 0x20E3  # combining enclosing keycap: "#", "*" and digits in a box
 VARIATION_SELECTOR_16 = "fe0f"  # emoji presentation selector: the same concept with or without it
-EXCLUDED_GROUPS = frozenset({"component", "flags"})  # emojibase groups that are not concepts (issue 17)
+EXCLUDED_GROUPS = frozenset({"component", "flags"})  # emojibase groups that are not concepts (skin tones, flags)
 FONT_RENDER_PX = 96  # glyphs are drawn this large, cropped to ink and resized down to IMAGE_SIZE (measured ~1-3 ms)
 # A ZWJ sequence the font draws as one ligature advances like one glyph; unshaped, it advances like two or more.
 LIGATURE_ADVANCE_RATIO = 1.25
@@ -91,7 +91,8 @@ class StyleSource:
     path: str
 
 
-# The 11 styles of issue 17, in its table's order; the names are exact strings the prompts and the evaluation use.
+# The 11 styles, in docs/emoji-world.md's table's order; the names are exact strings the prompts and the evaluation
+# use.
 STYLE_SOURCES: tuple[StyleSource, ...] = (
     StyleSource("noto", "npm", "emoji-datasource-google", "16.0.0", "Apache-2.0", "png", "img/google/64"),
     StyleSource("noto blob", "npm", "@iconify-json/noto-v1", "1.2.5", "Apache-2.0", "iconify", "icons.json"),
@@ -131,7 +132,7 @@ def code_points(key: str) -> list[int]:
 
 
 def is_held_out(key: str, style: str) -> bool:
-    """Whether `(key, style)` is a held-out pair: never in training, only in the `novel` evaluation (issue 17)."""
+    """Whether `(key, style)` is a held-out pair: never in training, only in the `novel` evaluation (composition)."""
     return int(hashlib.sha256(f"{key}|{style}".encode()).hexdigest(), 16) % HELD_OUT_MODULUS == 0
 
 
@@ -688,8 +689,8 @@ class EmojiRenders(Dataset):
 # ----------------------------------------------------------------------------------------------------
 # The world interface (`dalle_hf.data.world`): captions, CLIP's hard negatives, the ranking set.
 
-# Other names for each style that training captions use now and then (issue 17: "paraphrases of style names such as
-# '3d' or 'black and white'"), so that a user's own words reach the style; the evaluation uses the exact names only.
+# Other names for each style that training captions use now and then (paraphrases such as "3d" or "black and
+# white"), so that a user's own words reach the style; the evaluation uses the exact names only.
 STYLE_ALIASES: dict[str, tuple[str, ...]] = {
     "noto": ("google",),
     "noto blob": ("blob", "android blob"),
@@ -727,7 +728,7 @@ class EmojiTraining(Dataset):
     """
     Training renders (never a held-out pair) with a caption drawn from `CAPTION_MIX` at each access and, for CLIP,
     `num_negatives` hard negatives: the same concept in other styles, and other concepts of the same emojibase
-    subgroup in the same style (issue 17), in the caption's own form.
+    subgroup in the same style (the nearest confusions of concept and of style), in the caption's own form.
 
     Items: `{"pixel_values": (3, H, W) in [0, 1], "text", "negatives": list[str], "key", "label", "style"}`.
     """
@@ -855,7 +856,7 @@ class EmojiWorld(World):
         """
         `n_images` renders (a fixed draw from `split`), each with its styled caption first and `n_captions - 1`
         styled captions of other (concept, style) pairs of the world drawn at random: top-1 retrieval of the true
-        caption among `n_captions` (issue 17: among 100). Groups are the styles.
+        caption among `n_captions` (the evaluation uses 100). Groups are the styles.
         """
         if n_images < 1 or n_captions < 2:
             raise ValueError(f"need n_images >= 1 and n_captions >= 2, got {n_images} and {n_captions}")

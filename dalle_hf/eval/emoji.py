@@ -1,4 +1,4 @@
-"""EmojiEval: composition on the emoji world, scored by a trained judge (issue 17).
+"""EmojiEval: composition on the emoji world, scored by a trained judge.
 
 A concept drawn in a style it was never shown in is the world's test of composition. `evaluate_emoji` runs a
 text-to-image pipeline on fixed prompts and asks the judge (`dalle_hf.eval.emoji_judge`, the role Inception plays for
@@ -49,7 +49,7 @@ from .shapes import _save_sheet, _validate_positive_int
 SPLITS = ("seen", "novel", "plain", "vae", "clip")
 GENERATED_SPLITS = ("seen", "novel", "plain")
 EMOJI_PROMPT_SEED = 0  # the benchmark's prompts are fixed; `seed` only changes the samples
-CLIP_CAPTIONS = 100  # issue 17: the true caption among 100
+CLIP_CAPTIONS = 100  # the true caption among 100: many near confusions (same concept, other styles), still fast
 SHEET_PROMPTS, SHEET_COLUMNS = 8, 8  # rows of each sheet; samples shown per row (CLIP order)
 FRECHET_REAL_MAX = 2000  # real renders per Fréchet reference (a fixed draw): the 128-d covariance is well estimated
 

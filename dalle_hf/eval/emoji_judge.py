@@ -1,7 +1,8 @@
 """EmojiEval's judge: a small CNN that names the concept and the style of a 64 x 64 emoji image.
 
-The judge plays the role Inception plays for FID (issue 17): it is trained on **all** real renders of the emoji cache,
-held-out `(concept, style)` pairs included, and is never used to train or rerank a generator. Its augmentations make
+The judge plays the role Inception plays for FID (a fixed reader of images, apart from every model it scores): it
+is trained on **all** real renders of the emoji cache, held-out `(concept, style)` pairs included, and is never used
+to train or rerank a generator. Its augmentations make
 real renders look like generated ones: small shifts, Gaussian blur, Gaussian noise, JPEG, slight colour jitter and,
 when a dVAE is given, dVAE round trips.
 
