@@ -52,7 +52,7 @@ class DalleConfig(PreTrainedConfig):
             loss then only predicts each next word from the current one. Measured at 2,400 steps of the shipped
             recipe: held-out pairs per sample 0.27 against 0.20, but the six seen tasks 0.32 against 0.42 (binding
             two colours and word order must then be learned from text positions alone):
-            `benchmarks/results/preregistration-text-isolation-probe.md`.
+            `docs/research/preregistration-text-isolation-probe.md`.
         image_loss_weight (`float`, *optional*, defaults to 7.0):
             The loss is `(text_loss + image_loss_weight * image_loss) / (1 + image_loss_weight)`; the paper weights
             text:image as 1:7 "since we are primarily interested in image modeling".
