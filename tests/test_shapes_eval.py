@@ -23,6 +23,7 @@ from dalle_hf.data.shapes import (
     sample_example,
     scene_from_caption,
 )
+from dalle_hf.data.world import load_world
 from dalle_hf.eval.shapes import (
     ShapesEval,
     check,
@@ -203,6 +204,26 @@ def test_evaluate_pipeline_accounts_for_every_image(tmp_path):
     for task in EVAL_TASKS:
         with Image.open(tmp_path / f"samples_{task}.png") as sheet:
             assert sheet.width > 4 * 128 and sheet.height > 3 * 128
+
+
+def test_train_dalle_finds_the_worlds_benchmark(tmp_path):
+    from dalle_hf.data.world import World
+    from dalle_hf.eval import evaluate_during_training
+
+    class Unbenchmarked(World):  # a world with no benchmark of its own
+        name = "unbenchmarked"
+
+        def train_dataset(self, image_size, seed):
+            return []
+
+        def tokenizer_captions(self, seed=0):
+            return []
+
+    # sample 0 of each prompt draws its scene: best-of-1 passes everything
+    results = evaluate_during_training(load_world("shapes"), _FakePipeline(good_index=0), str(tmp_path), 2)
+    assert results == {"ShapesEval (best-of-1)": 1.0, "novel": 1.0}
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["prompts_per_task"] == 2
+    assert evaluate_during_training(Unbenchmarked(), _FakePipeline(), str(tmp_path / "none"), 2) == {}
 
 
 def test_evaluate_pipeline_reranking(tmp_path):
