@@ -1,4 +1,5 @@
-"""min-dalle 0.4.11's model classes as the reference for the DALL·E mini parity tests and benchmark.
+"""min-dalle 0.4.11's model classes as the reference for the DALL·E mini parity tests and benchmark, and tiny
+random DALL·E mini parts.
 
 `import min_dalle.models` would run `min_dalle/__init__.py`, which imports `min_dalle.min_dalle`: that turns autograd
 off, sets the thread count to every core and needs `requests`. Its `models/` folder is loaded here by path as a
@@ -87,3 +88,63 @@ def min_dalle_generate(
             attention_state=attention_state, prev_tokens=image_tokens[:, [i]], token_index=token_indices[[i]],
         )  # fmt: skip
     return image_tokens[:, 1:]
+
+
+def tiny_bart_config(**overrides) -> DalleBartConfig:
+    """2 + 2 layers, width 32, the real image vocabulary (min-dalle samples from `logits[..., :2 ** 14]` and has
+    256 image positions, so those stay) and a small text vocabulary."""
+    kwargs = dict(
+        text_vocab_size=300, text_seq_len=64, image_seq_len=256, d_model=32, encoder_layers=2, decoder_layers=2,
+        attention_heads=4, glu_dim=48,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return DalleBartConfig(**kwargs)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Every parameter random, LayerNorm scales near 1 and biases away from 0, so no mapping can pass by chance."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if "layer_norm" in name or "layernorm" in name or ".ln" in name or "final_ln" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+    return model.eval()
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the 256 characters byte-level BPE writes bytes as."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+TINY_MERGES = ["Ġ a", "Ġ c", "a t", "Ġc at", "Ġ h", "Ġh at", "Ġ w", "e a", "Ġ r", "e d"]
+
+
+def write_tiny_bart_tokenizer(folder) -> None:
+    """`vocab.json` and `merges.txt` of a tiny BART byte-level BPE (271 tokens: `<s>`=0, `<pad>`=1, `</s>`=2)."""
+    import json
+    import os
+
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_alphabet(), *(m.replace(" ", "") for m in TINY_MERGES), "<mask>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(dict.fromkeys(tokens))}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+
+
+def tiny_vqgan(seed: int = 0):
+    """A diffusers `VQModel` with the VQGAN's codebook size (16384 codes) and a 2x downsampling: 16 x 16 codes
+    <-> 32 x 32 images."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    return VQModel(
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, latent_channels=4,
+        num_vq_embeddings=16384, vq_embed_dim=4, norm_num_groups=4, sample_size=32,
+    ).eval()  # fmt: skip

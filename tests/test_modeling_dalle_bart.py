@@ -6,31 +6,13 @@ import torch
 
 from dalle_hf.configuration_dalle_bart import DalleBartConfig
 from dalle_hf.modeling_dalle_bart import DalleBartCache, DalleBartForImageGeneration
-from tests.dalle_bart_reference import is_unscaled_norm, load_into_min_dalle, min_dalle_modules
-
-
-def tiny_bart_config(**overrides) -> DalleBartConfig:
-    """2 + 2 layers, width 32, the real image vocabulary (min-dalle samples from `logits[..., :2 ** 14]` and has
-    256 image positions, so those stay) and a small text vocabulary."""
-    kwargs = dict(
-        text_vocab_size=300, text_seq_len=64, image_seq_len=256, d_model=32, encoder_layers=2, decoder_layers=2,
-        attention_heads=4, glu_dim=48,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    return DalleBartConfig(**kwargs)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Every parameter random, LayerNorm scales near 1 and biases away from 0, so no mapping can pass by chance."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if "layer_norm" in name or "layernorm" in name or ".ln" in name or "final_ln" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-            else:
-                p.copy_(std * noise)
-    return model.eval()
+from tests.dalle_bart_reference import (
+    is_unscaled_norm,
+    load_into_min_dalle,
+    min_dalle_modules,
+    randomize,
+    tiny_bart_config,
+)
 
 
 def published_parameter_count(*, text_vocab, image_vocab, d, layers, glu) -> int:
