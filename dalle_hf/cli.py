@@ -28,10 +28,24 @@ FORWARDED = {("eval", "emoji-judge"): "dalle_hf.eval.emoji_judge"}  # subcommand
 QUANTIZATIONS = ("none", "int8-dynamic", "bnb-int8", "bnb-nf4")  # docs/performance.md compares them
 
 
+def pipeline_class(path: str):
+    """The dalle-hf pipeline class a saved folder's (or a repository's) `model_index.json` names: `DallePipeline`
+    for the dVAE models, `DalleMiniPipeline` for a converted DALL·E mini / Mega."""
+    import dalle_hf
+
+    from .pipeline_dalle import DallePipeline
+
+    name = DallePipeline.load_config(path)["_class_name"]
+    name = name[1] if isinstance(name, list) else name  # a published copy names [module file, class]
+    cls = getattr(dalle_hf, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, DallePipeline)):
+        raise ValueError(f"{path}/model_index.json names {name!r}, which is not a dalle-hf pipeline")
+    return cls
+
+
 def load_pipeline(path: str, dtype: str = "float32", quantization: str = "none"):
     import torch
 
-    from .pipeline_dalle import DallePipeline
     from .quantization import bnb_quantization_config, quantize_dynamic_int8
 
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -41,7 +55,9 @@ def load_pipeline(path: str, dtype: str = "float32", quantization: str = "none")
         "bnb-int8": lambda: bnb_quantization_config(8),
         "bnb-nf4": lambda: bnb_quantization_config(4),
     }.get(quantization)
-    pipe = DallePipeline.from_pretrained(path, dtype=compute_dtype, quantization_config=config() if config else None)
+    pipe = pipeline_class(path).from_pretrained(
+        path, dtype=compute_dtype, quantization_config=config() if config else None
+    )
     return quantize_dynamic_int8(pipe) if quantization == "int8-dynamic" else pipe
 
 

@@ -197,6 +197,16 @@ class DallePipeline(DiffusionPipeline):
         return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token,
                              create_pr=create_pr, revision=revision)  # fmt: skip
 
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the images the dVAE codes (and decodes to)."""
+        return self.vae.config.image_size
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of image codes: the dVAE's codebook, which the transformer predicts over."""
+        return self.transformer.config.image_vocab_size
+
     # ----------------------------------------------------------------------------------------------------------
     # Steps shared with DalleImageVariationPipeline
     # ----------------------------------------------------------------------------------------------------------
@@ -414,8 +424,7 @@ class DallePipeline(DiffusionPipeline):
         batched = isinstance(images, torch.Tensor) and images.dim() == 4
         if not (batched or (isinstance(images, (list, tuple)) and images)):
             raise ValueError(f"images must be a non-empty list of images or a (n, 3, H, W) tensor, got {images!r:.80}")
-        size = self.vae.config.image_size
-        pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
+        pixel_values = torch.cat([image_to_tensor(image, self.image_size) for image in images])  # (n, 3, H, W)
         vae_dtype = next(self.vae.parameters()).dtype
         codes = [self.vae.get_codebook_indices(chunk.to(self._execution_device, vae_dtype)) for chunk in
                  pixel_values.split(64)]  # fmt: skip
@@ -423,7 +432,7 @@ class DallePipeline(DiffusionPipeline):
 
     def check_image_tokens(self, image_tokens) -> torch.LongTensor:
         """(n, grid, grid) or (n, grid * grid) dVAE codes -> (n, grid * grid), validated."""
-        g, V = self.transformer.config.image_grid_size, self.transformer.config.image_vocab_size
+        g, V = self.transformer.config.image_grid_size, self.codebook_size
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.dtype != torch.long:
             raise ValueError(f"image_tokens must be a torch.LongTensor, got {type(image_tokens).__name__}")
         if image_tokens.dim() == 3 and image_tokens.shape[1:] == (g, g):

@@ -11,7 +11,8 @@ The pipelines call a model family through a small interface, so one sampling cor
   `encode_image_codes`, `image_size`.
 
 [`DalleMiniFamily`] holds the DALL·E mini side of the second list; mixed into [`DallePipeline`] it gives
-[`DalleMiniPipeline`], and mixed into the variation and inpainting pipelines it would give theirs.
+[`DalleMiniPipeline`], into [`DalleInpaintPipeline`] and [`DalleImageVariationPipeline`] it gives
+[`DalleMiniInpaintPipeline`] and [`DalleMiniImageVariationPipeline`]: their `__call__`s are written once.
 """
 
 import os
@@ -21,6 +22,8 @@ from diffusers.utils import logging
 
 from .image_processing import image_to_tensor
 from .pipeline_dalle import DallePipeline
+from .pipeline_dalle_inpaint import DalleInpaintPipeline
+from .pipeline_dalle_variation import DalleImageVariationPipeline
 from .text_normalizer import DalleMiniTextNormalizer
 
 logger = logging.get_logger(__name__)
@@ -34,6 +37,24 @@ class DalleMiniFamily:
     min-dalle), not all padding as for the DALL-E transformer. Images: VQGAN codes, decoded with the `VQModel`'s
     codebook and decoder and clipped to [0, 1] (as dalle-mini and min-dalle do; no `(x + 1) / 2`).
     """
+
+    def __init__(
+        self,
+        tokenizer,
+        transformer,
+        vae,
+        clip_model=None,
+        clip_processor=None,
+        default_guidance_scale=10.0,
+        vae_has_encoder=True,
+    ):
+        super().__init__(
+            tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model,
+            clip_processor=clip_processor, default_guidance_scale=default_guidance_scale,
+        )  # fmt: skip
+        if not isinstance(vae_has_encoder, bool):
+            raise ValueError(f"vae_has_encoder must be a bool, got {vae_has_encoder!r}")
+        self.register_to_config(vae_has_encoder=vae_has_encoder)
 
     @property
     def text_normalizer(self) -> DalleMiniTextNormalizer:
@@ -70,6 +91,11 @@ class DalleMiniFamily:
     def image_size(self) -> int:
         """Side in pixels of the images the VQGAN codes: the grid times its downsampling (16 x 16 for f16: 256)."""
         return self.transformer.config.image_grid_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of VQGAN codes (16384): the head's rows that sampling keeps (Mega's head has 31 more, never codes)."""
+        return self.transformer.config.sampled_image_vocab_size
 
     @torch.no_grad()
     def decode_image_tokens(self, tokens: torch.LongTensor, batch_size: int = 16) -> torch.Tensor:
@@ -119,7 +145,7 @@ class DalleMiniFamily:
 
     def check_image_tokens(self, image_tokens) -> torch.LongTensor:
         """(n, grid, grid) or (n, grid * grid) VQGAN codes -> (n, grid * grid), validated."""
-        g, V = self.transformer.config.image_grid_size, self.transformer.config.sampled_image_vocab_size
+        g, V = self.transformer.config.image_grid_size, self.codebook_size
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.dtype != torch.long:
             raise ValueError(f"image_tokens must be a torch.LongTensor, got {type(image_tokens).__name__}")
         if image_tokens.dim() == 3 and image_tokens.shape[1:] == (g, g):
@@ -164,23 +190,50 @@ class DalleMiniPipeline(DalleMiniFamily, DallePipeline):
     ```
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        transformer,
-        vae,
-        clip_model=None,
-        clip_processor=None,
-        default_guidance_scale=10.0,
-        vae_has_encoder=True,
-    ):
-        super().__init__(
-            tokenizer=tokenizer, transformer=transformer, vae=vae, clip_model=clip_model,
-            clip_processor=clip_processor, default_guidance_scale=default_guidance_scale,
-        )  # fmt: skip
-        if not isinstance(vae_has_encoder, bool):
-            raise ValueError(f"vae_has_encoder must be a bool, got {vae_has_encoder!r}")
-        self.register_to_config(vae_has_encoder=vae_has_encoder)
+
+class DalleMiniInpaintPipeline(DalleMiniFamily, DalleInpaintPipeline):
+    r"""
+    Inpainting with DALL·E mini or Mega: [`DalleInpaintPipeline`]'s `__call__` and arguments over this family's
+    models. The image is encoded by the VQGAN's encoder (a 16 x 16 grid of 16 px cells at 256 px); a cell whose patch
+    touches the mask is resampled, the others keep their code, and outside the mask the output equals the input
+    (converted to 256 x 256) exactly. Needs the VQGAN's encoder (a Flax conversion; a min-dalle conversion is refused
+    with a `ValueError`).
+
+    Args: as [`DalleMiniPipeline`].
+
+    Example:
+
+    ```python
+    >>> import numpy as np, torch
+    >>> from PIL import Image
+    >>> from dalle_hf.pipeline_dalle_mini import DalleMiniInpaintPipeline
+    >>> inpaint = DalleMiniInpaintPipeline.from_pretrained("converted/dalle-mini")
+    >>> mask = np.zeros((256, 256), dtype=bool); mask[128:, :] = True  # repaint the bottom half
+    >>> out = inpaint("a cat wearing a hat", image=Image.open("cat.png"), mask_image=mask, num_images_per_prompt=4,
+    ...               num_images_to_keep=1, top_k=256, generator=torch.Generator().manual_seed(0))
+    ```
+    """
 
 
-__all__ = ["DalleMiniFamily", "DalleMiniPipeline"]
+class DalleMiniImageVariationPipeline(DalleMiniFamily, DalleImageVariationPipeline):
+    r"""
+    Variations of an image with DALL·E mini or Mega: [`DalleImageVariationPipeline`]'s `__call__` over this family's
+    models: the image's first `num_rows_to_keep` rows of VQGAN codes (16 codes each at 256 px) are kept, the rest
+    sampled, optionally given a prompt (without one, the empty prompt `[<s>, </s>]`). Needs the VQGAN's encoder.
+
+    Args: as [`DalleMiniPipeline`].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from PIL import Image
+    >>> from dalle_hf.pipeline_dalle_mini import DalleMiniImageVariationPipeline
+    >>> variations = DalleMiniImageVariationPipeline.from_pretrained("converted/dalle-mini")
+    >>> out = variations(Image.open("cat.png"), num_rows_to_keep=8, num_images_per_prompt=4, top_k=256,
+    ...                  generator=torch.Generator().manual_seed(0))
+    ```
+    """
+
+
+__all__ = ["DalleMiniFamily", "DalleMiniImageVariationPipeline", "DalleMiniInpaintPipeline", "DalleMiniPipeline"]
