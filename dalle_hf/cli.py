@@ -11,6 +11,7 @@
     dalle-hf decompress image.dhfc --pipeline checkpoints/dalle-shapes --out image.png
     dalle-hf push checkpoints/dalle-shapes org/dalle-shapes [--private] [--revision BRANCH]
     dalle-hf export-space space/ --model org/dalle-shapes
+    dalle-hf export-space space/ --model org/dalle-mega-hf   (a t4-small GPU Space: float16, or int8 on a small GPU)
     dalle-hf convert-openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae
     dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
     dalle-hf data emoji --cache /work/emoji-cache   (fetch the pinned emoji packages, render the cache once)
@@ -236,7 +237,7 @@ def cmd_push(args) -> int:
 def cmd_export_space(args) -> int:
     from .space import export_space
 
-    files = export_space(args.dir, args.model, title=args.title)
+    files = export_space(args.dir, args.model, title=args.title, hardware=args.hardware)
     print(f"wrote {args.dir}: {', '.join(files)}")
     return 0
 
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("dir", help="the folder to write app.py, requirements.txt and README.md into")
     space.add_argument("--model", required=True, help="the published model, org/name")
     space.add_argument("--title", default=None, help="the Space's title (default: 'DALL-E <name>')")
+    space.add_argument("--hardware", default=None, help="suggested_hardware, e.g. cpu-basic, t4-small, l4x1 "
+                       "(default: t4-small for DALL·E mini / Mega, cpu-basic otherwise); on a GPU the Space loads "
+                       "DALL·E mini / Mega in float16, or int8 when the GPU's memory is short")
     space.set_defaults(func=cmd_export_space)
 
     lossless = ("Lossless for the codes, lossy for the pixels: the file holds the image's dVAE codes exactly, "
