@@ -20,6 +20,9 @@ import os
 import torch
 from diffusers.utils import logging
 
+# diffusers copies the relative imports a published pipeline file names itself, not theirs in turn: the CLIP scorers,
+# which the base pipelines import when they rank, are named here so that `trust_remote_code` loading finds them.
+from .clip import clip_image_image_scores, clip_text_image_scores  # noqa: F401
 from .image_processing import image_to_tensor
 from .pipeline_dalle import DallePipeline
 from .pipeline_dalle_inpaint import DalleInpaintPipeline
