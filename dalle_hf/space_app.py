@@ -34,19 +34,24 @@ def precision(gpu_memory_bytes: int | None) -> dict:
     return {"device": "cuda", "dtype": "float16", "int8": gpu_memory_bytes < SETTINGS["fp16_min_gpu_bytes"]}
 
 
+def pipeline_kwargs(choice: dict) -> dict:
+    """`from_pretrained` keyword arguments for a `precision` choice."""
+    kwargs = {"dtype": getattr(torch, choice["dtype"])}
+    if choice["int8"]:  # LLM.int8 on the transformer's Linear layers; the head, which picks every token, stays float
+        from diffusers import PipelineQuantizationConfig
+
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_8bit", quant_kwargs={"load_in_8bit": True, "llm_int8_skip_modules":
+            ["lm_head"]}, components_to_quantize=["transformer"],
+        )  # fmt: skip
+    return kwargs
+
+
 def load_pipeline():
     if not _PIPELINE:
         gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         choice = precision(gpu)
-        kwargs = {"dtype": getattr(torch, choice["dtype"])}
-        if choice["int8"]:  # LLM.int8 on the transformer's Linear layers; the head, which picks every token, in fp16
-            from diffusers import PipelineQuantizationConfig
-
-            kwargs["quantization_config"] = PipelineQuantizationConfig(
-                quant_backend="bitsandbytes_8bit", quant_kwargs={"load_in_8bit": True, "llm_int8_skip_modules":
-                ["lm_head"]}, components_to_quantize=["transformer"],
-            )  # fmt: skip
-        pipe = DiffusionPipeline.from_pretrained(MODEL_ID, trust_remote_code=True, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(MODEL_ID, trust_remote_code=True, **pipeline_kwargs(choice))
         if choice["device"] == "cuda":
             pipe.to("cuda")  # the int8 transformer is already there (bitsandbytes places it); the rest follows
         pipe.set_progress_bar_config(disable=True)

@@ -166,10 +166,19 @@ def test_exported_space_picks_its_precision_and_runs_without_dalle_hf(
         sys.path.insert(0, "space")
         import app
 
+        # the GPU's int8 configuration, checked here on the CPU in float32 (bitsandbytes runs there too, slowly)
+        int8 = app.DiffusionPipeline.from_pretrained(app.MODEL_ID, trust_remote_code=True, **app.pipeline_kwargs(
+            {{"device": "cpu", "dtype": "float32", "int8": True}}))
+        int8.set_progress_bar_config(disable=True)
+        layers = {{"q_proj": type(int8.transformer.decoder.layers[0].self_attn.q_proj).__name__,
+                  "lm_head": type(int8.transformer.decoder.lm_head).__name__}}
+        int8_tokens = int8("{PROMPT}", num_images_per_prompt=2, top_k=64).image_tokens.shape
+
         gallery = app.generate("{PROMPT}", 3, 2, 10.0, 0)
         np.save("space_pixels.npy", np.stack([np.asarray(image) for image, _ in gallery]))
         choices = {{str(gb): app.precision(None if gb is None else gb * 2**30) for gb in (None, 16, 1)}}
-        print(json.dumps({{"choices": choices, "dtype": str(app.load_pipeline().transformer.dtype),
+        dtype = str(app.load_pipeline().transformer.dtype)
+        print(json.dumps({{"choices": choices, "int8": layers, "int8_tokens": list(int8_tokens), "dtype": dtype,
                           "captions": [c for _, c in gallery], "examples": app.example_prompts(),
                           "blocks": type(app.build_demo()).__name__}}))
     """
@@ -180,6 +189,7 @@ def test_exported_space_picks_its_precision_and_runs_without_dalle_hf(
     assert ran["choices"] == {"None": {"device": "cpu", "dtype": "bfloat16", "int8": False},
                               "16": {"device": "cuda", "dtype": "float16", "int8": False},
                               "1": {"device": "cuda", "dtype": "float16", "int8": True}}  # fmt: skip
+    assert ran["int8"] == {"q_proj": "Linear8bitLt", "lm_head": "Linear"} and ran["int8_tokens"] == [2, 16, 16]
     assert ran["dtype"] == "torch.bfloat16" and ran["blocks"] == "Blocks"
     assert ran["examples"] == DALLE_MINI_SAMPLE_PROMPTS and all(c.startswith("CLIP ") for c in ran["captions"])
     pipe = DalleMiniPipeline.from_pretrained(converted, dtype=torch.bfloat16)
