@@ -12,8 +12,9 @@ path (`--flax`, the published `flax_model.msgpack`) is `dalle_hf.convert_flax_da
 
 No file runs code: torch files load with `torch.load(weights_only=True)`, torch's restricted unpickler. The output
 is a diffusers folder (`model_index.json`, safetensors, configs, the tokenizer, a model card) that
-`DalleMiniPipeline.from_pretrained(OUT)` loads, and `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`
-too: the folder carries the pipeline and model code as a published repository does (`dalle_hf.hub`).
+`DalleMiniPipeline.from_pretrained(OUT)` loads with dalle-hf's own classes; `dalle-hf push OUT org/name` publishes
+it with the pipeline and model code, so that `DiffusionPipeline.from_pretrained("org/name", trust_remote_code=True)`
+loads it without dalle-hf (`dalle_hf.hub`).
 """
 
 import json
@@ -32,11 +33,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 UNSCALED_NORMS = ("pre_self_attn_layer_norm", "pre_encoder_attn_layer_norm", "glu.ln0", "glu.ln1", "final_ln")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 WORD_FREQUENCY_FILE = "enwiki-words-frequency.txt"  # dalle-mini's normalizer reads it when present
-SOURCE_URLS = {
-    "min-dalle": "https://huggingface.co/kuprel/min-dalle",
-    "dalle-mini/dalle-mini": "https://huggingface.co/dalle-mini/dalle-mini",
-    "dalle-mini/dalle-mega": "https://huggingface.co/dalle-mini/dalle-mega",
-}
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -152,41 +148,22 @@ def vqgan_from_detoker(path: str, dtype: torch.dtype):
 
 
 def write_card(out_dir: str, card_info: dict, config: DalleBartConfig, vae_has_encoder: bool) -> None:
-    """README.md (and the card data `dalle-hf push` reads): the source, the license, the authors, the command."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """README.md and the card data `dalle-hf push` publishes it from (`dalle_hf.model_card`, as for the shipped
+    checkpoints): the base model, the sources with their authors and licenses, the command, what parity was
+    verified; `card_info` holds `source`, `command` and optionally `name` and `parity` (a list of lines)."""
+    from .model_card import CARD_DATA_NAME, dalle_mini_card_data, write_model_card
 
-    from .model_card import CARD_DATA_NAME
-
-    name = card_info.get("name", "DALL·E Mega" if config.d_model == 2048 else "DALL·E mini")
-    source = card_info.get("source", "unknown")
-    url = SOURCE_URLS.get(source, source)
-    notes = [
-        f"Converted with dalle-hf from [{source}]({url}) by:\n\n```bash\n{card_info.get('command', '')}\n```",
-        "The weights are Boris Dayma et al.'s DALL·E mini / Mega (github.com/borisdayma/dalle-mini) and the VQGAN "
-        "f16 16384 (`dalle-mini/vqgan_imagenet_f16_16384`), both Apache-2.0; min-dalle (Brett Kuprel, MIT) ported "
-        "them to PyTorch. Differences from min-dalle's sampling: docs/dalle-mini.md in dalle-hf.",
-    ]
-    if not vae_has_encoder:
-        notes.append("The VQGAN here has its decoder only (min-dalle's `detoker.pt`): it draws images from codes, "
-                     "but cannot encode images, so scores, variations and inpainting are refused. Convert the Flax "
-                     "VQGAN (`--flax DIR --vqgan DIR`) for those.")
-    card_data = {
-        "name": name, "license": "apache-2.0", "source": source, "command": card_info.get("command", ""),
-        "summary": f"{name} (Dayma et al.) as a dalle-hf pipeline: BART encoder-decoder, VQGAN f16 16384.",
-        "notes": "\n\n".join(notes), "tags": ["dalle-mini"],
-        "limitations": ["Trained on web image-caption pairs: it shows their biases; faces and text come out garbled."],
-    }  # fmt: skip
-    with open(os.path.join(out_dir, CARD_DATA_NAME), "w", encoding="utf-8") as f:
-        json.dump(card_data, f, indent=2)
-        f.write("\n")
-    metadata = ModelCardData(
-        license="apache-2.0", library_name="diffusers", pipeline_tag="text-to-image",
-        tags=["dalle-hf", "dalle-mini", "text-to-image"],
+    card_data = dalle_mini_card_data(
+        mega=config.d_model == 2048, command=card_info.get("command", ""),
+        from_min_dalle=card_info.get("source") == "min-dalle", vae_has_encoder=vae_has_encoder,
+        parity=card_info.get("parity"),
     )  # fmt: skip
-    body = (f"# {name}\n\n{card_data['summary']} Load it with `DalleMiniPipeline.from_pretrained(\"{out_dir}\")` "
-            "or `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`.\n\n" + card_data["notes"]
-            + "\n\n## Limitations\n\n- " + card_data["limitations"][0] + "\n")  # fmt: skip
-    ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}").save(os.path.join(out_dir, "README.md"))
+    if "name" in card_info:
+        card_data["name"] = card_info["name"]
+    with open(os.path.join(out_dir, CARD_DATA_NAME), "w", encoding="utf-8") as f:
+        json.dump(card_data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    write_model_card(out_dir)
 
 
 def save_converted_pipeline(
@@ -219,7 +196,6 @@ def save_converted_pipeline(
     """
     from transformers import BartTokenizerFast, CLIPModel, CLIPProcessor
 
-    from .hub import add_remote_code
     from .pipeline_dalle_mini import DalleMiniPipeline
 
     expected = expected_shapes(config)
@@ -258,7 +234,6 @@ def save_converted_pipeline(
         if os.path.isfile(os.path.join(tokenizer_dir, name)):
             shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, "tokenizer", name))
     write_card(out_dir, card_info, config, vae_has_encoder)
-    add_remote_code(out_dir)
     return pipe
 
 

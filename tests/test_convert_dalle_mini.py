@@ -1,5 +1,5 @@
 """convert_min_dalle / `dalle-hf convert-dalle-mini`: a min-dalle models_root of tiny random weights (state dicts
-written with torch.save, as min-dalle's files are) becomes a folder that DiffusionPipeline.from_pretrained loads and
+written with torch.save, as min-dalle's files are) becomes a folder that DalleMiniPipeline.from_pretrained loads and
 generates with; wrong and truncated files are refused naming the file and the tensor."""
 
 import os
@@ -62,7 +62,7 @@ def tiny_vqgan_loader(monkeypatch):
 def test_converted_folder_loads_with_diffusion_pipeline_and_generates_min_dalles_codes(
     tmp_path, min_dalle_reference, tiny_vqgan_loader
 ):
-    from diffusers import DiffusionPipeline
+    from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
 
     encoder, decoder = min_dalle_reference
     root = write_models_root(tmp_path / "pretrained", encoder, decoder)
@@ -74,7 +74,7 @@ def test_converted_folder_loads_with_diffusion_pipeline_and_generates_min_dalles
     assert "apache-2.0" in card and "Dayma" in card and "convert-dalle-mini --min-dalle" in card
     assert "decoder only" in card
 
-    pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    pipe = DalleMiniPipeline.from_pretrained(str(out))  # dalle-hf's own classes; `dalle-hf push` adds the code
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "DalleMiniPipeline" and pipe.config.vae_has_encoder is False
     result = pipe(PROMPT, top_k=1, output_type="pt")
@@ -91,7 +91,7 @@ def test_bfloat16_storage(tmp_path, min_dalle_reference, tiny_vqgan_loader):
 
     root = write_models_root(tmp_path / "pretrained", *min_dalle_reference)
     convert_min_dalle(str(root), str(tmp_path / "out"), dtype=torch.bfloat16)
-    pipe = DalleMiniPipeline.from_pretrained(str(tmp_path / "out"), trust_remote_code=True)
+    pipe = DalleMiniPipeline.from_pretrained(str(tmp_path / "out"))
     assert pipe.transformer.dtype == torch.bfloat16  # diffusers loads the VQModel in float32 unless asked
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
-from transformers import BartTokenizerFast
 
 from dalle_hf.cli import main as cli_main
+from dalle_hf.convert_dalle_mini import save_converted_pipeline
 from dalle_hf.hub import module_files
 from dalle_hf.model_card import CARD_DATA_NAME, DALLE_MINI_SAMPLE_PROMPTS, dalle_mini_card_data
 from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
@@ -36,20 +36,20 @@ SAMPLING = dict(num_images_per_prompt=3, num_images_to_keep=2, top_k=64)
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer) -> Path:
-    """A folder as the converter leaves it: a tiny random DALL·E mini (VQGAN with its encoder, a tiny CLIP), saved
-    by dalle-hf, with the card data of a Flax conversion."""
-    folder = tmp_path_factory.mktemp("converted") / "dalle-mini-hf"
-    bpe = folder.parent / "bpe"
-    write_tiny_bart_tokenizer(bpe)
+    """A folder written by the converter's `save_converted_pipeline` (as `--flax DIR --vqgan DIR` writes it): a tiny
+    random DALL·E mini, a VQGAN with its encoder, a tiny CLIP."""
+    root = tmp_path_factory.mktemp("converted")
+    write_tiny_bart_tokenizer(root / "bpe")
     clip_model, clip_processor = tiny_clip(tokenizer)
-    pipe = DalleMiniPipeline(
-        tokenizer=BartTokenizerFast.from_pretrained(bpe, model_max_length=64),
-        transformer=randomize(DalleBartForImageGeneration(tiny_bart_config())), vae=tiny_vqgan(),
-        clip_model=clip_model, clip_processor=clip_processor,
+    clip_model.save_pretrained(root / "clip")
+    clip_processor.save_pretrained(root / "clip")
+    transformer = randomize(DalleBartForImageGeneration(tiny_bart_config()))
+    save_converted_pipeline(
+        str(root / "dalle-mini-hf"), config=transformer.config, transformer_state_dict=transformer.state_dict(),
+        vae=tiny_vqgan(), tokenizer_dir=str(root / "bpe"), clip_dir=str(root / "clip"),
+        card_info={"source": "dalle-mini/dalle-mini", "command": COMMAND},
     )  # fmt: skip
-    pipe.save_pretrained(folder)
-    (folder / CARD_DATA_NAME).write_text(json.dumps(dalle_mini_card_data(mega=False, command=COMMAND), indent=2))
-    return folder
+    return root / "dalle-mini-hf"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_push_publishes_the_code_and_a_card_that_credits_the_sources(published, 
     expected = code | {f"transformer/{name}" for name in module_files("modeling_dalle_bart")}
     assert {name for name in files if name.endswith(".py")} == expected  # no code for diffusers' own VQModel
     assert CARD_DATA_NAME not in files and "samples.png" not in files  # a converted model's grid is not drawn here
-    weights = ("transformer/model.safetensors", "vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json")
+    weights = ("transformer/model.safetensors", "vae/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json")
     for name in weights:
         assert files[name] == (converted / name).read_bytes(), name
     index = json.loads(files["model_index.json"])
