@@ -8,7 +8,7 @@ The pipelines call a model family through a small interface, so one sampling cor
   `decode_step_hidden_state`, `image_logits`, `image_log_probs`; `config.text_seq_len`, `config.image_grid_size`;
 - the pipeline methods that know the family's text and image tokenizers: `encode_prompt`, `prompt_token_count`,
   `unconditional_ids`, `decode_image_tokens`, `encode_images`, `check_image_tokens`, `prepare_image`,
-  `encode_image_codes`, `image_size`.
+  `encode_image_codes`, `image_size`, `codebook_size`.
 
 [`DalleMiniFamily`] holds the DALL·E mini side of the second list; mixed into [`DallePipeline`] it gives
 [`DalleMiniPipeline`], into [`DalleInpaintPipeline`] and [`DalleImageVariationPipeline`] it gives
