@@ -4,6 +4,7 @@ Paper §2.3: "we rerank the samples drawn from the transformer using a pretraine
 best `k` of `N`. Classifier-free guidance ("super-conditioning", as in min-dalle and DALL-E mega) is optional.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +197,26 @@ class DallePipeline(DiffusionPipeline):
 
         return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token,
                              create_pr=create_pr, revision=revision)  # fmt: skip
+
+    @classmethod
+    def from_pipe(cls, pipeline: "DallePipeline", **kwargs) -> "DallePipeline":
+        r"""
+        This class's pipeline on `pipeline`'s modules (one copy of the weights) and settings: the task pipelines of
+        one model, e.g. `DalleInpaintPipeline.from_pipe(pipe)` or `DalleMiniInpaintPipeline.from_pipe(mini_pipe)`.
+
+        Unlike `Cls(**pipe.components)`, the settings that are not modules come along too (`default_guidance_scale`,
+        DALL·E mini's `vae_has_encoder`, whose loss would let an encoder-less VQGAN encode images with random
+        weights). Replaces diffusers' `from_pipe`, which matches components by their annotated types.
+
+        Args:
+            pipeline ([`DallePipeline`]): a pipeline of the same model family.
+            kwargs: components or settings to replace.
+        """
+        if not isinstance(pipeline, DallePipeline):
+            raise ValueError(f"pipeline must be a dalle-hf pipeline, got {type(pipeline).__name__}")
+        names = inspect.signature(cls.__init__).parameters
+        settings = {k: v for k, v in pipeline.config.items() if k in names and k not in pipeline.components}
+        return cls(**{**pipeline.components, **settings, **kwargs})
 
     @property
     def image_size(self) -> int:

@@ -78,10 +78,18 @@ def test_inpainting_keeps_every_pixel_outside_the_mask(components, picture):
     assert torch.equal(again.image_tokens, out.image_tokens) and torch.equal(again.images, out.images)
 
 
-def test_inpainting_shares_the_text_to_image_components(components, picture):
-    pipe = make(DalleMiniPipeline, components)
-    inpaint = DalleMiniInpaintPipeline(**pipe.components, default_guidance_scale=pipe.config.default_guidance_scale)
-    assert inpaint.config.default_guidance_scale == 10.0 and inpaint.image_size == 32
+def test_task_pipelines_share_the_modules_and_settings(components, picture):
+    pipe = make(DalleMiniPipeline, components, default_guidance_scale=7.0, vae_has_encoder=False)
+    inpaint = DalleMiniInpaintPipeline.from_pipe(pipe)
+    variations = DalleMiniImageVariationPipeline.from_pipe(pipe)
+    for task in (inpaint, variations):
+        assert task.transformer is pipe.transformer and task.vae is pipe.vae  # one copy of the weights
+        assert task.config.default_guidance_scale == 7.0 and task.config.vae_has_encoder is False
+    with pytest.raises(ValueError, match="no encoder weights"):
+        variations(picture)
+    inpaint = DalleMiniInpaintPipeline.from_pipe(pipe, vae_has_encoder=True)
+    inpaint.set_progress_bar_config(disable=True)
+    assert inpaint.config.default_guidance_scale == 7.0 and inpaint.image_size == 32
     assert inpaint.codebook_size == 16384
     with pytest.raises(ValueError, match="mask_image is empty"):
         inpaint(PROMPT, image=picture, mask_image=np.zeros((32, 32), dtype=bool))
@@ -213,3 +221,15 @@ def test_cli_compress_and_decompress_a_saved_mini_pipeline(components, picture, 
     codes = pipe.encode_images([picture])  # (1, 16, 16)
     expected = pipe.postprocess(pipe.decode_image_tokens(codes.flatten(1)), "pil")[0]
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out.png")), np.asarray(expected))
+
+
+def test_from_pipe_serves_the_dvae_family_too(pipe):
+    from dalle_hf.pipeline_dalle import DallePipeline
+    from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
+
+    guided = DallePipeline.from_pipe(pipe, default_guidance_scale=3.0)
+    inpaint = DalleInpaintPipeline.from_pipe(guided)
+    assert inpaint.config.default_guidance_scale == 3.0 and inpaint.transformer is pipe.transformer
+    assert inpaint.clip_model is pipe.clip_model
+    with pytest.raises(ValueError, match="must be a dalle-hf pipeline"):
+        DalleInpaintPipeline.from_pipe(object())
