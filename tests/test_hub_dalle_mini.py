@@ -110,10 +110,17 @@ def test_published_repo_loads_and_generates_without_dalle_hf(published, converte
         out = pipe("{PROMPT}", generator=torch.Generator().manual_seed(0), **{SAMPLING!r})
         np.save("tokens.npy", out.image_tokens.numpy())
         np.save("pixels.npy", np.stack([np.asarray(image) for image in out.images]))
+        # the published code carries the editing pipelines too: inpaint one of the images without dalle-hf
+        inpaint = sys.modules[type(pipe).__module__].DalleMiniInpaintPipeline.from_pipe(pipe)
+        inpaint.set_progress_bar_config(disable=True)
+        mask = np.zeros((32, 32), dtype=bool); mask[16:] = True
+        edit = inpaint("{PROMPT}", image=out.images[0], mask_image=mask, top_k=64, output_type="np")
+        original = np.asarray(out.images[0], dtype=np.float32) / 255.0  # as the pipeline converts a PIL image
+        kept = bool((edit.images[0][~mask] == original[~mask]).all())
         own = [m for m in sys.modules if m.startswith("dalle_hf")]
         print(json.dumps({{"pipeline": type(pipe).__module__, "class": type(pipe).__name__,
                           "transformer": type(pipe.transformer).__module__, "vae": type(pipe.vae).__module__,
-                          "ranked_by": out.ranked_by, "dalle_hf": own}}))
+                          "ranked_by": out.ranked_by, "dalle_hf": own, "kept": kept}}))
     """
     result = run_without_dalle_hf(venv_without_dalle_hf, script, cache, tmp_path)
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
@@ -121,6 +128,7 @@ def test_published_repo_loads_and_generates_without_dalle_hf(published, converte
     assert loaded["class"] == "DalleMiniPipeline"
     assert loaded["transformer"].endswith("modeling_dalle_bart") and loaded["vae"].startswith("diffusers.models")
     assert loaded["ranked_by"] == "clip" and loaded["dalle_hf"] == []
+    assert loaded["kept"]  # every pixel outside the mask, through the published code
 
     pipe = DalleMiniPipeline.from_pretrained(converted)  # dalle-hf's own classes, from the converted folder
     pipe.set_progress_bar_config(disable=True)
