@@ -248,7 +248,9 @@ def cmd_convert_dalle_mini(args) -> int:
             raise ValueError("--mega goes with --min-dalle; a Flax snapshot's config.json says which model it is")
         from .convert_flax_dalle_mini import convert_flax
 
-        pipe = convert_flax(args.flax, args.vqgan, args.out, clip_dir=args.clip, dtype=dtype)
+        command = f"dalle-hf convert-dalle-mini --flax {args.flax} --vqgan {args.vqgan} --out {args.out}" + (
+            f" --clip {args.clip}" if args.clip else "") + f" --dtype {args.dtype}"
+        pipe = convert_flax(args.flax, args.vqgan, args.out, clip_dir=args.clip, dtype=dtype, command=command)
     n = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"wrote {args.out}: {n:,} transformer parameters ({args.dtype})")
     return 0

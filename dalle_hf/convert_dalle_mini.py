@@ -132,19 +132,12 @@ def config_from_min_dalle(
 
 
 def vqgan_from_detoker(path: str, dtype: torch.dtype):
-    """min-dalle's `vqgan/detoker.pt` (the VQGAN's decoder only) as a diffusers `VQModel`, through the `convert`
-    module's mapping (`dalle_hf.convert_vqgan`); the encoder's weights stay at their initialization."""
-    from diffusers import VQModel
+    """min-dalle's `vqgan/detoker.pt` (the VQGAN's decoder and codebook only) as a diffusers `VQModel`, through the
+    `convert` module's mapping (`dalle_hf.convert_vqgan.vqgan_from_min_dalle`, which names the file and tensor of a
+    mismatch); the encoder is left empty, so the pipeline is saved with `vae_has_encoder=False`."""
+    from .convert_vqgan import vqgan_from_min_dalle
 
-    from .convert_vqgan import vqgan_config, vqgan_state_dict_from_min_dalle
-
-    mapped = vqgan_state_dict_from_min_dalle(load_state_dict(path))
-    vae = VQModel(**vqgan_config())
-    missing = [k for k in vae.state_dict() if k not in mapped and not k.startswith(("encoder.", "quant_conv."))]
-    if missing:
-        raise ValueError(f"{path}: missing tensor for {missing[0]!r} (and {len(missing) - 1} more)")
-    vae.load_state_dict(mapped, strict=False)
-    return vae.to(dtype).eval()
+    return vqgan_from_min_dalle(load_state_dict(path), source=path).to(dtype)
 
 
 def write_card(out_dir: str, card_info: dict, config: DalleBartConfig, vae_has_encoder: bool) -> None:

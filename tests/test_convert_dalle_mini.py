@@ -155,14 +155,15 @@ def test_cli_converts_and_dispatches_flax(tmp_path, min_dalle_reference, tiny_vq
     calls = []
     fake = types.ModuleType("dalle_hf.convert_flax_dalle_mini")  # the `convert` module's, not on this branch
 
-    def convert_flax(flax_dir, vqgan_dir, out_dir, *, clip_dir=None, dtype=torch.float32):
-        calls.append((flax_dir, vqgan_dir, out_dir, clip_dir, dtype))
+    def convert_flax(flax_dir, vqgan_dir, out_dir, *, clip_dir=None, dtype=torch.float32, command=None):
+        calls.append((flax_dir, vqgan_dir, out_dir, clip_dir, dtype, command))
         return types.SimpleNamespace(transformer=torch.nn.Linear(2, 2))
 
     fake.convert_flax = convert_flax
     monkeypatch.setitem(sys.modules, "dalle_hf.convert_flax_dalle_mini", fake)
     cli.main(["convert-dalle-mini", "--flax", "snap", "--vqgan", "vq", "--out", "o", "--dtype", "bfloat16"])
-    assert calls == [("snap", "vq", "o", None, torch.bfloat16)]
+    command = "dalle-hf convert-dalle-mini --flax snap --vqgan vq --out o --dtype bfloat16"
+    assert calls == [("snap", "vq", "o", None, torch.bfloat16, command)]
     for bad in (["--flax", "snap", "--out", "o"], ["--min-dalle", "r", "--flax", "s", "--out", "o"],
                 ["--min-dalle", "r", "--vqgan", "v", "--out", "o"]):  # fmt: skip
         with pytest.raises(SystemExit):
