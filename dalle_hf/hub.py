@@ -14,6 +14,11 @@ mechanisms need (diffusers `custom pipelines` and `custom components`, transform
   trust_remote_code=True)` works too;
 - the model card written by `dalle_hf.model_card` from the folder's `card_data.json`, and the sample grid.
 
+A converted DALL·E mini / Mega folder publishes the same way: `pipeline_dalle_mini.py` (with the inpainting and
+variation pipelines it builds on) and `transformer/modeling_dalle_bart.py`; its VQGAN is diffusers' own `VQModel`,
+which needs no code. Its card is `dalle_mini_card_data`'s, and no sample grid is drawn on the way (Mega takes minutes
+per image on a CPU).
+
 So `DiffusionPipeline.from_pretrained("org/name", trust_remote_code=True)` needs only diffusers and transformers.
 The module files are dalle-hf's own, copied verbatim (they import each other only relatively). The local
 checkpoint's `model_index.json` keeps its `dalle_hf.*` module paths; only the published copy names the files.
