@@ -12,16 +12,20 @@ import logging
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dalle import DalleConfig
+from .configuration_dalle_bart import DalleBartConfig
 from .configuration_dvae import DalleVAEConfig
 from .modeling_dalle import DalleForImageGeneration, DalleKVCache, DalleOutput
+from .modeling_dalle_bart import DalleBartForImageGeneration
 from .modeling_dvae import DalleVAE, DalleVAEOutput
 
 __version__ = "0.1.0"
 
 AutoConfig.register(DalleConfig.model_type, DalleConfig, exist_ok=True)
 AutoConfig.register(DalleVAEConfig.model_type, DalleVAEConfig, exist_ok=True)
+AutoConfig.register(DalleBartConfig.model_type, DalleBartConfig, exist_ok=True)
 AutoModel.register(DalleConfig, DalleForImageGeneration, exist_ok=True)
 AutoModel.register(DalleVAEConfig, DalleVAE, exist_ok=True)
+AutoModel.register(DalleBartConfig, DalleBartForImageGeneration, exist_ok=True)
 
 
 class _OptionalKernelFilter(logging.Filter):
@@ -46,6 +50,9 @@ _LAZY = {
     "DalleImageVariationPipeline": "pipeline_dalle_variation",
     "DalleInpaintPipeline": "pipeline_dalle_inpaint",
     "DalleInpaintPipelineOutput": "pipeline_dalle_inpaint",
+    "DalleMiniPipeline": "pipeline_dalle_mini",
+    "DalleMiniInpaintPipeline": "pipeline_dalle_mini",
+    "DalleMiniImageVariationPipeline": "pipeline_dalle_mini",
     "train_text_tokenizer": "tokenization",
     "make_clip_config": "clip",
     "make_clip_processor": "clip",
@@ -53,6 +60,8 @@ _LAZY = {
 
 # Written out (not built from _LAZY) so linters see the re-exports above; a test checks it against _LAZY.
 __all__ = [
+    "DalleBartConfig",
+    "DalleBartForImageGeneration",
     "DalleClassificationOutput",
     "DalleConfig",
     "DalleForImageGeneration",
@@ -60,6 +69,9 @@ __all__ = [
     "DalleInpaintPipeline",
     "DalleInpaintPipelineOutput",
     "DalleKVCache",
+    "DalleMiniImageVariationPipeline",
+    "DalleMiniInpaintPipeline",
+    "DalleMiniPipeline",
     "DalleOutput",
     "DallePipeline",
     "DallePipelineOutput",

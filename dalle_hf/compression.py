@@ -3,7 +3,9 @@
 The transformer's loss on an image's tokens is the length in bits of the best code for them under the model
 (Shannon); a range coder gets within a few bits of it. Compressing an image: its dVAE codes, range-coded under the
 transformer's next-code distribution given a caption. Decompressing: the identical code grid, then its dVAE
-reconstruction. **Lossless for the codes, lossy for the pixels**: the dVAE round trip is the only loss.
+reconstruction. **Lossless for the codes, lossy for the pixels**: the dVAE round trip is the only loss. A DALL·E
+mini / Mega pipeline ([`DalleMiniPipeline`]) works the same way: its VQGAN's codes, 16 x 16 of 16384, coded under
+the BART decoder given the caption (the file's fingerprint tells the two models, or any two weights, apart).
 
 The coder is `constriction`'s range coder (`stream.queue.RangeEncoder` with `stream.model.Categorical(perfect=False)`;
 `perfect=False` is the fast quantizer, the default in 0.5.0 is the slow exact one). Both sides must see bit-identical
@@ -143,7 +145,8 @@ class NextCodeDistribution:
         self.device = input_ids.device
 
     def probabilities(self) -> np.ndarray:
-        """float64 (image_vocab_size,) probabilities of the next code."""
+        """float64 (V,) probabilities of the next code, V the codes the model predicts (its `image_log_probs`
+        width: the dVAE's codebook, or the 16384 VQGAN codes of DALL·E mini / Mega)."""
         return self.transformer.image_log_probs(self.hidden)[0].exp().cpu().numpy()
 
     def advance(self, code: int) -> None:
@@ -153,12 +156,12 @@ class NextCodeDistribution:
 
     def along(self, codes: np.ndarray) -> np.ndarray:
         """(N, V) float64: the distribution before each of the (N,) `codes`, fed one by one."""
-        probabilities = np.empty((len(codes), self.transformer.config.image_vocab_size))
+        rows = []
         for i, code in enumerate(codes.tolist()):
-            probabilities[i] = self.probabilities()
+            rows.append(self.probabilities())
             if i + 1 < len(codes):
                 self.advance(code)
-        return probabilities
+        return np.stack(rows)  # (N, V)
 
 
 def _categorical(probabilities: np.ndarray):
@@ -275,7 +278,7 @@ class LikelihoodCoder:
         self.pipe = pipe
         self.fingerprint = model_fingerprint(pipe)
         config = pipe.transformer.config
-        self.grid_size, self.vocab_size = config.image_grid_size, config.image_vocab_size
+        self.grid_size, self.vocab_size = config.image_grid_size, pipe.codebook_size
         self.raw_bits = raw_bits_per_code(self.vocab_size)
 
     # ------------------------------------------------------------------------------------------------------------

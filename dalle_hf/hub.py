@@ -14,6 +14,11 @@ mechanisms need (diffusers `custom pipelines` and `custom components`, transform
   trust_remote_code=True)` works too;
 - the model card written by `dalle_hf.model_card` from the folder's `card_data.json`, and the sample grid.
 
+A converted DALL·E mini / Mega folder publishes the same way: `pipeline_dalle_mini.py` (with the inpainting and
+variation pipelines it builds on) and `transformer/modeling_dalle_bart.py`; its VQGAN is diffusers' own `VQModel`,
+which needs no code. Its card is `dalle_mini_card_data`'s, and no sample grid is drawn on the way (Mega takes minutes
+per image on a CPU).
+
 So `DiffusionPipeline.from_pretrained("org/name", trust_remote_code=True)` needs only diffusers and transformers.
 The module files are dalle-hf's own, copied verbatim (they import each other only relatively). The local
 checkpoint's `model_index.json` keeps its `dalle_hf.*` module paths; only the published copy names the files.
@@ -26,7 +31,7 @@ import re
 import shutil
 import tempfile
 
-from .model_card import CARD_DATA_NAME, SAMPLE_GRID_NAME, write_model_card, write_sample_grid
+from .model_card import CARD_DATA_NAME, SAMPLE_GRID_NAME, read_card_data, write_model_card, write_sample_grid
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = __name__.split(".")[0]  # "dalle_hf"
@@ -105,7 +110,9 @@ def export_for_hub(source: str, out: str, repo_id: str | None = None, pipe=None)
     if not os.path.isfile(os.path.join(source, "model_index.json")):
         raise ValueError(f"expected a saved DallePipeline folder (with model_index.json), got {source!r}")
     shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".*"))
-    if not os.path.isfile(os.path.join(out, SAMPLE_GRID_NAME)):
+    # A converted model's grid is drawn where it runs (`python -m dalle_hf.model_card DIR --sample-grid`), not on
+    # the way to the Hub: DALL·E Mega takes minutes per image on a CPU.
+    if not os.path.isfile(os.path.join(out, SAMPLE_GRID_NAME)) and not read_card_data(out).get("conversion"):
         write_sample_grid(out, pipe)  # before add_remote_code: the folder still loads as dalle-hf's own pipeline
     add_remote_code(out)
     write_model_card(out, name_or_path=repo_id or source, repo_id=repo_id)

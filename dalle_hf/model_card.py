@@ -10,6 +10,11 @@ assembly command, each training stage's own card (command, seed, steps, wall tim
 the world's benchmark report (the per-task table), free-form evaluation notes, the limitations, and the prompts of
 the sample grid. The YAML front matter is a `huggingface_hub.ModelCardData` (license, `library_name`,
 `pipeline_tag: text-to-image`, tags, data sources), so `ModelCard.load(...).data` reads it back.
+
+A converted model (DALL·E mini / Mega: `dalle_mini_card_data`) has no training stages; its card data names the
+`base_model` (a Hub id, in the front matter) and a `conversion`: the sources with their authors and licenses, the
+command that converted them and what parity was verified. Its limitations are its own (the lines about models trained
+here on a CPU do not apply).
 """
 
 import argparse
@@ -60,6 +65,7 @@ def card_metadata(card_data: dict) -> ModelCardData:
     sources = card_data.get("data_sources", [])
     return ModelCardData(
         license=card_data.get("license", DEFAULT_LICENSE),
+        base_model=card_data.get("base_model"),
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=BASE_TAGS + [t for t in card_data.get("tags", []) if t not in BASE_TAGS],
@@ -93,10 +99,10 @@ def eval_section(evaluation: dict) -> str:
     return f"## {evaluation['name']}\n\n`{config}`\n\n" + "\n".join(rows) + "\n"
 
 
-def usage_section(name_or_path: str, repo_id: str | None, prompt: str = "...") -> str:
+def usage_section(name_or_path: str, repo_id: str | None, prompt: str = "...", pipeline_class: str = "DallePipeline"):
     if repo_id is None:
         return (
-            f"Load it with `DallePipeline.from_pretrained(\"{name_or_path}\")`. A copy published with "
+            f"Load it with `{pipeline_class}.from_pretrained(\"{name_or_path}\")`. A copy published with "
             "`dalle-hf push` carries the pipeline and model code, so it also loads without dalle-hf installed:\n"
             "\n```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
             "\"<org>/<name>\", trust_remote_code=True)\n```\n"
@@ -110,7 +116,24 @@ def usage_section(name_or_path: str, repo_id: str | None, prompt: str = "...") -
     )
 
 
-def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = None, sample_grid: bool = False):
+def conversion_section(conversion: dict) -> str:
+    """Where a converted model's weights come from (authors, licenses), the command and the parity checks."""
+    rows = ["| source | authors | license |", "|---|---|---|"]
+    rows += [f"| [{s['name']}]({s['url']}) | {s['authors']} | {s['license']} |" for s in conversion["sources"]]
+    lines = ["## Conversion\n", "The weights are the authors', converted, not retrained:\n", "\n".join(rows) + "\n",
+             f"Converted with:\n\n```bash\n{conversion['command']}\n```\n"]  # fmt: skip
+    if conversion.get("parity"):
+        lines.append("Verified:\n\n" + "\n".join(f"- {line}" for line in conversion["parity"]) + "\n")
+    return "\n".join(lines)
+
+
+def make_model_card(
+    card_data: dict,
+    name_or_path: str,
+    repo_id: str | None = None,
+    sample_grid: bool = False,
+    pipeline_class: str = "DallePipeline",
+):
     """The card of a pipeline folder as a `huggingface_hub.ModelCard`.
 
     Args:
@@ -119,11 +142,12 @@ def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = No
         repo_id (`str`, *optional*, defaults to `None`): the Hub repository the card is published to; it adds the
             usage section for `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
         sample_grid (`bool`, *optional*, defaults to `False`): show `samples.png` (the folder has one).
+        pipeline_class (`str`, *optional*, defaults to `"DallePipeline"`): the dalle-hf class in the load line.
     """
     title = card_data.get("name", os.path.basename(os.path.normpath(name_or_path)))
     summary = card_data.get("summary", "A DALL-E (Ramesh et al. 2021) pipeline made with dalle-hf.")
     prompts = [p for p in card_data.get("sample_prompts", []) if p]
-    usage = usage_section(name_or_path, repo_id, prompts[0] if prompts else "...")
+    usage = usage_section(name_or_path, repo_id, prompts[0] if prompts else "...", pipeline_class)
     sections = [f"# {title}\n", f"{summary} {usage}" if repo_id is None else f"{summary}\n\n{usage}"]
     if sample_grid:
         settings = {**SAMPLE_GRID_DEFAULTS, **card_data.get("sample_grid", {})}
@@ -133,6 +157,8 @@ def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = No
             f"{settings['images_per_prompt']} of {settings['candidates']} samples, seed {settings['seed']}, the "
             "pipeline's default sampling settings.\n"
         )
+    if card_data.get("conversion"):
+        sections.append(conversion_section(card_data["conversion"]))
     if card_data.get("data_sources"):
         rows = ["| data | license | what |", "|---|---|---|"]
         rows += [f"| {s['name']} | {s['license']} | {s.get('description', '')} |" for s in card_data["data_sources"]]
@@ -153,9 +179,82 @@ def make_model_card(card_data: dict, name_or_path: str, repo_id: str | None = No
         sections.append(eval_section(card_data["evaluation"]))
     if card_data.get("notes"):
         sections.append(card_data["notes"].strip() + "\n")
-    limitations = BASE_LIMITATIONS + card_data.get("limitations", [])
+    limitations = ([] if card_data.get("conversion") else BASE_LIMITATIONS) + card_data.get("limitations", [])
     sections.append("## Limitations\n\n" + "\n".join(f"- {line}" for line in limitations) + "\n")
     return ModelCard(f"---\n{card_metadata(card_data).to_yaml()}\n---\n\n" + "\n".join(sections))
+
+
+# Everyday prompts for a model trained on web captions: the card's widget and the Space's examples.
+DALLE_MINI_SAMPLE_PROMPTS = [
+    "sunset over a lake in the mountains",
+    "an armchair in the shape of an avocado",
+    "a watercolor painting of a fox in a snowy forest",
+    "a red bicycle leaning against a brick wall",
+]
+DALLE_MINI_REPOS = {False: "dalle-mini/dalle-mini", True: "dalle-mini/dalle-mega"}
+VQGAN_REPO = "dalle-mini/vqgan_imagenet_f16_16384"
+
+
+def dalle_mini_card_data(
+    *, mega: bool, command: str, from_min_dalle: bool = False, vae_has_encoder: bool = True, parity=None
+) -> dict:
+    r"""
+    The card data (`card_data.json`) of a converted DALL·E mini or Mega folder: `make_model_card` turns it into the
+    README that `dalle-hf push` publishes.
+
+    Args:
+        mega (`bool`): DALL·E Mega (`dalle-mini/dalle-mega`) rather than DALL·E mini (`dalle-mini/dalle-mini`).
+        command (`str`): the conversion command, as it was run.
+        from_min_dalle (`bool`, *optional*, defaults to `False`): the weights came through min-dalle's files
+            (credited beside the original authors) rather than the Flax snapshots.
+        vae_has_encoder (`bool`, *optional*, defaults to `True`): `False` for a VQGAN converted without its encoder
+            (min-dalle's `detoker.pt`): the card says which features that turns off.
+        parity (`list[str]`, *optional*, defaults to `None`): what the converter checked on these weights, added to
+            what dalle-hf's tests verify for every conversion.
+    """
+    name = "DALL·E Mega" if mega else "DALL·E mini"
+    sources = [
+        {"name": DALLE_MINI_REPOS[mega], "url": f"https://huggingface.co/{DALLE_MINI_REPOS[mega]}",
+         "authors": "Boris Dayma et al. (DALL·E mini, github.com/borisdayma/dalle-mini)", "license": "apache-2.0"},
+        {"name": VQGAN_REPO, "url": f"https://huggingface.co/{VQGAN_REPO}",
+         "authors": "the dalle-mini team (Suraj Patil's vqgan-jax port), after Esser, Rombach and Ommer's VQGAN "
+                    "(taming-transformers, CompVis)",
+         "license": "apache-2.0 (published with DALL·E mini); taming-transformers' code and ImageNet checkpoint: mit"},
+    ]  # fmt: skip
+    if from_min_dalle:
+        sources.append({"name": "kuprel/min-dalle", "url": "https://github.com/kuprel/min-dalle",
+                        "authors": "Brett Kuprel (the PyTorch port these files come from)", "license": "mit"})
+    checks = [
+        "Every tensor copied key for key, each key and shape checked against the model: a missing, extra or "
+        "mis-shaped tensor stops the conversion.",
+        "The transformer against min-dalle 0.4.11's classes with the same random weights (dalle-hf's tests): encoder "
+        "states and the decoder's logits at every step within 1e-4, and super-conditioned greedy generation from "
+        "start token 16384 equal token for token.",
+    ]
+    limitations = [
+        "Trained on image-caption pairs from the web: it reproduces their biases and stereotypes; faces, hands and "
+        "written text often come out distorted.",
+        "256 x 256 images; English prompts (dalle-mini's text normalizer runs before the BPE tokenizer).",
+    ]
+    if not vae_has_encoder:
+        limitations.append(
+            "This conversion's VQGAN has its decoder only (min-dalle's files hold no encoder): it draws images from "
+            "codes, but variations, inpainting, scores of images and compression of images are refused. Convert "
+            "the Flax snapshots (`dalle-hf convert-dalle-mini --flax DIR --vqgan DIR`) for those."
+        )
+    return {
+        "name": f"{name} (dalle-hf)",
+        "summary": f"{name} (Boris Dayma et al.) converted to a dalle-hf pipeline: a BART encoder-decoder writes 256 "
+                   "VQGAN codes for a prompt (a 16 x 16 grid), the VQGAN f16 16384 (diffusers' `VQModel`) decodes "
+                   "them to 256 x 256 pixels. It runs on diffusers and transformers, with dalle-hf's "
+                   "super-conditioning, CLIP or likelihood ranking, variations, inpainting, scores and compression.",
+        "license": "apache-2.0",
+        "base_model": DALLE_MINI_REPOS[mega],
+        "tags": ["dalle-mini", "vqgan"],
+        "sample_prompts": list(DALLE_MINI_SAMPLE_PROMPTS),
+        "conversion": {"sources": sources, "command": command, "parity": checks + list(parity or [])},
+        "limitations": limitations,
+    }
 
 
 def sample_grid(pipe, prompts: list[str], images_per_prompt: int = 4, candidates: int = 8, seed: int = 0):
@@ -172,6 +271,13 @@ def sample_grid(pipe, prompts: list[str], images_per_prompt: int = 4, candidates
     return grid
 
 
+def pipeline_class_name(folder: str) -> str:
+    """The pipeline class `folder/model_index.json` names (`["module", "Class"]` in a published copy)."""
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        name = json.load(f)["_class_name"]
+    return name[1] if isinstance(name, list) else name
+
+
 def write_model_card(folder: str, name_or_path: str | None = None, repo_id: str | None = None) -> ModelCard:
     """Write `folder/README.md` from `folder/card_data.json` (and show `samples.png` if the folder has one)."""
     card = make_model_card(
@@ -179,6 +285,7 @@ def write_model_card(folder: str, name_or_path: str | None = None, repo_id: str 
         folder if name_or_path is None else name_or_path,
         repo_id=repo_id,
         sample_grid=os.path.isfile(os.path.join(folder, SAMPLE_GRID_NAME)),
+        pipeline_class=pipeline_class_name(folder),
     )
     card.save(os.path.join(folder, "README.md"))
     return card

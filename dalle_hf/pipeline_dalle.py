@@ -4,6 +4,7 @@ Paper §2.3: "we rerank the samples drawn from the transformer using a pretraine
 best `k` of `N`. Classifier-free guidance ("super-conditioning", as in min-dalle and DALL-E mega) is optional.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +197,36 @@ class DallePipeline(DiffusionPipeline):
 
         return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token,
                              create_pr=create_pr, revision=revision)  # fmt: skip
+
+    @classmethod
+    def from_pipe(cls, pipeline: "DallePipeline", **kwargs) -> "DallePipeline":
+        r"""
+        This class's pipeline on `pipeline`'s modules (one copy of the weights) and settings: the task pipelines of
+        one model, e.g. `DalleInpaintPipeline.from_pipe(pipe)` or `DalleMiniInpaintPipeline.from_pipe(mini_pipe)`.
+
+        Unlike `Cls(**pipe.components)`, the settings that are not modules come along too (`default_guidance_scale`,
+        DALL·E mini's `vae_has_encoder`, whose loss would let an encoder-less VQGAN encode images with random
+        weights). Replaces diffusers' `from_pipe`, which matches components by their annotated types.
+
+        Args:
+            pipeline ([`DallePipeline`]): a pipeline of the same model family.
+            kwargs: components or settings to replace.
+        """
+        if not isinstance(pipeline, DallePipeline):
+            raise ValueError(f"pipeline must be a dalle-hf pipeline, got {type(pipeline).__name__}")
+        names = inspect.signature(cls.__init__).parameters
+        settings = {k: v for k, v in pipeline.config.items() if k in names and k not in pipeline.components}
+        return cls(**{**pipeline.components, **settings, **kwargs})
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the images the dVAE codes (and decodes to)."""
+        return self.vae.config.image_size
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of image codes: the dVAE's codebook, which the transformer predicts over."""
+        return self.transformer.config.image_vocab_size
 
     # ----------------------------------------------------------------------------------------------------------
     # Steps shared with DalleImageVariationPipeline
@@ -414,8 +445,7 @@ class DallePipeline(DiffusionPipeline):
         batched = isinstance(images, torch.Tensor) and images.dim() == 4
         if not (batched or (isinstance(images, (list, tuple)) and images)):
             raise ValueError(f"images must be a non-empty list of images or a (n, 3, H, W) tensor, got {images!r:.80}")
-        size = self.vae.config.image_size
-        pixel_values = torch.cat([image_to_tensor(image, size) for image in images])  # (n, 3, H, W)
+        pixel_values = torch.cat([image_to_tensor(image, self.image_size) for image in images])  # (n, 3, H, W)
         vae_dtype = next(self.vae.parameters()).dtype
         codes = [self.vae.get_codebook_indices(chunk.to(self._execution_device, vae_dtype)) for chunk in
                  pixel_values.split(64)]  # fmt: skip
@@ -423,7 +453,7 @@ class DallePipeline(DiffusionPipeline):
 
     def check_image_tokens(self, image_tokens) -> torch.LongTensor:
         """(n, grid, grid) or (n, grid * grid) dVAE codes -> (n, grid * grid), validated."""
-        g, V = self.transformer.config.image_grid_size, self.transformer.config.image_vocab_size
+        g, V = self.transformer.config.image_grid_size, self.codebook_size
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.dtype != torch.long:
             raise ValueError(f"image_tokens must be a torch.LongTensor, got {type(image_tokens).__name__}")
         if image_tokens.dim() == 3 and image_tokens.shape[1:] == (g, g):

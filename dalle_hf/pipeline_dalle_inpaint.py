@@ -74,7 +74,7 @@ class DalleInpaintPipeline(DallePipeline):
     # ----------------------------------------------------------------------------------------------------------
     def prepare_image(self, image) -> torch.Tensor:
         """Any image -> float (1, 3, S, S) in [0, 1] on the execution device (`image_to_tensor`)."""
-        return image_to_tensor(image, self.vae.config.image_size).to(self._execution_device)
+        return image_to_tensor(image, self.image_size).to(self._execution_device)
 
     @torch.no_grad()
     def encode_image_codes(self, pixel_values: torch.Tensor) -> torch.LongTensor:
@@ -116,7 +116,7 @@ class DalleInpaintPipeline(DallePipeline):
         if mask_image is None:
             raise ValueError("mask_image is required: white (True, > 0.5) where the image is repainted")
         pixel_values = self.prepare_image(image)  # (1, 3, S, S)
-        pixel_mask = mask_to_tensor(mask_image, image_hw(image), self.vae.config.image_size)  # (S, S)
+        pixel_mask = mask_to_tensor(mask_image, image_hw(image), self.image_size)  # (S, S)
         if not pixel_mask.any():
             raise ValueError("mask_image is empty: mark the region to repaint (white, True or > 0.5)")
         g = self.transformer.config.image_grid_size

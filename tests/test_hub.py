@@ -120,6 +120,13 @@ def write_hf_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
     return snapshot
 
 
+def use_hf_cache(monkeypatch, cache: Path) -> None:
+    """This process offline, reading the Hub cache `cache` (export-space reads the model's model_index.json)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
 @pytest.fixture(scope="module")
 def venv_without_dalle_hf(tmp_path_factory) -> Path:
     """A virtual environment with this one's packages but not dalle-hf: its .pth file names our site-packages as a
@@ -234,8 +241,9 @@ def test_published_repo_loads_without_dalle_hf(published, venv_without_dalle_hf,
     assert np.array_equal(np.load(tmp_path / "pixels.npy"), np.stack([np.asarray(image) for image in ours.images]))
 
 
-def test_export_space_runs_offline_from_the_published_model(published, venv_without_dalle_hf, tmp_path):
+def test_export_space_runs_offline_from_the_published_model(published, venv_without_dalle_hf, tmp_path, monkeypatch):
     _, cache = published
+    use_hf_cache(monkeypatch, cache)
     space = tmp_path / "space"
     assert cli_main(["export-space", str(space), "--model", REPO_ID]) == 0
     assert sorted(p.name for p in space.iterdir()) == ["README.md", "app.py", "requirements.txt"]
@@ -268,12 +276,13 @@ def test_export_space_runs_offline_from_the_published_model(published, venv_with
     assert np.array_equal(np.load(tmp_path / "space_pixels.npy"), np.stack([np.asarray(im) for im in ours.images]))
 
 
-def test_exported_space_serves_offline(published, venv_without_dalle_hf, tmp_path):
+def test_exported_space_serves_offline(published, venv_without_dalle_hf, tmp_path, monkeypatch):
     """The exported Space started as a Space starts it (`python app.py`, port from GRADIO_SERVER_PORT), without
     dalle-hf and offline, answers a generate request from gradio_client."""
     from gradio_client import Client
 
     _, cache = published
+    use_hf_cache(monkeypatch, cache)
     assert cli_main(["export-space", str(tmp_path / "space"), "--model", REPO_ID]) == 0
     port = free_port()
     env = offline_env(cache, tmp_path / "m", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
