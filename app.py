@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import functools
 import html
+import io
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import re
 import threading
 import time
 import traceback
+import unicodedata
 import uuid
 import warnings
 import weakref
@@ -37,8 +39,11 @@ import diffusers
 import gradio as gr
 import numpy as np
 import PIL.Image
+import pydantic
 import torch
 import transformers
+from gradio.exceptions import InvalidPathError
+from gradio.utils import get_upload_folder
 from PIL import ImageOps
 
 from dalle_hf.data.world import caption_words, read_world_file
@@ -312,9 +317,28 @@ def release_memory():
 # Input checks: clear messages instead of stack traces
 # ----------------------------------------------------------------------------------------------------------------
 def shown(value, limit: int = 60) -> str:
-    """`repr(value)` for a message: HTML-escaped, and cut if long (an API client can send anything)."""
+    """`repr(value)` for a message: HTML-escaped, and cut if long (an API client can send anything). `repr` writes
+    control and bidirectional-override characters as escapes."""
     text = repr(value)
     return html.escape(text if len(text) <= limit else text[: limit - 1] + "…", quote=False)
+
+
+def printable(text: str) -> str:
+    """`text` safe to quote in a note or a toast: control characters and invisible formatting characters (the
+    bidirectional overrides that reorder what follows them, U+202E) written as escapes (`\\u202e`), then
+    HTML-escaped. The zero-width joiner stays: emoji sequences are made of it."""
+    return html.escape("".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Cf") and c != "\u200d" else c
+        for c in text
+    ), quote=False)
+
+
+def logged(text, limit: int = 60) -> str:
+    """A prompt (or any value) for one log line: cut to `limit` characters, its control and bidirectional characters
+    escaped by `repr`."""
+    if isinstance(text, str) and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return repr(text)
 
 
 def check_number(name: str, value, low: float, high: float, integer: bool = False):
@@ -370,6 +394,7 @@ def check_prompt(pipe: DallePipeline, prompt) -> tuple[str, list[str]]:
         raise gr.Error(f"The prompt must be text, got {type(prompt).__name__}.")
     notes = []
     if len(prompt) > MAX_PROMPT_CHARS:
+        notes.append(f"The prompt is {len(prompt):,} characters: only its first {MAX_PROMPT_CHARS:,} are used.")
         prompt = prompt[:MAX_PROMPT_CHARS]
     if not prompt.strip():
         notes.append("Empty prompt: sampling **unconditionally** (all-padding text, as under caption dropout); "
@@ -380,7 +405,7 @@ def check_prompt(pipe: DallePipeline, prompt) -> tuple[str, list[str]]:
         ids = pipe.tokenizer(prompt, truncation=True, max_length=length)["input_ids"]
         kept = pipe.tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "").strip()  # no half characters
         notes.append(f"The prompt is {n_tokens} tokens; the model reads {length}, so it was truncated to "
-                     f"“{html.escape(kept, quote=False)}”.")
+                     f"“{printable(kept)}”.")
     if not prompt.isascii():
         notes.append("The prompt has non-Latin characters or emoji: the model was trained on short English "
                      "captions, so they are encoded byte by byte and probably carry little meaning for it.")
@@ -398,21 +423,167 @@ def check_negative_prompt(pipe: DallePipeline, negative_prompt, guidance_scale: 
     return negative_prompt, [note.replace("The prompt", "The negative prompt", 1) for note in notes]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Image inputs: only files this app received, of a bounded size
+# ----------------------------------------------------------------------------------------------------------------
+# An API client names an image input's file by its server path. Gradio checks that the path is one it received
+# only when the JSON carries `"meta": {"_type": "gradio.FileData"}`; without it `gr.Image` opened any path it was
+# given. Every image input therefore checks the path itself, before Gradio or PIL open anything: it must lie in
+# Gradio's upload folder (which also holds its cache of the app's outputs).
+UPLOAD_HINT = "upload the file first (POST /gradio_api/upload, or gradio_client's `handle_file`)"
+FILE_META = {"_type": "gradio.FileData"}
+
+
+def refusal(message: str, title: str = "Error") -> gr.Error:
+    """A `gr.Error` for a refused request: the app logs one line for it (`CheckedBlocks`), not a traceback."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def as_json(payload):
+    """A component's payload as the JSON it came from (Gradio hands pydantic models to `preprocess`)."""
+    return payload.model_dump() if isinstance(payload, pydantic.BaseModel) else payload
+
+
+def check_uploaded_file(name: str, file, require_meta: bool = False) -> str | None:
+    """The server path of an uploaded file payload (`{"path": ..., "meta": ...}`), else a message naming the input.
+
+    The path must resolve (symbolic links followed) to a file inside Gradio's upload folder; nothing is opened.
+    Data URLs are refused too: the app's own frontend never sends them, and they would skip the size check.
+    """
+    file = as_json(file)
+    if file is None:
+        return None
+    if not isinstance(file, dict):
+        raise refusal(f"{name} must be an uploaded file, {{\"path\": ..., \"meta\": {FILE_META}}}, got "
+                      f"{shown(file)}: {UPLOAD_HINT}.", title="Not an uploaded file")
+    path, url = file.get("path"), file.get("url")
+    if isinstance(url, str) and url.startswith("data:"):
+        raise refusal(f"{name} must be an uploaded file, not a data URL: {UPLOAD_HINT}.", title="Not an uploaded file")
+    if not isinstance(path, str) or not path:
+        raise refusal(f"{name} has no file path: {UPLOAD_HINT}.", title="Not an uploaded file")
+    if require_meta and file.get("meta") != FILE_META:
+        raise refusal(f"{name} must carry \"meta\": {FILE_META}, as Gradio's uploaded files do.",
+                      title="Not an uploaded file")
+    folder = os.path.realpath(get_upload_folder())
+    real = os.path.realpath(path) if "\0" not in path and "://" not in path else ""
+    if not real or os.path.commonpath([folder, real]) != folder or not os.path.isfile(real):
+        raise refusal(f"{name}: {shown(path)} is not a file this app received; {UPLOAD_HINT}.",
+                      title="Not an uploaded file")
+    return real
+
+
+def open_image(image, name: str = "The image") -> PIL.Image.Image:
+    """A path (already checked to be an upload) or a PIL image -> a PIL image whose size is checked before its
+    pixels are decoded (opening reads only the header). Anything else gets a message naming the input."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            img = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
+        raise refusal(f"{name} is too large: at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.",
+                      title="Image too large") from None
+    except (OSError, ValueError, SyntaxError):  # PIL.UnidentifiedImageError is an OSError
+        raise refusal(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or TIFF).",
+                      title="Not an image") from None
+    width, height = img.size
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise refusal(f"{name} is too large ({width} x {height}): at most {MAX_UPLOAD_PIXELS // 1_000_000} "
+                      "megapixels.", title="Image too large")
+    if width < 1 or height < 1:
+        raise refusal(f"{name} is empty ({width} x {height}).", title="Empty image")
+    return img
+
+
 class ImageUpload(gr.Image):
-    """A `gr.Image` that reports an upload it cannot read (not an image, a decompression bomb) as a message."""
+    """A `gr.Image` that takes only files the app received (`check_uploaded_file`), and reports an upload it cannot
+    read (not an image, a decompression bomb) as a message."""
 
     is_template = True  # drawn by the frontend's Image component
 
+    def check_payload(self, payload):
+        """Called on the request's JSON before Gradio touches its files (`CheckedBlocks`)."""
+        check_uploaded_file(setting_name(self), payload)
+
     def preprocess(self, payload):
+        self.check_payload(payload)
+        if payload is not None:
+            open_image(payload.path, setting_name(self))  # the size, before Gradio decodes anything
         try:
             return super().preprocess(payload)
         except gr.Error:
             raise
         except PIL.Image.DecompressionBombError:
-            raise gr.Error("The image is too large to decode safely.", title="Image too large") from None
+            raise refusal("The image is too large to decode safely.", title="Image too large") from None
         except (OSError, ValueError, SyntaxError):  # PIL.UnidentifiedImageError is an OSError
-            raise gr.Error("The upload is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or TIFF).",
-                           title="Not an image") from None
+            raise refusal("The upload is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or TIFF).",
+                          title="Not an image") from None
+
+
+class CheckedImageEditor(gr.ImageEditor):
+    """A `gr.ImageEditor` whose background and layers must be files the app received (or the canvas's own blobs)
+    and at most MAX_UPLOAD_PIXELS each, checked before Gradio decodes them."""
+
+    is_template = True  # drawn by the frontend's ImageEditor component
+
+    def check_payload(self, payload):
+        payload = as_json(payload)
+        if payload is None:
+            return
+        if not isinstance(payload, dict) or not isinstance(payload.get("layers") or [], list):
+            raise refusal(f"The image to edit must be {{\"background\": file, \"layers\": [file, ...], "
+                          f"\"composite\": file}}, got {shown(payload)}.", title="Bad image")
+        for key, files in (("background", [payload.get("background")]), ("layer", payload.get("layers") or []),
+                           ("composite", [payload.get("composite")])):
+            for file in files:
+                check_uploaded_file(f"The image to edit ({key})", file, require_meta=True)
+
+    def preprocess(self, payload):
+        self.check_payload(payload)
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except PIL.Image.DecompressionBombError:
+            raise refusal("The image to edit is too large to decode safely.", title="Image too large") from None
+        except (OSError, ValueError, SyntaxError):
+            raise refusal("The image to edit is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or "
+                          "TIFF).", title="Not an image") from None
+
+    def convert_and_format_image(self, file, flatten_on_white: bool = False):
+        if file is not None:  # a checked upload, or the bytes the browser's canvas sent
+            open_image(file.path if hasattr(file, "path") else io.BytesIO(file), "The image to edit")
+        return super().convert_and_format_image(file, flatten_on_white)
+
+
+def output_gallery(label: str, elem_id: str) -> "CheckedGallery":
+    """A gallery of results. It is the input of the "use this image" buttons, and Gradio gives any event input an
+    upload area unless told otherwise: `interactive=False`, so a result gallery takes no uploads."""
+    return CheckedGallery(label=label, interactive=False, columns=4, height="auto", format="png", object_fit="contain",
+                          buttons=["download", "download_all", "fullscreen"], elem_id=elem_id)
+
+
+class CheckedGallery(gr.Gallery):
+    """An output gallery that is also the input of the "use this image" buttons: its items must be files the app
+    received (its own outputs are), so a forged gallery cannot name another file."""
+
+    is_template = True  # drawn by the frontend's Gallery component
+
+    def check_payload(self, payload):
+        payload = as_json(payload)
+        if payload is None:
+            return
+        if not isinstance(payload, list):
+            raise refusal(f"The gallery “{setting_name(self)}” must be a list of images, got {shown(payload)}.",
+                          title="Bad gallery")
+        for item in payload:
+            if not isinstance(item, dict) or item.get("image") is None:
+                raise refusal(f"The gallery “{setting_name(self)}” holds something not an image: {shown(item)}.",
+                              title="Bad gallery")
+            check_uploaded_file(f"An image of the gallery “{setting_name(self)}”", item["image"], require_meta=True)
+
+    def preprocess(self, payload):
+        self.check_payload(payload)
+        return super().preprocess(payload)
 
 
 # Gradio checks a slider's or number box's API input against its bounds before it looks at the type, so null,
@@ -467,6 +638,36 @@ class CheckedTextbox(gr.Textbox):
         return super().preprocess(payload)
 
 
+def check_choice(component, payload):
+    """A dropdown's or radio's input must be one of its choices: else a message naming the setting and its choices."""
+    choices = [value for _, value in component.choices]
+    if payload not in choices or not isinstance(payload, str):
+        listed = ", ".join(map(str, choices)) or "none (no model was found)"
+        raise refusal(f"{setting_name(component)} must be one of: {html.escape(listed, quote=False)}; got "
+                      f"{shown(payload)}.", title="Unknown setting")
+
+
+class CheckedDropdown(gr.Dropdown):
+    """A `gr.Dropdown` (one choice, no custom values) whose input must be one of its choices or empty (None)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is not None:
+            check_choice(self, payload)
+        return super().preprocess(payload)
+
+
+class CheckedRadio(gr.Radio):
+    """A `gr.Radio` whose input must be one of its choices."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        check_choice(self, payload)
+        return super().preprocess(payload)
+
+
 class StyleDropdown(gr.Dropdown):
     """The style selector: a `gr.Dropdown` whose input is checked by the handler against the styles of the model named
     in the same call (`apply_style`), not against the choices this session last showed (an API client can ask
@@ -493,21 +694,10 @@ def to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
 def load_image(image, image_size: int) -> tuple[PIL.Image.Image, list[str]]:
     """An upload (a path or PIL image) -> a bounded PIL image the pipeline converts, and notes on the conversion."""
     if image is None:
-        raise gr.Error("Upload an image first, or pick a generated one (“Make variations of the selected image”).")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            img = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
-    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
-        raise gr.Error(f"The image is too large: at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.") from None
-    except (OSError, ValueError, SyntaxError):
-        raise gr.Error("The upload is not an image this app can read (PNG, JPEG, WebP, GIF, BMP or TIFF).") from None
+        raise refusal("Upload an image first, or pick a generated one (“Make variations of the selected image”).",
+                      title="No image")
+    img = open_image(image)
     width, height = img.size
-    if width * height > MAX_UPLOAD_PIXELS:
-        raise gr.Error(f"The image is too large ({width} x {height}): at most {MAX_UPLOAD_PIXELS // 1_000_000} "
-                       "megapixels.")
-    if width < 1 or height < 1:
-        raise gr.Error(f"The image is empty ({width} x {height}).")
     notes, mode = [], img.mode
     if getattr(img, "n_frames", 1) > 1:
         notes.append("Animated image: the first frame is used.")
@@ -516,7 +706,8 @@ def load_image(image, image_size: int) -> tuple[PIL.Image.Image, list[str]]:
         img = ImageOps.exif_transpose(img)
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise gr.Error(f"The image could not be decoded ({e}); is the file complete?") from None
+        raise refusal(f"The image could not be decoded ({printable(str(e))}); is the file complete?",
+                      title="Not an image") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / 32-bit / float gray -> 8-bit gray
         img = PIL.Image.fromarray(to_uint8(np.asarray(img, dtype=np.float64), img.mode), "L")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
@@ -873,13 +1064,22 @@ def on_prompt_change(models, worlds, name, prompt):
     return gr.Markdown(note, visible=bool(note)), style
 
 
+def selected_item(gallery, index):
+    """The selected (else the best) image of a gallery's value: a path (or a PIL image, from Python)."""
+    index = index if isinstance(index, int) and not isinstance(index, bool) else 0
+    return gallery[min(max(index, 0), len(gallery) - 1)][0]
+
+
 def send_to_editor(gallery, index):
     """The selected (else the best) image of a gallery -> the edit tab's canvas, nothing painted yet."""
     if not gallery:
         gr.Warning("There is no image to edit yet.")
         return gr.skip(), gr.skip()
-    image = gallery[min(int(index or 0), len(gallery) - 1)][0]
-    image = PIL.Image.open(image).convert("RGB") if isinstance(image, (str, os.PathLike)) else image
+    image = open_image(selected_item(gallery, index), "The selected image")  # the size, before decoding
+    try:
+        image = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        raise refusal("The selected image could not be decoded.", title="Not an image") from None
     return {"background": image, "layers": [], "composite": image}, gr.Tabs(selected="edit")
 
 
@@ -888,7 +1088,8 @@ def send_to_variations(gallery, index):
     if not gallery:
         gr.Warning("Generate some images first.")
         return gr.skip(), gr.skip()
-    image = gallery[min(int(index or 0), len(gallery) - 1)][0]
+    image = selected_item(gallery, index)
+    open_image(image, "The selected image")  # an image, and not too large: the variations tab would show it
     return image, gr.Tabs(selected="variations")
 
 
@@ -918,6 +1119,51 @@ def how_it_works(info: dict | None) -> str:
     )
 
 
+class CheckedBlocks(gr.Blocks):
+    """`gr.Blocks` that answers every refused request with a message and logs it on one line.
+
+    Before Gradio looks at a request's files, each input with a `check_payload` checks its JSON (an image input:
+    only files the app received); what Gradio itself still refuses (a missing input, a malformed file object)
+    becomes a message too, instead of `{"error": null}`. Refusals (`gr.Error`) log one line: the endpoint, the
+    prompt (shortened, escaped) and the message; an unexpected error logs its traceback once and answers with a
+    message that says so.
+    """
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        if len(inputs) < len(block_fn.inputs):
+            names = ", ".join(setting_name(block) for block in block_fn.inputs)
+            raise refusal(f"Expected {len(block_fn.inputs)} inputs ({names}), got {len(inputs)}.",
+                          title="Missing inputs")
+        for block, payload in zip(block_fn.inputs, inputs):
+            if hasattr(block, "check_payload"):
+                block.check_payload(payload)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except (InvalidPathError, pydantic.ValidationError) as e:
+            raise refusal(f"A file of this request was refused ({type(e).__name__}): send files uploaded to this "
+                          f"app, as {{\"path\": ..., \"meta\": {FILE_META}}}; {UPLOAD_HINT}.",
+                          title="Not an uploaded file") from None
+
+    async def process_api(self, block_fn, inputs, *args, **kwargs):
+        try:
+            return await super().process_api(block_fn, inputs, *args, **kwargs)
+        except gr.Error as e:
+            e.print_exception = False  # Gradio would print a traceback per refusal
+            fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+            logger.warning("Refused %s (prompt %s): %s", fn.api_name or fn.name, logged(request_prompt(fn, inputs)),
+                           " ".join(str(e.message).split()))
+            raise
+        except Exception as e:
+            logger.exception("Unexpected error")
+            raise refusal(f"The server failed on this request ({type(e).__name__}); it was logged. The app is still "
+                          "running: try again.", title="Server error") from None
+
+
+def request_prompt(fn, inputs: list):
+    """The text of a request's first text input (its prompt), for the log; None if it has none."""
+    return next((value for block, value in zip(fn.inputs, inputs) if isinstance(block, gr.Textbox)), None)
+
+
 def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
     """The app's Blocks for the models in `checkpoints` (see `checkpoints_root`). Loads no weights."""
     root = checkpoints_root(checkpoints)
@@ -930,12 +1176,12 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
     worlds = {name: ModelWorld.read(path) for name, path in models.items()}  # small JSON files, read once
     world = worlds[default] if models else ModelWorld()
 
-    with gr.Blocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:
+    with CheckedBlocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# dalle-hf\nDALL-E (v1) rebuilt the Hugging Face way: a prompt becomes N sampled candidates, "
                     "CLIP keeps the best k. Small enough to run on a CPU.")
         if not models:
             gr.Markdown(f"**{no_checkpoint_message(root)}**", elem_id="no-model")
-        model = gr.Dropdown(list(models), value=default, label="Model", visible=len(models) > 1, elem_id="model")
+        model = CheckedDropdown(list(models), value=default, label="Model", visible=len(models) > 1, elem_id="model")
         selected = gr.State(0)
         edit_selected = gr.State(0)
         with gr.Tabs() as tabs:
@@ -955,9 +1201,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                               placeholder="what to steer away from: the prompt without the "
                                                           "attribute that comes out wrong",
                                               elem_id="negative-prompt")
-                gallery = gr.Gallery(label="Best k of N (CLIP score)", columns=4, height="auto", format="png",
-                                     object_fit="contain", buttons=["download", "download_all", "fullscreen"],
-                                     elem_id="gallery")
+                gallery = output_gallery("Best k of N (CLIP score)", "gallery")
                 with gr.Row():
                     seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                     send = gr.Button("Make variations of the selected image", size="sm")
@@ -975,16 +1219,13 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                               label=f"Rows of image tokens kept (of {grid})")
                         var_run = gr.Button("Make variations", variant="primary", elem_id="var-run")
                     with gr.Column():
-                        var_gallery = gr.Gallery(label="Variations (CLIP similarity to the input)", columns=4,
-                                                 height="auto", format="png", object_fit="contain",
-                                                 buttons=["download", "download_all", "fullscreen"],
-                                                 elem_id="var-gallery")
+                        var_gallery = output_gallery("Variations (CLIP similarity to the input)", "var-gallery")
                         var_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                         var_status = gr.Markdown(label="Status")
             with gr.Tab("Edit", id="edit"):
                 with gr.Row():
                     with gr.Column():
-                        editor = gr.ImageEditor(label="Image: paint over the region to repaint", type="pil",
+                        editor = CheckedImageEditor(label="Image: paint over the region to repaint", type="pil",
                                                 image_mode="RGBA", height=320, sources=["upload", "clipboard"],
                                                 transforms=(), layers=False, format="png",
                                                 brush=gr.Brush(default_size=brush_px, colors=["#ff00ff"],
@@ -995,15 +1236,12 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
                                                      placeholder=world.examples[0])
                         grow = CheckedCheckbox(label="Also repaint the cells around the mask (a softer seam)",
                                                value=False)
-                        rank_by = gr.Radio(list(EDIT_RANKINGS), value=DEFAULT_EDIT_RANKING, label="Rank by",
+                        rank_by = CheckedRadio(list(EDIT_RANKINGS), value=DEFAULT_EDIT_RANKING, label="Rank by",
                                            info="CLIP alone ranked best on the shapes edit benchmark "
                                                 "(docs/inpainting.md)", elem_id="edit-rank")
                         edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                     with gr.Column():
-                        edit_gallery = gr.Gallery(label="Edits, best first", columns=4,
-                                                  height="auto", format="png", object_fit="contain",
-                                                  buttons=["download", "download_all", "fullscreen"],
-                                                  elem_id="edit-gallery")
+                        edit_gallery = output_gallery("Edits, best first", "edit-gallery")
                         with gr.Row():
                             edit_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                             reuse = gr.Button("Use the selected edit as input", size="sm", elem_id="edit-reuse")
@@ -1061,6 +1299,19 @@ def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
 # ----------------------------------------------------------------------------------------------------------------
 # __main__
 # ----------------------------------------------------------------------------------------------------------------
+MAX_LOG_LINE = 300  # characters of a log message; the pipeline's truncation warning quotes a 1,000-character prompt
+
+
+def short_lines(record: logging.LogRecord) -> bool:
+    """A logging filter: a message (not a traceback) on one line of at most MAX_LOG_LINE characters, so that what a
+    client sends cannot flood the server log."""
+    message = " ".join(record.getMessage().split())
+    if len(message) > MAX_LOG_LINE:
+        message = message[: MAX_LOG_LINE - 1] + "…"
+    record.msg, record.args = message, None
+    return True
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="The dalle-hf Gradio app.")
     parser.add_argument("--checkpoints", default=None,
@@ -1084,6 +1335,8 @@ def main(argv=None):
     # What a user reads at start: our own lines (what loaded, from where, how fast) and Gradio's URL. Libraries log
     # at WARNING and up (httpx logs every request at INFO), and the per-file weight-loading bars are off.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(short_lines)
     logger.setLevel(logging.INFO)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

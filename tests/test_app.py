@@ -688,25 +688,6 @@ def test_large_image_is_reduced_before_conversion(image_file):
     assert max(image.size) <= 64 and "Center-cropped to a square (3000 x 2000 -> 2000 x 2000)." in notes
 
 
-def test_upload_component_reports_non_images(tmp_path):
-    from gradio.data_classes import ImageData
-
-    text = tmp_path / "payload.png"
-    text.write_text("<svg>not really</svg>")
-    component = app.ImageUpload(type="filepath", image_mode=None, render=False)
-    assert component.get_block_name() == "image"
-    with pytest.raises(gr.Error, match="not an image"):
-        component.preprocess(ImageData(path=str(text), orig_name="payload.png"))
-
-
-def test_send_to_variations():
-    assert app.send_to_variations(None, 0) == (gr.skip(), gr.skip())
-    gallery = [("/tmp/a.png", "#1"), ("/tmp/b.png", "#2")]
-    image, tabs = app.send_to_variations(gallery, 1)
-    assert image == "/tmp/b.png" and isinstance(tabs, gr.Tabs) and tabs.selected == "variations"
-    assert app.send_to_variations(gallery, 9)[0] == "/tmp/b.png"  # a stale selection: the last image
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Edit (inpainting)
 # ----------------------------------------------------------------------------------------------------------------
@@ -945,3 +926,197 @@ def test_server_is_local_and_queued(server):
     config = json.loads(urllib.request.urlopen(server + "config", timeout=10).read())
     generate = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
     assert generate["queue"] is not False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile requests: raw JSON to /gradio_api/call/<endpoint>, as an attacker sends them
+# ----------------------------------------------------------------------------------------------------------------
+META = {"_type": "gradio.FileData"}
+RAW_SETTINGS = [2, 1, 1.0, 0, 1.0, 1.0, 5, False]  # candidates ... randomize seed, as the API takes them
+
+
+def call_api(server: str, endpoint: str, data: list) -> list[tuple[str, object]]:
+    """POST `{"data": data}` to /gradio_api/call/<endpoint> and read its event stream: [(event, data), ...]."""
+    request = urllib.request.Request(f"{server}gradio_api/call/{endpoint}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.loads(urllib.request.urlopen(request, timeout=10).read())["event_id"]
+    with urllib.request.urlopen(f"{server}gradio_api/call/{endpoint}/{event_id}", timeout=120) as stream:
+        text = stream.read().decode()
+    return [(event, json.loads(data)) for event, data in re.findall(r"event: (\w+)\ndata: (.*)", text)]
+
+
+def upload(server: str, path: Path) -> str:
+    """Upload a file as the browser does; returns its server path (in Gradio's upload folder)."""
+    import httpx
+
+    with open(path, "rb") as f:
+        response = httpx.post(f"{server}gradio_api/upload", files={"files": (path.name, f)}, timeout=30)
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def refused(events: list[tuple[str, object]]) -> str:
+    """The message of a refused call; fails if it produced anything or answered without a message."""
+    assert [event for event, _ in events] == ["error"], events  # no "generating", no "complete": no image
+    message = events[0][1] and events[0][1].get("error")
+    assert message, events  # never {"error": null}
+    return message
+
+
+def image_input(endpoint: str, file: dict) -> list:
+    """The inputs of /variations or /edit with `file` as the image (the edit: as background, layer and composite)."""
+    if endpoint == "variations":
+        return ["tiny", file, "", 2, *RAW_SETTINGS]
+    return ["tiny", {"background": file, "layers": [file], "composite": file, "id": None}, "a circle", False,
+            *RAW_SETTINGS, "CLIP"]
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["no-meta", "meta"])
+@pytest.mark.parametrize("endpoint", ["variations", "edit"])
+@pytest.mark.parametrize("target", ["png", "hostname"])
+def test_api_refuses_files_it_did_not_receive(server, tmp_path, endpoint, meta, target):
+    """An image input names its file by a server path: a PNG outside the upload folder or /etc/hostname is refused
+    with a message naming the input, with or without Gradio's "meta", and nothing is generated from it."""
+    path = tmp_path / "outside.png"
+    PIL.Image.new("RGB", (40, 70), "red").save(path)
+    file = {"path": str(path) if target == "png" else "/etc/hostname", **({"meta": META} if meta else {})}
+    message = refused(call_api(server, endpoint, image_input(endpoint, file)))
+    expected = "is not a file this app received" if meta or endpoint == "variations" else 'must carry "meta"'
+    assert expected in message and ("upload" in message), message
+    assert ("Image" if endpoint == "variations" else "The image to edit") in message
+
+
+@pytest.mark.parametrize("forged", ["file:///etc/passwd", "http://127.0.0.1:1/x.png", "app.py", "checkpoints",
+                                    "/tmp/gradio/../../etc/passwd", "data:image/png;base64,iVBORw0KGgo="])
+def test_api_refuses_forged_paths(server, forged):
+    path = str(REPO / forged) if forged in ("app.py", "checkpoints") else forged
+    file = {"path": path, "meta": META} if not forged.startswith("data:") else {"path": None, "url": forged}
+    for endpoint in ("variations", "edit"):
+        message = refused(call_api(server, endpoint, image_input(endpoint, file)))
+        assert "upload" in message, message
+
+
+def test_api_refuses_uploads_that_are_not_images_or_too_large(server, tmp_path):
+    """Uploaded files that are not images, or too large to decode safely, are refused with a message on both
+    endpoints (the edit answered {"error": null} for them)."""
+    text = tmp_path / "hostname.png"
+    text.write_text("not an image")
+    big = tmp_path / "big.png"
+    PIL.Image.new("1", (15_000, 15_000)).save(big)  # 225 megapixels, a few kB as a PNG
+    for path, expected in ((text, "not an image this app can read"), (big, "too large")):
+        file = {"path": upload(server, path), "meta": META}
+        for endpoint in ("variations", "edit"):
+            assert expected in refused(call_api(server, endpoint, image_input(endpoint, file)))
+
+
+def test_api_bad_settings_name_the_setting(server):
+    message = refused(call_api(server, "edit", ["tiny", None, "a circle", False, *RAW_SETTINGS, "best"]))
+    assert message == "Rank by must be one of: CLIP + likelihood, CLIP, likelihood; got 'best'."
+    message = refused(call_api(server, "generate", ["best", "a circle", *RAW_SETTINGS, ""]))
+    assert message == "Model must be one of: tiny, tiny-emoji; got 'best'."
+    message = refused(call_api(server, "generate", ["tiny", "a circle", *RAW_SETTINGS]))  # no negative prompt
+    assert message.startswith("Expected 11 inputs (Model, Prompt, Candidates N,") and message.endswith("got 10.")
+
+
+def test_a_refused_request_logs_one_line(server):
+    log = Path(_SHARED["log"].name)
+    before = log.read_text().splitlines()
+    prompt = "a \u202e circle\x07\x1b" + "x" * 2000
+    message = refused(call_api(server, "generate", ["tiny", prompt, 2, 1, 10.0, 0, 1.0, 1.0, 5, False, ""]))
+    assert message == "Temperature must be in [0.05, 2.0], got 10.0."
+    time.sleep(0.5)
+    added = log.read_text().splitlines()[len(before):]
+    assert 1 <= len(added) <= 3, added
+    line = next(line for line in added if "Refused generate" in line)
+    assert "Temperature must be in" in line and len(line) < 300
+    assert "'a \\u202e circle\\x07\\x1bxxx" in line and "\u202e" not in line and "\x07" not in line
+
+
+def test_a_long_prompt_with_control_characters_is_noted_escaped(server):
+    """The notes and toasts quote a prompt with its control and bidirectional-override characters escaped, and say
+    that a long prompt was cut to its first 1,000 characters."""
+    prompt = "a \u202ecircle\x07\x1b\x00 " + "x" * 100_000
+    events = call_api(server, "generate", ["tiny", prompt, *RAW_SETTINGS, ""])
+    assert events[-1][0] == "complete", events
+    status = events[-1][1][2]
+    assert "The prompt is 100,013 characters: only its first 1,000 are used." in status
+    assert "\\u202e" in status and not any(c in status for c in "\u202e\x07\x1b\x00")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks themselves, called directly
+# ----------------------------------------------------------------------------------------------------------------
+def test_image_inputs_open_nothing_outside_the_upload_folder(monkeypatch, tmp_path):
+    from gradio.components.image_editor import EditorData
+    from gradio.components.gallery import GalleryData
+    from gradio.data_classes import FileData, ImageData
+
+    def no_open(*args, **kwargs):
+        raise AssertionError(f"opened {args}")
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setattr(PIL.Image, "open", no_open)
+    link = tmp_path / "uploads" / "link.png"
+    link.parent.mkdir()
+    link.symlink_to("/etc/hostname")  # inside the folder, pointing out of it
+    for path in ("/etc/hostname", str(tmp_path / "uploads" / ".." / "x.png"), str(link)):
+        with pytest.raises(gr.Error, match="is not a file this app received"):
+            app.ImageUpload(type="filepath", render=False).preprocess(ImageData(path=path))
+        with pytest.raises(gr.Error, match="is not a file this app received"):
+            app.CheckedImageEditor(render=False).preprocess(EditorData(background=FileData(path=path)))
+        with pytest.raises(gr.Error, match="is not a file this app received"):
+            app.CheckedGallery(render=False).preprocess(GalleryData.model_validate([{"image": {"path": path}}]))
+
+
+def test_upload_component_reports_non_images_and_large_images(tmp_path, monkeypatch):
+    from gradio.data_classes import ImageData
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    text = tmp_path / "payload.png"
+    text.write_text("<svg>not really</svg>")
+    component = app.ImageUpload(type="filepath", image_mode=None, render=False)
+    assert component.get_block_name() == "image"
+    with pytest.raises(gr.Error, match="not an image"):
+        component.preprocess(ImageData(path=str(text), orig_name="payload.png"))
+    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 100 * 100)
+    PIL.Image.new("RGB", (200, 100)).save(tmp_path / "large.png")
+    with pytest.raises(gr.Error, match="too large \\(200 x 100\\)"):
+        component.preprocess(ImageData(path=str(tmp_path / "large.png")))
+
+
+def test_send_to_variations(tmp_path):
+    assert app.send_to_variations(None, 0) == (gr.skip(), gr.skip())
+    for name in "ab":
+        PIL.Image.new("RGB", (16, 16)).save(tmp_path / f"{name}.png")
+    gallery = [(str(tmp_path / "a.png"), "#1"), (str(tmp_path / "b.png"), "#2")]
+    image, tabs = app.send_to_variations(gallery, 1)
+    assert image == gallery[1][0] and isinstance(tabs, gr.Tabs) and tabs.selected == "variations"
+    assert app.send_to_variations(gallery, 9)[0] == gallery[1][0]  # a stale selection: the last image
+
+
+def test_gallery_to_editor_checks_the_image(tmp_path, monkeypatch):
+    """"Edit the selected image" on a gallery item that is not an image, or too large, is a message (it was an
+    HTTP 500, and an 8000 x 8000 upload was written onto the canvas)."""
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(gr.Error, match="The selected image is not an image"):
+        app.send_to_editor([(str(text), None)], 0)
+    with pytest.raises(gr.Error, match="The selected image is not an image"):
+        app.send_to_variations([(str(text), None)], 0)
+    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 100 * 100)
+    PIL.Image.new("RGB", (200, 100)).save(tmp_path / "large.png")
+    with pytest.raises(gr.Error, match="The selected image is too large \\(200 x 100\\)"):
+        app.send_to_editor([(str(tmp_path / "large.png"), None)], 0)
+    PIL.Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.png")
+    value, tabs = app.send_to_editor([(str(tmp_path / "ok.png"), None)], 0)
+    assert value["background"].size == (16, 16) and value["layers"] == [] and tabs.selected == "edit"
+
+
+def test_prompt_notes_escape_control_characters(models):
+    pipe, _ = app.get_pipelines(models, "tiny")
+    prompt, notes = app.check_prompt(pipe, "a \u202ecircle\x07\x1b\x00 " + "x" * 100_000)
+    assert len(prompt) == 1000 and notes[0] == "The prompt is 100,013 characters: only its first 1,000 are used."
+    truncated = next(n for n in notes if "so it was truncated to" in n)
+    assert "“a \\u202ecir" in truncated and "\u202e" not in truncated  # the tiny model reads 8 tokens
+    assert app.printable("\x07\x1b\x00\u202e\u2066") == "\\x07\\x1b\\x00\\u202e\\u2066"
+    assert app.printable("a\u200db <i>") == "a\u200db &lt;i&gt;"  # emoji joiners stay; HTML is escaped

@@ -199,3 +199,21 @@ def test_emoji_model_examples_style_selector_and_unseen_words(server, page, tmp_
     expect(examples).to_contain_text("a blue square and a yellow triangle", timeout=10_000)
     expect(style).to_be_hidden()
     assert not page.errors, page.errors
+
+
+def test_output_galleries_take_no_upload(server, page):
+    """The result galleries are inputs of the "use this image" buttons, and Gradio gives an event's input an upload
+    area unless told otherwise: none of them may offer one ("Drop Media Here", a file input)."""
+    from playwright.sync_api import expect
+
+    page.goto(server, timeout=60_000)
+    page.locator("#prompt textarea, #prompt input").first.wait_for(timeout=60_000)
+    for tab, gallery in (("Text to images", "#gallery"), ("Image variations", "#var-gallery"),
+                         ("Edit", "#edit-gallery")):
+        page.get_by_role("tab", name=tab).click()
+        expect(page.locator(gallery)).to_be_visible(timeout=10_000)
+        assert page.locator(f"{gallery} input[type=file]").count() == 0, gallery
+        expect(page.locator(gallery)).not_to_contain_text("Drop")
+        expect(page.locator(gallery)).not_to_contain_text("Click to Upload")
+    assert page.locator("#var-image input[type=file]").count() == 1  # the real input still takes an upload
+    assert not page.errors, page.errors
