@@ -122,7 +122,7 @@ def test_paint_a_mask_and_edit(server, page, tmp_path):
     status = page.locator("#edit-status")
     status.get_by_text("cells repainted").wait_for(timeout=60_000)
     first = status.inner_text()
-    assert "ranked by CLIP + likelihood" in first and "16/16" not in first
+    assert "(ranked by CLIP)" in first and "16/16" not in first  # the default ranking
     assert page.locator("#edit-gallery img").count() >= 3
     captions = page.locator("#edit-gallery").inner_text()
     assert "#1 · CLIP" in captions and "sampling…" not in captions
