@@ -3,6 +3,7 @@ subprocess driven end to end with `gradio_client`. A tiny random pipeline is sav
 
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -1136,3 +1137,32 @@ def test_prompt_notes_escape_control_characters(models):
     assert "“a \\u202ecir" in truncated and "\u202e" not in truncated  # the tiny model reads 8 tokens
     assert inputs.printable("\x07\x1b\x00\u202e\u2066") == "\\x07\\x1b\\x00\\u202e\\u2066"
     assert inputs.printable("a\u200db <i>") == "a\u200db &lt;i&gt;"  # emoji joiners stay; HTML is escaped
+
+
+def test_refusals_log_one_line_and_failures_one_traceback(caplog):
+    """`CheckedBlocks`: a refused request (a `gr.Error`) logs one line with the prompt shortened and escaped, and no
+    traceback; an unexpected error logs its traceback once and answers with a message, not `{"error": null}`."""
+    import asyncio
+
+    def failing(text):
+        raise RuntimeError("internal detail")
+
+    def refusing(text):
+        raise gr.Error("No.")
+
+    with app_components.CheckedBlocks() as demo:
+        prompt, out = app_components.CheckedTextbox(label="Prompt"), gr.Textbox()
+        gr.Button().click(failing, prompt, out, api_name="fail")
+        gr.Button().click(refusing, prompt, out, api_name="refuse")
+    for index, message in ((1, "No."), (0, "The server failed on this request (RuntimeError); it was logged.")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dalle_hf.app"), pytest.raises(gr.Error) as error:
+            asyncio.run(demo.process_api(demo.fns[index], ["a \u202e" + "x" * 2000]))
+        assert error.value.message.startswith(message) and error.value.print_exception is False
+        assert len(caplog.records) == 1, caplog.records
+        record = caplog.records[0]
+        assert "'a \\u202exxx" in record.getMessage() and len(record.getMessage()) < 200
+        if index == 1:
+            assert record.getMessage() == f"Refused refuse (prompt {record.args[1]}): No." and record.exc_info is None
+        else:
+            assert record.getMessage().startswith("Failed fail") and record.exc_info[0] is RuntimeError

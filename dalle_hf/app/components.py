@@ -250,7 +250,8 @@ class CheckedBlocks(gr.Blocks):
                            " ".join(str(e.message).split()))
             raise
         except Exception as e:
-            logger.exception("Unexpected error")
+            fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+            logger.exception("Failed %s (prompt %s)", fn.api_name or fn.name, logged(request_prompt(fn, inputs)))
             raise refusal(f"The server failed on this request ({type(e).__name__}); it was logged. The app is still "
                           "running: try again.", title="Server error") from None
 
