@@ -1166,3 +1166,27 @@ def test_refusals_log_one_line_and_failures_one_traceback(caplog):
             assert record.getMessage() == f"Refused refuse (prompt {record.args[1]}): No." and record.exc_info is None
         else:
             assert record.getMessage().startswith("Failed fail") and record.exc_info[0] is RuntimeError
+
+
+def test_app_py_is_the_short_entry_point_and_imports_run_one_way():
+    """`app.py` stays a short entry point; the app's parts import the library, and nothing in the library imports
+    the app (the data flows down: pipelines, then the app)."""
+    import ast
+
+    assert len((REPO / "app.py").read_text().splitlines()) < 150
+
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    package = REPO / "dalle_hf"
+    for path in package.rglob("*.py"):
+        if (package / "app") not in path.parents:
+            assert not any(m == "dalle_hf.app" or m.startswith("dalle_hf.app.") for m in imports(path)), path
+    parts = {p.stem: {m.split(".")[-1] for m in imports(p) if m.startswith("dalle_hf.app.")}
+             for p in (package / "app").glob("*.py")}
+    order = ["inputs", "models", "sampling", "world", "components", "handlers", "layout"]  # each imports only earlier
+    assert set(order) | {"__init__"} == set(parts)
+    for i, name in enumerate(order):
+        assert parts[name] <= set(order[:i]), (name, parts[name])

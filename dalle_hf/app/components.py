@@ -214,7 +214,6 @@ class StyleDropdown(gr.Dropdown):
         return payload
 
 
-
 class CheckedBlocks(gr.Blocks):
     """`gr.Blocks` that answers every refused request with a message and logs it on one line.
 

@@ -138,7 +138,6 @@ def check_negative_prompt(model, negative_prompt, guidance_scale: float) -> tupl
     return negative_prompt, [note.replace("The prompt", "The negative prompt", 1) for note in notes]
 
 
-
 # An API client names an image input's file by its server path. Gradio checks that the path is one it received
 # only when the JSON carries `"meta": {"_type": "gradio.FileData"}`; without it `gr.Image` opened any path it was
 # given. Every image input therefore checks the path itself, before Gradio or PIL open anything: it must lie in
@@ -205,7 +204,6 @@ def open_image(image, name: str = "The image") -> PIL.Image.Image:
     if width < 1 or height < 1:
         raise refusal(f"{name} is empty ({width} x {height}).", title="Empty image")
     return img
-
 
 
 def to_uint8(array: np.ndarray, mode: str) -> np.ndarray:

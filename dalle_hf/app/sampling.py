@@ -46,10 +46,8 @@ def release_memory():
         libc.malloc_trim(0)
 
 
-
 class _Cancelled(Exception):
     """Raised inside the sampling loop when the request went away (the browser closed or the user stopped)."""
-
 
 
 def without_tracebacks(exc: BaseException) -> BaseException:
