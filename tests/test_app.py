@@ -3,6 +3,7 @@ subprocess driven end to end with `gradio_client`. A tiny random pipeline is sav
 
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,9 @@ import pytest
 import torch
 
 import app
+from dalle_hf.app import components as app_components
+from dalle_hf.app import handlers, inputs, layout, sampling, world
+from dalle_hf.app import models as app_models
 from dalle_hf.modeling_dalle import DalleKVCache
 from tests.conftest import CAPTIONS, tiny_dalle_config
 
@@ -125,7 +129,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def models(checkpoints):
-    return app.find_checkpoints(checkpoints)
+    return app_models.find_checkpoints(checkpoints)
 
 
 @pytest.fixture(scope="session")
@@ -159,18 +163,18 @@ def test_find_checkpoints(tmp_path, checkpoints):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text("{}")
     (tmp_path / "not-a-model").mkdir()
-    assert list(app.find_checkpoints(tmp_path)) == ["dalle-shapes", "a-model", "b-model"]
-    assert app.find_checkpoints(checkpoints / "tiny") == {"tiny": checkpoints / "tiny"}  # one model folder
-    assert app.find_checkpoints(tmp_path / "missing") == {}
+    assert list(app_models.find_checkpoints(tmp_path)) == ["dalle-shapes", "a-model", "b-model"]
+    assert app_models.find_checkpoints(checkpoints / "tiny") == {"tiny": checkpoints / "tiny"}  # one model folder
+    assert app_models.find_checkpoints(tmp_path / "missing") == {}
 
 
 def test_checkpoints_root_and_flags(monkeypatch, tmp_path):
-    monkeypatch.delenv(app.CHECKPOINTS_ENV, raising=False)
+    monkeypatch.delenv(app_models.CHECKPOINTS_ENV, raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
-    assert app.checkpoints_root() == app.DEFAULT_CHECKPOINTS == REPO / "checkpoints"
-    monkeypatch.setenv(app.CHECKPOINTS_ENV, str(tmp_path))
-    assert app.checkpoints_root() == tmp_path and app.checkpoints_root("other") == Path("other")
+    assert app_models.checkpoints_root() == app_models.DEFAULT_CHECKPOINTS == REPO / "checkpoints"
+    monkeypatch.setenv(app_models.CHECKPOINTS_ENV, str(tmp_path))
+    assert app_models.checkpoints_root() == tmp_path and app_models.checkpoints_root("other") == Path("other")
     args = app.parse_args([])
     assert (args.host, args.port, args.checkpoints) == ("127.0.0.1", 7999, None)
     args = app.parse_args(["--host", "0.0.0.0", "--port", "8000", "--checkpoints", "x", "--concurrency", "3"])
@@ -183,37 +187,37 @@ def test_model_selector_only_with_several_models(tmp_path):
     for name in ("dalle-shapes", "other"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text("{}")
-    dropdown = next(c for c in app.build_demo(tmp_path).get_config_file()["components"] if c["type"] == "dropdown")
+    dropdown = next(c for c in layout.build_demo(tmp_path).get_config_file()["components"] if c["type"] == "dropdown")
     assert dropdown["props"]["visible"] is True and dropdown["props"]["value"] == "dalle-shapes"
     assert [choice[0] for choice in dropdown["props"]["choices"]] == ["dalle-shapes", "other"]
 
 
 def test_build_demo_loads_nothing_and_lists_models(checkpoints):
-    before = dict(app._PIPELINES)
-    demo = app.build_demo(checkpoints)
-    assert app._PIPELINES == before
+    before = dict(app_models._MODELS)
+    demo = layout.build_demo(checkpoints)
+    assert app_models._MODELS == before
     config = demo.get_config_file()
     dropdown = next(c for c in config["components"] if c["props"].get("elem_id") == "model")
     assert dropdown["props"]["value"] == "tiny" and dropdown["props"]["visible"] is True
     assert [choice[0] for choice in dropdown["props"]["choices"]] == ["tiny", "tiny-emoji"]
-    one = app.build_demo(checkpoints / "tiny").get_config_file()["components"]
+    one = layout.build_demo(checkpoints / "tiny").get_config_file()["components"]
     assert next(c for c in one if c["props"].get("elem_id") == "model")["props"]["visible"] is False  # no selector
     apis = {d.get("api_name") for d in config["dependencies"] if d.get("api_visibility") == "public"}
     assert {"generate", "variations"} <= apis
 
 
 def test_model_change_updates_rows_and_how_it_works(checkpoints):
-    models = app.find_checkpoints(checkpoints)
-    rows, guidance, how = app.on_model_change(models, "tiny")
+    models = app_models.find_checkpoints(checkpoints)
+    rows, guidance, how = handlers.on_model_change(models, "tiny")
     assert rows.maximum == 3 and rows.value == 2 and "4x4 grid of 32 codes" in how
     assert guidance.value == 1.0  # saved without a default guidance: the pipeline's own (off)
-    assert app.on_model_change(models, "gone") == (gr.skip(), gr.skip(), gr.skip())
+    assert handlers.on_model_change(models, "gone") == (gr.skip(), gr.skip(), gr.skip())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The selected model's world.json: examples, the style selector, the unseen-word note (issue 17)
 # ----------------------------------------------------------------------------------------------------------------
-EMOJI_LIKE = app.ModelWorld(
+EMOJI_LIKE = world.ModelWorld(
     examples=("red apple in twemoji style", "grinning face"), words=frozenset("red apple cat face in style".split()),
     styles=("noto", "noto mono", "twemoji", "fluent 3d"),
     style_aliases={"noto": ("google",), "noto mono": ("black and white", "monochrome"), "twemoji": ("twitter",),
@@ -226,17 +230,17 @@ def by_id(components: list[dict], elem_id: str) -> dict:
 
 
 def test_model_world_reads_world_json(checkpoints, tmp_path):
-    shapes, emoji = (app.ModelWorld.read(checkpoints / name) for name in ("tiny", "tiny-emoji"))
+    shapes, emoji = (world.ModelWorld.read(checkpoints / name) for name in ("tiny", "tiny-emoji"))
     assert shapes.examples[0] == "a circle" and not shapes.styles and {"circle", "left", "red"} <= shapes.words
     assert emoji.examples[0] == "red apple in twemoji style" and "cat" in emoji.words and "circle" not in emoji.words
     assert emoji.styles == ("noto", "noto mono", "twemoji", "fluent 3d", "symbola")  # the tiny cache's five
     assert emoji.style_aliases["fluent 3d"] == ("3d",) and emoji.style_prompt == "{label} in {style} style"
-    assert app.ModelWorld.read(tmp_path) == app.ModelWorld()  # no world.json: a model made before it existed
-    assert app.ModelWorld().examples == app.EXAMPLES and app.ModelWorld().words is None
+    assert world.ModelWorld.read(tmp_path) == world.ModelWorld()  # no world.json: a model made before it existed
+    assert world.ModelWorld().examples == world.EXAMPLES and world.ModelWorld().words is None
     (tmp_path / "world.json").write_text("{not json")
-    assert app.ModelWorld.read(tmp_path) == app.ModelWorld()  # unreadable: ignored (logged), the model still loads
+    assert world.ModelWorld.read(tmp_path) == world.ModelWorld()  # unreadable: ignored (logged), the model still loads
     (tmp_path / "world.json").write_text(json.dumps({"styles": ["a"], "style_prompt": "{label} only"}))
-    assert app.ModelWorld.read(tmp_path) == app.ModelWorld()
+    assert world.ModelWorld.read(tmp_path) == world.ModelWorld()
 
 
 @pytest.mark.parametrize(
@@ -249,9 +253,9 @@ def test_model_world_reads_world_json(checkpoints, tmp_path):
         ("red apple in noto style", "noto mono", "red apple in noto mono style"),
         ("Red Apple in  Black and White style", "twemoji", "Red Apple in twemoji style"),  # an alias, any case
         ("red apple in 3d style", "twemoji", "red apple in twemoji style"),
-        ("red apple in twitter style", app.NO_STYLE, "red apple"),  # "(any style)" removes it
+        ("red apple in twitter style", world.NO_STYLE, "red apple"),  # "(any style)" removes it
         ("red apple in fluent 3d style", None, "red apple"),
-        ("red apple", app.NO_STYLE, "red apple"),
+        ("red apple", world.NO_STYLE, "red apple"),
         ("in noto style", "twemoji", "in twemoji style"),  # only the style phrase
         ("", "twemoji", "in twemoji style"),
         ("red apple in the style", "noto", "red apple in the style in noto style"),  # "the" is no style
@@ -259,62 +263,63 @@ def test_model_world_reads_world_json(checkpoints, tmp_path):
     ],
 )
 def test_apply_style(prompt, style, expected):
-    assert app.apply_style(prompt, style, EMOJI_LIKE) == expected
-    assert app.split_style(expected, EMOJI_LIKE)[1] == (None if style == app.NO_STYLE else style)
+    assert world.apply_style(prompt, style, EMOJI_LIKE) == expected
+    assert world.split_style(expected, EMOJI_LIKE)[1] == (None if style == world.NO_STYLE else style)
 
 
 def test_split_style_and_unknown_styles():
-    assert app.split_style("cat face in monochrome style", EMOJI_LIKE) == ("cat face", "noto mono")
-    assert app.split_style("cat face", EMOJI_LIKE) == ("cat face", None)
-    assert app.split_style("a red circle in twemoji style", app.ModelWorld()) == (
+    assert world.split_style("cat face in monochrome style", EMOJI_LIKE) == ("cat face", "noto mono")
+    assert world.split_style("cat face", EMOJI_LIKE) == ("cat face", None)
+    assert world.split_style("a red circle in twemoji style", world.ModelWorld()) == (
         "a red circle in twemoji style", None)  # a world without styles has no style phrase
     with pytest.raises(gr.Error, match="Unknown style 'comic': expected one of noto, noto mono, twemoji, fluent 3d"):
-        app.apply_style("cat", "comic", EMOJI_LIKE)
+        world.apply_style("cat", "comic", EMOJI_LIKE)
     with pytest.raises(gr.Error, match="This model has no styles"):
-        app.apply_style("a circle", "noto", app.ModelWorld())
-    custom = app.ModelWorld(styles=("ink",), style_prompt="{style} drawing of {label}")
-    assert app.apply_style("a cat", "ink", custom) == "ink drawing of a cat"
-    assert app.split_style("Ink drawing of a cat", custom) == ("a cat", "ink")
+        world.apply_style("a circle", "noto", world.ModelWorld())
+    custom = world.ModelWorld(styles=("ink",), style_prompt="{style} drawing of {label}")
+    assert world.apply_style("a cat", "ink", custom) == "ink drawing of a cat"
+    assert world.split_style("Ink drawing of a cat", custom) == ("a cat", "ink")
 
 
 def test_unseen_words_note():
-    shapes = app.ModelWorld(words=frozenset("a red circle hat".split()))
-    assert app.unseen_words("A cat wearing a hat, a CAT!", shapes) == ["cat", "wearing"]  # once each, in order
-    assert app.unseen_words_note("dalle-shapes", "a cat wearing a red hat", shapes) == (
+    shapes = world.ModelWorld(words=frozenset("a red circle hat".split()))
+    assert world.unseen_words("A cat wearing a hat, a CAT!", shapes) == ["cat", "wearing"]  # once each, in order
+    assert world.unseen_words_note("dalle-shapes", "a cat wearing a red hat", shapes) == (
         'The dalle-shapes model never saw "cat", "wearing" in training: it will draw what it knows instead.')
-    assert app.unseen_words_note("dalle-shapes", "a red circle", shapes) == ""
-    assert app.unseen_words_note("dalle-shapes", "", shapes) == ""
-    assert app.unseen_words_note("old", "a cat", app.ModelWorld()) == ""  # no world.json: vocabulary unknown
-    assert app.unseen_words_note("dalle-shapes", None, shapes) == ""
+    assert world.unseen_words_note("dalle-shapes", "a red circle", shapes) == ""
+    assert world.unseen_words_note("dalle-shapes", "", shapes) == ""
+    assert world.unseen_words_note("old", "a cat", world.ModelWorld()) == ""  # no world.json: vocabulary unknown
+    assert world.unseen_words_note("dalle-shapes", None, shapes) == ""
 
 
 def test_examples_style_selector_and_note_follow_the_model(checkpoints):
-    models = app.find_checkpoints(checkpoints)
-    worlds = {name: app.ModelWorld.read(path) for name, path in models.items()}
-    components = app.build_demo(checkpoints).get_config_file()["components"]
+    models = app_models.find_checkpoints(checkpoints)
+    worlds = {name: world.ModelWorld.read(path) for name, path in models.items()}
+    components = layout.build_demo(checkpoints).get_config_file()["components"]
     assert by_id(components, "examples")["props"]["samples"] == [[p] for p in worlds["tiny"].examples]
     assert by_id(components, "style")["props"]["visible"] is False  # the default model has no styles
     assert by_id(components, "unseen-words")["props"]["visible"] is False
     assert by_id(components, "prompt")["props"]["placeholder"] == "a circle"
 
-    examples, style, note, prompt, edit_prompt = app.on_model_world(models, worlds, "tiny-emoji",
+    examples, style, note, prompt, edit_prompt = handlers.on_model_world(models, worlds, "tiny-emoji",
                                                                     "a red apple in 3d style")  # fmt: skip
     assert examples.raw_samples == [[p] for p in worlds["tiny-emoji"].examples]
     assert style.visible is True and style.value == "fluent 3d" and prompt.placeholder == "red apple in twemoji style"
     assert edit_prompt.placeholder == "red apple in twemoji style"
-    assert [c[0] for c in style.choices] == [app.NO_STYLE, "noto", "noto mono", "twemoji", "fluent 3d", "symbola"]
+    assert [c[0] for c in style.choices] == [world.NO_STYLE, "noto", "noto mono", "twemoji", "fluent 3d", "symbola"]
     assert note.visible is True and note.value.startswith('The tiny-emoji model never saw "a" in training')
-    examples, style, note, _, _ = app.on_model_world(models, worlds, "tiny", "a red circle")
+    examples, style, note, _, _ = handlers.on_model_world(models, worlds, "tiny", "a red circle")
     assert examples.raw_samples[0] == ["a circle"] and style.visible is False and note.visible is False
-    assert app.on_model_world(models, worlds, "gone", "x") == (gr.skip(),) * 5
-    alone = app.build_demo(checkpoints / "tiny-emoji").get_config_file()["components"]  # the emoji model alone
-    assert by_id(alone, "style")["props"]["visible"] is True and by_id(alone, "style")["props"]["value"] == app.NO_STYLE
+    assert handlers.on_model_world(models, worlds, "gone", "x") == (gr.skip(),) * 5
+    alone = layout.build_demo(checkpoints / "tiny-emoji").get_config_file()["components"]  # the emoji model alone
+    style = by_id(alone, "style")["props"]
+    assert style["visible"] is True and style["value"] == world.NO_STYLE
     assert by_id(alone, "examples")["props"]["samples"][0] == ["red apple in twemoji style"]
 
-    assert app.on_style(models, worlds, "tiny-emoji", "cat face", "twemoji") == "cat face in twemoji style"
-    note, style = app.on_prompt_change(models, worlds, "tiny-emoji", "cat face in google style")
+    assert handlers.on_style(models, worlds, "tiny-emoji", "cat face", "twemoji") == "cat face in twemoji style"
+    note, style = handlers.on_prompt_change(models, worlds, "tiny-emoji", "cat face in google style")
     assert note.visible is False and style.value == "noto"
-    note, style = app.on_prompt_change(models, worlds, "tiny", "a cat in a hat")
+    note, style = handlers.on_prompt_change(models, worlds, "tiny", "a cat in a hat")
     assert note.visible is True and '"cat", "in", "hat"' in note.value and style == gr.skip()
 
 
@@ -322,8 +327,8 @@ def test_a_model_without_world_json_gets_the_fallback_examples(tmp_path):
     for name in ("dalle-shapes", "own-model"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text("{}")
-    components = app.build_demo(tmp_path).get_config_file()["components"]
-    assert by_id(components, "examples")["props"]["samples"] == [[p] for p in app.EXAMPLES]
+    components = layout.build_demo(tmp_path).get_config_file()["components"]
+    assert by_id(components, "examples")["props"]["samples"] == [[p] for p in world.EXAMPLES]
     assert by_id(components, "style")["props"]["visible"] is False
 
 
@@ -332,26 +337,26 @@ def test_guidance_slider_starts_at_the_models_default(tmp_path):
     for name, text in indexes.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(text)
-    components = app.build_demo(tmp_path).get_config_file()["components"]
+    components = layout.build_demo(tmp_path).get_config_file()["components"]
     slider = next(c for c in components if c["props"].get("label") == "Guidance scale (1 = off)")
     assert slider["props"]["value"] == 3.0
-    models = app.find_checkpoints(tmp_path)
-    assert app.on_model_change(models, "none-saved")[1].value == 1.0
-    assert app.on_model_change(models, "broken")[1].value == 1.0  # its load error comes when it is used
+    models = app_models.find_checkpoints(tmp_path)
+    assert handlers.on_model_change(models, "none-saved")[1].value == 1.0
+    assert handlers.on_model_change(models, "broken")[1].value == 1.0  # its load error comes when it is used
 
 
 def test_no_checkpoint_starts_with_a_message(tmp_path):
-    demo = app.build_demo(tmp_path)
+    demo = layout.build_demo(tmp_path)
     texts = [c["props"].get("value") or "" for c in demo.get_config_file()["components"] if c["type"] == "markdown"]
     assert any("No model found" in t and str(tmp_path) in t for t in texts)
     with pytest.raises(gr.Error, match="No model found"):
-        run(app.generate, {}, None, "a red circle")
+        run(handlers.generate, {}, None, "a red circle")
 
 
 def test_app_starts_without_a_checkpoint(tmp_path):
     """`python app.py` before any model exists: it serves a page that says so, and logs it."""
     port, log = free_port(), tmp_path / "app.log"
-    env = {**os.environ, app.CHECKPOINTS_ENV: str(tmp_path / "none"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, app_models.CHECKPOINTS_ENV: str(tmp_path / "none"), "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -371,41 +376,42 @@ def test_app_starts_without_a_checkpoint(tmp_path):
 
 
 def test_pipeline_cache_loads_once_across_threads(monkeypatch, checkpoints, tmp_path):
-    calls, real = [], app.DallePipeline.from_pretrained
+    calls, real = [], app_models.DallePipeline.from_pretrained
 
     def counting(path, **kwargs):
         calls.append(path)
         time.sleep(0.2)  # a slow load: the other threads must wait for it, not start their own
         return real(path, **kwargs)
 
-    monkeypatch.setattr(app.DallePipeline, "from_pretrained", counting)
+    monkeypatch.setattr(app_models.DallePipeline, "from_pretrained", counting)
     copy = shutil.copytree(checkpoints / "tiny", tmp_path / "copy")  # a path no other test has loaded
     results = []
-    threads = [threading.Thread(target=lambda: results.append(app.load_pipelines(copy))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(app_models.load_model(copy))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(results) == 4 and all(r is results[0] for r in results)
-    pipe, variations = results[0]
-    assert variations.transformer is pipe.transformer  # one copy of the weights for both tabs
+    model = results[0]
+    assert model.variations.transformer is model.text_to_image.transformer  # one copy of the weights for all tabs
+    assert model.inpaint.transformer is model.text_to_image.transformer and model.inpaint is model.inpaint
 
 
 def test_broken_checkpoint_is_a_message(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_index.json").write_text("{not json")
     with pytest.raises(gr.Error, match="Could not load the model 'broken'"):
-        run(app.generate, app.find_checkpoints(tmp_path), "broken", "a red circle")
+        run(handlers.generate, app_models.find_checkpoints(tmp_path), "broken", "a red circle")
     with pytest.raises(gr.Error, match="Unknown model"):
-        run(app.generate, app.find_checkpoints(tmp_path), "../../etc", "a red circle")
+        run(handlers.generate, app_models.find_checkpoints(tmp_path), "../../etc", "a red circle")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Text to images, called directly
 # ----------------------------------------------------------------------------------------------------------------
 def test_generate_ranks_streams_and_reproduces(models, monkeypatch):
-    monkeypatch.setattr(app, "PREVIEW_INTERVAL", 0.0)  # a preview at every completed row
-    outputs, (gallery, seed, status) = run(app.generate, models, "tiny", "a red circle")
+    monkeypatch.setattr(sampling, "PREVIEW_INTERVAL", 0.0)  # a preview at every completed row
+    outputs, (gallery, seed, status) = run(handlers.generate, models, "tiny", "a red circle")
     assert seed == 7 and "6 candidates -> best 3" in status and "seed 7" in status
     assert [caption.split(" · ")[0] for _, caption in gallery] == ["#1", "#2", "#3"]
     scores = [float(caption.split("CLIP ")[1]) for _, caption in gallery]
@@ -414,13 +420,13 @@ def test_generate_ranks_streams_and_reproduces(models, monkeypatch):
     assert outputs[0][0] == [] and len(previews) == 3  # rows 1, 2, 3 of 4
     assert all(caption == "sampling…" for p in previews for _, caption in p)
     first = np.asarray(previews[0][0][0])  # one row of tokens = the top 4 of 16 pixel rows; the rest gray
-    assert first.shape == (16, 16, 3) and (first[4:] == round(255 * app.PREVIEW_GRAY)).all()
-    _, again = run(app.generate, models, "tiny", "a red circle")
+    assert first.shape == (16, 16, 3) and (first[4:] == round(255 * app_models.PREVIEW_GRAY)).all()
+    _, again = run(handlers.generate, models, "tiny", "a red circle")
     assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
-    _, other = run(app.generate, models, "tiny", "a red circle", seed=8)
+    _, other = run(handlers.generate, models, "tiny", "a red circle", seed=8)
     assert not all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(other[0])))
-    _, (_, random_seed, _) = run(app.generate, models, "tiny", "a red circle", randomize_seed=True)
-    assert 0 <= random_seed <= app.MAX_SEED
+    _, (_, random_seed, _) = run(handlers.generate, models, "tiny", "a red circle", randomize_seed=True)
+    assert 0 <= random_seed <= inputs.MAX_SEED
 
 
 @pytest.mark.parametrize(
@@ -437,12 +443,12 @@ def test_generate_ranks_streams_and_reproduces(models, monkeypatch):
     ids=["empty", "spaces", "none", "long", "huge", "cjk", "emoji"],
 )
 def test_unusual_prompts_generate_with_a_note(models, prompt, note):
-    _, (gallery, _, status) = run(app.generate, models, "tiny", prompt)
+    _, (gallery, _, status) = run(handlers.generate, models, "tiny", prompt)
     assert len(gallery) == 3 and note in status
 
 
 def test_truncation_note_shows_what_the_model_reads(models):
-    _, (_, _, status) = run(app.generate, models, "tiny", "a red circle left of a blue square and three diamonds")
+    _, (_, _, status) = run(handlers.generate, models, "tiny", "a red circle left of a blue square and three diamonds")
     assert "The prompt is 24 tokens; the model reads 8, so it was truncated to “a red circle" in status
 
 
@@ -450,7 +456,7 @@ def test_truncation_note_shows_what_the_model_reads(models):
     "settings, message",
     [
         (dict(candidates=0), "Candidates N must be in"),
-        (dict(candidates=app.MAX_CANDIDATES + 1), "Candidates N must be in"),
+        (dict(candidates=inputs.MAX_CANDIDATES + 1), "Candidates N must be in"),
         (dict(candidates=2.5), "whole number"),
         (dict(candidates="many"), "must be a whole number in \\[1, 64\\], got 'many'"),
         (dict(candidates=None), "is missing"),
@@ -472,19 +478,20 @@ def test_truncation_note_shows_what_the_model_reads(models):
 )
 def test_out_of_range_settings_are_messages(models, settings, message):
     with pytest.raises(gr.Error, match=message):
-        run(app.generate, models, "tiny", "a red circle", **settings)
+        run(handlers.generate, models, "tiny", "a red circle", **settings)
 
 
 def test_negative_prompt_steers_the_guidance_branch(models):
-    pipe, _ = app.get_pipelines(models, "tiny")
+    pipe = app_models.get_model(models, "tiny").text_to_image
     prefills = []  # the first transformer call of each request: [guidance branch ; conditional] text
     handle = pipe.transformer.register_forward_pre_hook(
         lambda m, args, kwargs: prefills.append(kwargs["input_ids"]) if kwargs.get("image_ids") is None else None,
         with_kwargs=True)
     try:
-        _, (gallery, _, status) = run(app.generate, models, "tiny", "a red circle", guidance_scale=3.0,
+        _, (gallery, _, status) = run(handlers.generate, models, "tiny", "a red circle", guidance_scale=3.0,
                                       negative_prompt="a circle")
-        _, (plain, _, _) = run(app.generate, models, "tiny", "a red circle", guidance_scale=3.0, negative_prompt="  ")
+        _, (plain, _, _) = run(handlers.generate, models, "tiny", "a red circle", guidance_scale=3.0,
+                               negative_prompt="  ")
     finally:
         handle.remove()
     n = SETTINGS["candidates"]
@@ -492,48 +499,48 @@ def test_negative_prompt_steers_the_guidance_branch(models):
     assert (prefills[1][:n] == pipe.transformer.config.pad_token_id).all()  # blank: no negative prompt
     assert json.loads(gallery[0][0].info["dalle-hf"])["negative_prompt"] == "a circle"
     assert "negative_prompt" not in json.loads(plain[0][0].info["dalle-hf"])
-    _, (_, _, status) = run(app.generate, models, "tiny", "a red circle", guidance_scale=3.0,
+    _, (_, _, status) = run(handlers.generate, models, "tiny", "a red circle", guidance_scale=3.0,
                             negative_prompt="a red circle " * 50)
     assert "The negative prompt is 252 tokens; the model reads 8, so it was truncated" in status
     with pytest.raises(gr.Error, match="negative prompt steers classifier-free guidance"):
-        run(app.generate, models, "tiny", "a red circle", guidance_scale=1.0, negative_prompt="a circle")
+        run(handlers.generate, models, "tiny", "a red circle", guidance_scale=1.0, negative_prompt="a circle")
 
 
 def test_keep_above_candidates_is_clamped_with_a_note(models):
-    _, (gallery, _, status) = run(app.generate, models, "tiny", "a circle", candidates=2, keep=5)
+    _, (gallery, _, status) = run(handlers.generate, models, "tiny", "a circle", candidates=2, keep=5)
     assert len(gallery) == 2 and "more than the candidates N=2: showing all 2" in status
 
 
 def test_sampling_settings_reach_the_pipeline(models):
-    _, (gallery, _, _) = run(app.generate, models, "tiny", "a circle", top_k=1, top_p=0.5, temperature=0.3,
+    _, (gallery, _, _) = run(handlers.generate, models, "tiny", "a circle", top_k=1, top_p=0.5, temperature=0.3,
                              guidance_scale=3.0)
     assert len(gallery) == 3
 
 
 def test_pipeline_failure_is_a_message_and_the_next_request_works(models, monkeypatch):
-    pipe, _ = app.load_pipelines(models["tiny"])
+    pipe = app_models.load_model(models["tiny"]).text_to_image
 
     def boom(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(type(pipe), "sample_image_tokens", boom)
     with pytest.raises(gr.Error, match="Text to images failed .*can't allocate memory.*still running"):
-        run(app.generate, models, "tiny", "a circle")
+        run(handlers.generate, models, "tiny", "a circle")
     monkeypatch.undo()
-    assert len(run(app.generate, models, "tiny", "a circle")[1][0]) == 3
+    assert len(run(handlers.generate, models, "tiny", "a circle")[1][0]) == 3
 
 
 def test_closing_the_request_stops_sampling(models, monkeypatch):
-    previews, real = [], app.preview_images
+    previews, real = [], app_models.dalle_preview
 
     def slow_preview(*args):
         previews.append(time.monotonic())
         time.sleep(0.3)  # slow rows: the request goes away while the worker is still sampling
         return real(*args)
 
-    monkeypatch.setattr(app, "PREVIEW_INTERVAL", 0.0)
-    monkeypatch.setattr(app, "preview_images", slow_preview)
-    stream = app.generate(models, "tiny", "a circle", **SETTINGS, seed=1, randomize_seed=False)
+    monkeypatch.setattr(sampling, "PREVIEW_INTERVAL", 0.0)
+    monkeypatch.setattr(app_models, "dalle_preview", slow_preview)
+    stream = handlers.generate(models, "tiny", "a circle", **SETTINGS, seed=1, randomize_seed=False)
     next(stream), next(stream)  # the empty gallery, then the first partial grid
     stream.close()  # what gradio does when the browser goes away
     for worker in [t for t in threading.enumerate() if t.name == "dalle-hf-sampling"]:
@@ -556,7 +563,7 @@ def test_cancelled_and_failed_requests_free_their_kv_cache(models, monkeypatch):
     """Issue 22: an exception kept with its traceback (which holds the sampling loop's frames) made a reference cycle
     through the KV cache that only the cycle collector freed, about 100 MB per request in the server. With the
     collector off, only reference counting frees memory, so a request that leaves such a cycle shows up here."""
-    previews, real = [], app.preview_images
+    previews, real = [], app_models.dalle_preview
 
     def slow_preview(*args):
         previews.append(1)
@@ -566,24 +573,24 @@ def test_cancelled_and_failed_requests_free_their_kv_cache(models, monkeypatch):
     def failing_preview(*args):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(app, "PREVIEW_INTERVAL", 0.0)
-    run(app.generate, models, "tiny", "a circle")  # warm: loaded once, outside the count
+    monkeypatch.setattr(sampling, "PREVIEW_INTERVAL", 0.0)
+    run(handlers.generate, models, "tiny", "a circle")  # warm: loaded once, outside the count
     gc.collect()
     start = live_kv_caches()
     gc.disable()
     try:
-        monkeypatch.setattr(app, "preview_images", slow_preview)
+        monkeypatch.setattr(app_models, "dalle_preview", slow_preview)
         for seed in range(10):
-            stream = app.generate(models, "tiny", "a circle", **SETTINGS, seed=seed, randomize_seed=False)
+            stream = handlers.generate(models, "tiny", "a circle", **SETTINGS, seed=seed, randomize_seed=False)
             next(stream), next(stream)  # the empty gallery, then the first partial grid
             stream.close()  # what gradio does on job.cancel() or when the browser goes away
             join_sampling_workers()
         assert len(previews) < 10 * 3  # cancelled mid-way: not every row was previewed
         assert live_kv_caches() == start
-        monkeypatch.setattr(app, "preview_images", failing_preview)  # a failure inside the sampling loop
+        monkeypatch.setattr(app_models, "dalle_preview", failing_preview)  # a failure inside the sampling loop
         for seed in range(5):
             with pytest.raises(gr.Error, match="Text to images failed"):
-                run(app.generate, models, "tiny", "a circle", seed=seed)
+                run(handlers.generate, models, "tiny", "a circle", seed=seed)
             join_sampling_workers()
         assert live_kv_caches() == start
     finally:
@@ -601,7 +608,7 @@ def test_sampling_errors_keep_their_traceback_as_a_note():
     try:
         inner()
     except RuntimeError as e:
-        error = app.without_tracebacks(e)
+        error = sampling.without_tracebacks(e)
     assert error.__traceback__ is None and error.__cause__.__traceback__ is None
     assert "Raised in the sampling thread:" in error.__notes__[0] and 'raise KeyError("cause")' in error.__notes__[0]
 
@@ -626,12 +633,12 @@ def image_file(tmp_path):
 
 def test_variations_rank_and_reproduce(models, image_file):
     path = image_file("RGB", (16, 16))
-    _, (gallery, seed, status) = run(app.vary, models, "tiny", path, "", 2)
+    _, (gallery, seed, status) = run(handlers.vary, models, "tiny", path, "", 2)
     assert len(gallery) == 3 and seed == 7 and "2/4 rows kept, 6 candidates -> best 3" in status
     assert all(" · sim " in caption for _, caption in gallery)
-    _, again = run(app.vary, models, "tiny", path, "", 2)
+    _, again = run(handlers.vary, models, "tiny", path, "", 2)
     assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
-    _, (with_prompt, _, _) = run(app.vary, models, "tiny", path, "a red circle", 0)
+    _, (with_prompt, _, _) = run(handlers.vary, models, "tiny", path, "a red circle", 0)
     assert len(with_prompt) == 3
 
 
@@ -652,7 +659,7 @@ def test_variations_rank_and_reproduce(models, image_file):
     ],
 )
 def test_image_modes_are_converted_with_a_note(models, image_file, mode, fmt, size, note):
-    _, (gallery, _, status) = run(app.vary, models, "tiny", image_file(mode, size, fmt), "", 1)
+    _, (gallery, _, status) = run(handlers.vary, models, "tiny", image_file(mode, size, fmt), "", 1)
     assert len(gallery) == 3 and (note in status or note == "Variations"), status
 
 
@@ -660,51 +667,32 @@ def test_bad_uploads_are_messages(models, image_file, tmp_path, monkeypatch):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     with pytest.raises(gr.Error, match="not an image this app can read"):
-        run(app.vary, models, "tiny", str(text), "", 1)
+        run(handlers.vary, models, "tiny", str(text), "", 1)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(Path(image_file("RGB", (64, 64))).read_bytes()[:60])
     with pytest.raises(gr.Error, match="could not be decoded|not an image"):
-        run(app.vary, models, "tiny", str(truncated), "", 1)
+        run(handlers.vary, models, "tiny", str(truncated), "", 1)
     with pytest.raises(gr.Error, match="Upload an image first"):
-        run(app.vary, models, "tiny", None, "", 1)
+        run(handlers.vary, models, "tiny", None, "", 1)
     with pytest.raises(gr.Error, match="Rows kept must be in \\[0, 3\\]"):
-        run(app.vary, models, "tiny", image_file(), "", 4)
-    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 100 * 100)
+        run(handlers.vary, models, "tiny", image_file(), "", 4)
+    monkeypatch.setattr(inputs, "MAX_UPLOAD_PIXELS", 100 * 100)
     with pytest.raises(gr.Error, match="too large \\(200 x 100\\)"):
-        run(app.vary, models, "tiny", image_file("RGB", (200, 100)), "", 1)
+        run(handlers.vary, models, "tiny", image_file("RGB", (200, 100)), "", 1)
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's decompression-bomb guard
     with pytest.raises(gr.Error, match="too large"):
-        run(app.vary, models, "tiny", image_file("RGB", (90, 90)), "", 1)
+        run(handlers.vary, models, "tiny", image_file("RGB", (90, 90)), "", 1)
 
 
 def test_high_bit_depth_gray_keeps_its_level():
-    assert app.to_uint8(np.full((2, 2), 32768.0), "I;16").max() == 128
-    assert app.to_uint8(np.full((2, 2), 0.5), "F").max() == 128
-    assert app.to_uint8(np.array([[-1.0, 3.0]]), "F").tolist() == [[0, 255]]  # out of range: min-max
+    assert inputs.to_uint8(np.full((2, 2), 32768.0), "I;16").max() == 128
+    assert inputs.to_uint8(np.full((2, 2), 0.5), "F").max() == 128
+    assert inputs.to_uint8(np.array([[-1.0, 3.0]]), "F").tolist() == [[0, 255]]  # out of range: min-max
 
 
 def test_large_image_is_reduced_before_conversion(image_file):
-    image, notes = app.load_image(image_file("RGB", (3000, 2000), "JPEG"), 16)
+    image, notes = inputs.load_image(image_file("RGB", (3000, 2000), "JPEG"), 16)
     assert max(image.size) <= 64 and "Center-cropped to a square (3000 x 2000 -> 2000 x 2000)." in notes
-
-
-def test_upload_component_reports_non_images(tmp_path):
-    from gradio.data_classes import ImageData
-
-    text = tmp_path / "payload.png"
-    text.write_text("<svg>not really</svg>")
-    component = app.ImageUpload(type="filepath", image_mode=None, render=False)
-    assert component.get_block_name() == "image"
-    with pytest.raises(gr.Error, match="not an image"):
-        component.preprocess(ImageData(path=str(text), orig_name="payload.png"))
-
-
-def test_send_to_variations():
-    assert app.send_to_variations(None, 0) == (gr.skip(), gr.skip())
-    gallery = [("/tmp/a.png", "#1"), ("/tmp/b.png", "#2")]
-    image, tabs = app.send_to_variations(gallery, 1)
-    assert image == "/tmp/b.png" and isinstance(tabs, gr.Tabs) and tabs.selected == "variations"
-    assert app.send_to_variations(gallery, 9)[0] == "/tmp/b.png"  # a stale selection: the last image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -721,21 +709,30 @@ def editor_value(size=(16, 16), painted=(4, 4, 12, 12), layer_size=None):
 
 def test_edit_repaints_only_the_mask_and_reproduces(models):
     value = editor_value()
-    outputs, (gallery, seed, status) = run(app.edit, models, "tiny", value, "a red circle", False)
+    outputs, (gallery, seed, status) = run(handlers.edit, models, "tiny", value, "a red circle", False)
     assert len(gallery) == 3 and seed == 7 and "4/16 cells repainted, 6 candidates -> best 3" in status
-    assert "ranked by CLIP + likelihood" in status and "composited" not in status  # an opaque editor image
-    assert all(text.startswith(f"#{i + 1} · CLIP ") and " · LL " in text for i, (_, text) in enumerate(gallery))
+    assert "(ranked by CLIP)" in status and "composited" not in status  # an opaque editor image
+    assert all(text.startswith(f"#{i + 1} · CLIP ") and " · LL " not in text for i, (_, text) in enumerate(gallery))
     painted = np.zeros((16, 16), dtype=bool)
     painted[4:12, 4:12] = True
     original = np.asarray(value["background"].convert("RGB"))
     for edited in pixels(gallery):
         np.testing.assert_array_equal(edited[~painted], original[~painted])
-    _, again = run(app.edit, models, "tiny", value, "a red circle", False)
+    _, again = run(handlers.edit, models, "tiny", value, "a red circle", False)
     assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
-    _, (_, _, grown) = run(app.edit, models, "tiny", editor_value(painted=(4, 4, 8, 8)), "a red circle", True)
+    _, (_, _, grown) = run(handlers.edit, models, "tiny", editor_value(painted=(4, 4, 8, 8)), "a red circle", True)
     assert "9/16 cells repainted" in grown  # one cell and the ring around it
     info = json.loads(gallery[0][0].info["dalle-hf"])
     assert (info["task"], info["prompt"], info["rank"]) == ("edit", "a red circle", 1)
+
+
+def test_edit_ranks_by_clip_by_default(models, checkpoints):
+    """CLIP alone ranked edits best (0.550 against 0.500 for CLIP + likelihood on 240 test edits): the Edit tab's
+    default; the likelihood rankings stay selectable."""
+    _, (_, _, status) = run(handlers.edit, models, "tiny", editor_value(), "a red circle", False)
+    assert "(ranked by CLIP)" in status, status
+    radio = by_id(layout.build_demo(checkpoints).get_config_file()["components"], "edit-rank")["props"]
+    assert radio["value"] == "CLIP" and [c[0] for c in radio["choices"]] == ["CLIP", "CLIP + likelihood", "likelihood"]
 
 
 def test_edit_rank_by_reorders_the_same_candidates(models):
@@ -744,7 +741,7 @@ def test_edit_rank_by_reorders_the_same_candidates(models):
     value = editor_value()
     captions = {}
     for rank_by in ("CLIP", "likelihood", "CLIP + likelihood"):
-        _, (gallery, _, status) = run(app.edit, models, "tiny", value, "a red circle", False, rank_by=rank_by)
+        _, (gallery, _, status) = run(handlers.edit, models, "tiny", value, "a red circle", False, rank_by=rank_by)
         assert f"(ranked by {rank_by})" in status, status
         captions[rank_by] = [text for _, text in gallery]
 
@@ -758,12 +755,12 @@ def test_edit_rank_by_reorders_the_same_candidates(models):
     assert by_clip == sorted(by_clip, reverse=True) and by_ll == sorted(by_ll, reverse=True)
     both = captions["CLIP + likelihood"]
     assert by_clip[0] >= max(scores(both, "CLIP")) and by_ll[0] >= max(scores(both, "LL"))  # each ranking's best
-    with pytest.raises(gr.Error, match="Rank by must be one of CLIP \\+ likelihood, CLIP, likelihood, got 'both'"):
-        run(app.edit, models, "tiny", value, "a red circle", False, rank_by="both")
+    with pytest.raises(gr.Error, match="Rank by must be one of: CLIP, CLIP \\+ likelihood, likelihood; got 'both'"):
+        run(handlers.edit, models, "tiny", value, "a red circle", False, rank_by="both")
 
 
 def test_edit_of_a_large_upload_scales_the_mask_with_it(models):
-    _, (gallery, _, status) = run(app.edit, models, "tiny", editor_value((128, 128), (0, 0, 64, 128)), "", False)
+    _, (gallery, _, status) = run(handlers.edit, models, "tiny", editor_value((128, 128), (0, 0, 64, 128)), "", False)
     assert "8/16 cells repainted" in status and len(gallery) == 3  # the left half, at 16 px
 
 
@@ -781,17 +778,17 @@ def test_edit_of_a_large_upload_scales_the_mask_with_it(models):
 )
 def test_bad_masks_are_messages(models, value, message):
     with pytest.raises(gr.Error, match=re.escape(message)):
-        run(app.edit, models, "tiny", value, "a red circle", False)
+        run(handlers.edit, models, "tiny", value, "a red circle", False)
 
 
 def test_use_as_input_continues_editing(models):
-    assert app.send_to_editor(None, 0) == (gr.skip(), gr.skip())
-    _, (gallery, _, _) = run(app.edit, models, "tiny", editor_value(), "a red circle", False)
-    value, tabs = app.send_to_editor(gallery, 1)
+    assert handlers.send_to_editor(None, 0) == (gr.skip(), gr.skip())
+    _, (gallery, _, _) = run(handlers.edit, models, "tiny", editor_value(), "a red circle", False)
+    value, tabs = handlers.send_to_editor(gallery, 1)
     assert isinstance(tabs, gr.Tabs) and tabs.selected == "edit" and value["layers"] == []
     assert np.array_equal(np.asarray(value["background"]), pixels(gallery)[1])
     value["layers"] = [editor_value(painted=(0, 0, 4, 4))["layers"][0]]
-    _, (second, _, status) = run(app.edit, models, "tiny", value, "a blue square", False)
+    _, (second, _, status) = run(handlers.edit, models, "tiny", value, "a blue square", False)
     assert "1/16 cells repainted" in status
     outside = np.ones((16, 16), dtype=bool)
     outside[:4, :4] = False
@@ -900,7 +897,7 @@ def test_client_examples_style_selector_and_note_per_model(client):
     the examples and shows the style selector; a style writes itself into the prompt; the note names unseen words."""
     examples, style, note, prompt, edit_prompt = client.predict("tiny-emoji", "red apple", api_name="/model_world")
     assert examples["samples"][:2] == [["red apple in twemoji style"], ["cat face in fluent 3d style"]]
-    assert style["visible"] is True and style["value"] == app.NO_STYLE and "twemoji" in str(style["choices"])
+    assert style["visible"] is True and style["value"] == world.NO_STYLE and "twemoji" in str(style["choices"])
     assert note["visible"] is False and prompt["placeholder"] == "red apple in twemoji style"
     assert edit_prompt["placeholder"] == "red apple in twemoji style"
     examples, style, note, _, edit_prompt = client.predict("tiny", "red apple", api_name="/model_world")
@@ -911,7 +908,7 @@ def test_client_examples_style_selector_and_note_per_model(client):
     assert client.predict("tiny-emoji", "red apple", "twemoji", api_name="/apply_style") == "red apple in twemoji style"
     assert client.predict("tiny-emoji", "red apple in twemoji style", "symbola",
                           api_name="/apply_style") == "red apple in symbola style"
-    assert client.predict("tiny-emoji", "red apple in 3d style", app.NO_STYLE, api_name="/apply_style") == "red apple"
+    assert client.predict("tiny-emoji", "red apple in 3d style", world.NO_STYLE, api_name="/apply_style") == "red apple"
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="Unknown style 'comic': expected one of noto, noto mono, twemoji"):
@@ -945,3 +942,251 @@ def test_server_is_local_and_queued(server):
     config = json.loads(urllib.request.urlopen(server + "config", timeout=10).read())
     generate = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
     assert generate["queue"] is not False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile requests: raw JSON to /gradio_api/call/<endpoint>, as an attacker sends them
+# ----------------------------------------------------------------------------------------------------------------
+META = {"_type": "gradio.FileData"}
+RAW_SETTINGS = [2, 1, 1.0, 0, 1.0, 1.0, 5, False]  # candidates ... randomize seed, as the API takes them
+
+
+def call_api(server: str, endpoint: str, data: list) -> list[tuple[str, object]]:
+    """POST `{"data": data}` to /gradio_api/call/<endpoint> and read its event stream: [(event, data), ...]."""
+    request = urllib.request.Request(f"{server}gradio_api/call/{endpoint}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.loads(urllib.request.urlopen(request, timeout=10).read())["event_id"]
+    with urllib.request.urlopen(f"{server}gradio_api/call/{endpoint}/{event_id}", timeout=120) as stream:
+        text = stream.read().decode()
+    return [(event, json.loads(data)) for event, data in re.findall(r"event: (\w+)\ndata: (.*)", text)]
+
+
+def upload(server: str, path: Path) -> str:
+    """Upload a file as the browser does; returns its server path (in Gradio's upload folder)."""
+    import httpx
+
+    with open(path, "rb") as f:
+        response = httpx.post(f"{server}gradio_api/upload", files={"files": (path.name, f)}, timeout=30)
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def refused(events: list[tuple[str, object]]) -> str:
+    """The message of a refused call; fails if it produced anything or answered without a message."""
+    assert [event for event, _ in events] == ["error"], events  # no "generating", no "complete": no image
+    message = events[0][1] and events[0][1].get("error")
+    assert message, events  # never {"error": null}
+    return message
+
+
+def image_input(endpoint: str, file: dict) -> list:
+    """The inputs of /variations or /edit with `file` as the image (the edit: as background, layer and composite)."""
+    if endpoint == "variations":
+        return ["tiny", file, "", 2, *RAW_SETTINGS]
+    return ["tiny", {"background": file, "layers": [file], "composite": file, "id": None}, "a circle", False,
+            *RAW_SETTINGS, "CLIP"]
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["no-meta", "meta"])
+@pytest.mark.parametrize("endpoint", ["variations", "edit"])
+@pytest.mark.parametrize("target", ["png", "hostname"])
+def test_api_refuses_files_it_did_not_receive(server, tmp_path, endpoint, meta, target):
+    """An image input names its file by a server path: a PNG outside the upload folder or /etc/hostname is refused
+    with a message naming the input, with or without Gradio's "meta", and nothing is generated from it."""
+    path = tmp_path / "outside.png"
+    PIL.Image.new("RGB", (40, 70), "red").save(path)
+    file = {"path": str(path) if target == "png" else "/etc/hostname", **({"meta": META} if meta else {})}
+    message = refused(call_api(server, endpoint, image_input(endpoint, file)))
+    expected = "is not a file this app received" if meta or endpoint == "variations" else 'must carry "meta"'
+    assert expected in message and ("upload" in message), message
+    assert ("Image" if endpoint == "variations" else "The image to edit") in message
+
+
+@pytest.mark.parametrize("forged", ["file:///etc/passwd", "http://127.0.0.1:1/x.png", "app.py", "checkpoints",
+                                    "/tmp/gradio/../../etc/passwd", "data:image/png;base64,iVBORw0KGgo="])
+def test_api_refuses_forged_paths(server, forged):
+    path = str(REPO / forged) if forged in ("app.py", "checkpoints") else forged
+    file = {"path": path, "meta": META} if not forged.startswith("data:") else {"path": None, "url": forged}
+    for endpoint in ("variations", "edit"):
+        message = refused(call_api(server, endpoint, image_input(endpoint, file)))
+        assert "upload" in message, message
+
+
+def test_api_refuses_uploads_that_are_not_images_or_too_large(server, tmp_path):
+    """Uploaded files that are not images, or too large to decode safely, are refused with a message on both
+    endpoints (the edit answered {"error": null} for them)."""
+    text = tmp_path / "hostname.png"
+    text.write_text("not an image")
+    big = tmp_path / "big.png"
+    PIL.Image.new("1", (15_000, 15_000)).save(big)  # 225 megapixels, a few kB as a PNG
+    for path, expected in ((text, "not an image this app can read"), (big, "too large")):
+        file = {"path": upload(server, path), "meta": META}
+        for endpoint in ("variations", "edit"):
+            assert expected in refused(call_api(server, endpoint, image_input(endpoint, file)))
+
+
+def test_api_bad_settings_name_the_setting(server):
+    message = refused(call_api(server, "edit", ["tiny", None, "a circle", False, *RAW_SETTINGS, "best"]))
+    assert message == "Rank by must be one of: CLIP, CLIP + likelihood, likelihood; got 'best'."
+    message = refused(call_api(server, "generate", ["best", "a circle", *RAW_SETTINGS, ""]))
+    assert message == "Model must be one of: tiny, tiny-emoji; got 'best'."
+    message = refused(call_api(server, "generate", ["tiny", "a circle", *RAW_SETTINGS]))  # no negative prompt
+    assert message.startswith("Expected 11 inputs (Model, Prompt, Candidates N,") and message.endswith("got 10.")
+
+
+def test_a_refused_request_logs_one_line(server):
+    log = Path(_SHARED["log"].name)
+    before = log.read_text().splitlines()
+    prompt = "a \u202e circle\x07\x1b" + "x" * 2000
+    message = refused(call_api(server, "generate", ["tiny", prompt, 2, 1, 10.0, 0, 1.0, 1.0, 5, False, ""]))
+    assert message == "Temperature must be in [0.05, 2.0], got 10.0."
+    time.sleep(0.5)
+    added = log.read_text().splitlines()[len(before):]
+    assert 1 <= len(added) <= 3, added
+    line = next(line for line in added if "Refused generate" in line)
+    assert "Temperature must be in" in line and len(line) < 300
+    assert "'a \\u202e circle\\x07\\x1bxxx" in line and "\u202e" not in line and "\x07" not in line
+
+
+def test_a_long_prompt_with_control_characters_is_noted_escaped(server):
+    """The notes and toasts quote a prompt with its control and bidirectional-override characters escaped, and say
+    that a long prompt was cut to its first 1,000 characters."""
+    prompt = "a \u202ecircle\x07\x1b\x00 " + "x" * 100_000
+    events = call_api(server, "generate", ["tiny", prompt, *RAW_SETTINGS, ""])
+    assert events[-1][0] == "complete", events
+    status = events[-1][1][2]
+    assert "The prompt is 100,013 characters: only its first 1,000 are used." in status
+    assert "\\u202e" in status and not any(c in status for c in "\u202e\x07\x1b\x00")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks themselves, called directly
+# ----------------------------------------------------------------------------------------------------------------
+def test_image_inputs_open_nothing_outside_the_upload_folder(monkeypatch, tmp_path):
+    from gradio.components.image_editor import EditorData
+    from gradio.components.gallery import GalleryData
+    from gradio.data_classes import FileData, ImageData
+
+    def no_open(*args, **kwargs):
+        raise AssertionError(f"opened {args}")
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setattr(PIL.Image, "open", no_open)
+    link = tmp_path / "uploads" / "link.png"
+    link.parent.mkdir()
+    link.symlink_to("/etc/hostname")  # inside the folder, pointing out of it
+    for path in ("/etc/hostname", str(tmp_path / "uploads" / ".." / "x.png"), str(link)):
+        with pytest.raises(gr.Error, match="is not a file this app received"):
+            app_components.ImageUpload(type="filepath", render=False).preprocess(ImageData(path=path))
+        with pytest.raises(gr.Error, match="is not a file this app received"):
+            app_components.CheckedImageEditor(render=False).preprocess(EditorData(background=FileData(path=path)))
+        with pytest.raises(gr.Error, match="is not a file this app received"):
+            gallery = GalleryData.model_validate([{"image": {"path": path}}])
+            app_components.CheckedGallery(render=False).preprocess(gallery)
+
+
+def test_upload_component_reports_non_images_and_large_images(tmp_path, monkeypatch):
+    from gradio.data_classes import ImageData
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    text = tmp_path / "payload.png"
+    text.write_text("<svg>not really</svg>")
+    component = app_components.ImageUpload(type="filepath", image_mode=None, render=False)
+    assert component.get_block_name() == "image"
+    with pytest.raises(gr.Error, match="not an image"):
+        component.preprocess(ImageData(path=str(text), orig_name="payload.png"))
+    monkeypatch.setattr(inputs, "MAX_UPLOAD_PIXELS", 100 * 100)
+    PIL.Image.new("RGB", (200, 100)).save(tmp_path / "large.png")
+    with pytest.raises(gr.Error, match="too large \\(200 x 100\\)"):
+        component.preprocess(ImageData(path=str(tmp_path / "large.png")))
+
+
+def test_send_to_variations(tmp_path):
+    assert handlers.send_to_variations(None, 0) == (gr.skip(), gr.skip())
+    for name in "ab":
+        PIL.Image.new("RGB", (16, 16)).save(tmp_path / f"{name}.png")
+    gallery = [(str(tmp_path / "a.png"), "#1"), (str(tmp_path / "b.png"), "#2")]
+    image, tabs = handlers.send_to_variations(gallery, 1)
+    assert image == gallery[1][0] and isinstance(tabs, gr.Tabs) and tabs.selected == "variations"
+    assert handlers.send_to_variations(gallery, 9)[0] == gallery[1][0]  # a stale selection: the last image
+
+
+def test_gallery_to_editor_checks_the_image(tmp_path, monkeypatch):
+    """"Edit the selected image" on a gallery item that is not an image, or too large, is a message (it was an
+    HTTP 500, and an 8000 x 8000 upload was written onto the canvas)."""
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(gr.Error, match="The selected image is not an image"):
+        handlers.send_to_editor([(str(text), None)], 0)
+    with pytest.raises(gr.Error, match="The selected image is not an image"):
+        handlers.send_to_variations([(str(text), None)], 0)
+    monkeypatch.setattr(inputs, "MAX_UPLOAD_PIXELS", 100 * 100)
+    PIL.Image.new("RGB", (200, 100)).save(tmp_path / "large.png")
+    with pytest.raises(gr.Error, match="The selected image is too large \\(200 x 100\\)"):
+        handlers.send_to_editor([(str(tmp_path / "large.png"), None)], 0)
+    PIL.Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.png")
+    value, tabs = handlers.send_to_editor([(str(tmp_path / "ok.png"), None)], 0)
+    assert value["background"].size == (16, 16) and value["layers"] == [] and tabs.selected == "edit"
+
+
+def test_prompt_notes_escape_control_characters(models):
+    model = app_models.get_model(models, "tiny")
+    prompt, notes = inputs.check_prompt(model, "a \u202ecircle\x07\x1b\x00 " + "x" * 100_000)
+    assert len(prompt) == 1000 and notes[0] == "The prompt is 100,013 characters: only its first 1,000 are used."
+    truncated = next(n for n in notes if "so it was truncated to" in n)
+    assert "“a \\u202ecir" in truncated and "\u202e" not in truncated  # the tiny model reads 8 tokens
+    assert inputs.printable("\x07\x1b\x00\u202e\u2066") == "\\x07\\x1b\\x00\\u202e\\u2066"
+    assert inputs.printable("a\u200db <i>") == "a\u200db &lt;i&gt;"  # emoji joiners stay; HTML is escaped
+
+
+def test_refusals_log_one_line_and_failures_one_traceback(caplog):
+    """`CheckedBlocks`: a refused request (a `gr.Error`) logs one line with the prompt shortened and escaped, and no
+    traceback; an unexpected error logs its traceback once and answers with a message, not `{"error": null}`."""
+    import asyncio
+
+    def failing(text):
+        raise RuntimeError("internal detail")
+
+    def refusing(text):
+        raise gr.Error("No.")
+
+    with app_components.CheckedBlocks() as demo:
+        prompt, out = app_components.CheckedTextbox(label="Prompt"), gr.Textbox()
+        gr.Button().click(failing, prompt, out, api_name="fail")
+        gr.Button().click(refusing, prompt, out, api_name="refuse")
+    for index, message in ((1, "No."), (0, "The server failed on this request (RuntimeError); it was logged.")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dalle_hf.app"), pytest.raises(gr.Error) as error:
+            asyncio.run(demo.process_api(demo.fns[index], ["a \u202e" + "x" * 2000]))
+        assert error.value.message.startswith(message) and error.value.print_exception is False
+        assert len(caplog.records) == 1, caplog.records
+        record = caplog.records[0]
+        assert "'a \\u202exxx" in record.getMessage() and len(record.getMessage()) < 200
+        if index == 1:
+            assert record.getMessage() == f"Refused refuse (prompt {record.args[1]}): No." and record.exc_info is None
+        else:
+            assert record.getMessage().startswith("Failed fail") and record.exc_info[0] is RuntimeError
+
+
+def test_app_py_is_the_short_entry_point_and_imports_run_one_way():
+    """`app.py` stays a short entry point; the app's parts import the library, and nothing in the library imports
+    the app (the data flows down: pipelines, then the app)."""
+    import ast
+
+    assert len((REPO / "app.py").read_text().splitlines()) < 150
+
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    package = REPO / "dalle_hf"
+    for path in package.rglob("*.py"):
+        if (package / "app") not in path.parents:
+            assert not any(m == "dalle_hf.app" or m.startswith("dalle_hf.app.") for m in imports(path)), path
+    parts = {p.stem: {m.split(".")[-1] for m in imports(p) if m.startswith("dalle_hf.app.")}
+             for p in (package / "app").glob("*.py")}
+    order = ["inputs", "models", "sampling", "world", "components", "handlers", "layout"]  # each imports only earlier
+    assert set(order) | {"__init__"} == set(parts)
+    for i, name in enumerate(order):
+        assert parts[name] <= set(order[:i]), (name, parts[name])

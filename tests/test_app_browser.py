@@ -122,7 +122,7 @@ def test_paint_a_mask_and_edit(server, page, tmp_path):
     status = page.locator("#edit-status")
     status.get_by_text("cells repainted").wait_for(timeout=60_000)
     first = status.inner_text()
-    assert "ranked by CLIP + likelihood" in first and "16/16" not in first
+    assert "(ranked by CLIP)" in first and "16/16" not in first  # the default ranking
     assert page.locator("#edit-gallery img").count() >= 3
     captions = page.locator("#edit-gallery").inner_text()
     assert "#1 · CLIP" in captions and "sampling…" not in captions
@@ -198,4 +198,22 @@ def test_emoji_model_examples_style_selector_and_unseen_words(server, page, tmp_
     pick(page, "model", "tiny")  # back: the shapes examples, no style selector
     expect(examples).to_contain_text("a blue square and a yellow triangle", timeout=10_000)
     expect(style).to_be_hidden()
+    assert not page.errors, page.errors
+
+
+def test_output_galleries_take_no_upload(server, page):
+    """The result galleries are inputs of the "use this image" buttons, and Gradio gives an event's input an upload
+    area unless told otherwise: none of them may offer one ("Drop Media Here", a file input)."""
+    from playwright.sync_api import expect
+
+    page.goto(server, timeout=60_000)
+    page.locator("#prompt textarea, #prompt input").first.wait_for(timeout=60_000)
+    for tab, gallery in (("Text to images", "#gallery"), ("Image variations", "#var-gallery"),
+                         ("Edit", "#edit-gallery")):
+        page.get_by_role("tab", name=tab).click()
+        expect(page.locator(gallery)).to_be_visible(timeout=10_000)
+        assert page.locator(f"{gallery} input[type=file]").count() == 0, gallery
+        expect(page.locator(gallery)).not_to_contain_text("Drop")
+        expect(page.locator(gallery)).not_to_contain_text("Click to Upload")
+    assert page.locator("#var-image input[type=file]").count() == 1  # the real input still takes an upload
     assert not page.errors, page.errors

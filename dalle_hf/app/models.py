@@ -1,0 +1,264 @@
+"""Which models the app serves and how they load: the checkpoint folders, one `AppModel` per loaded model, and the
+model families that know how to load and describe a saved folder.
+
+The handlers, the sampling stream and the layout use only `AppModel` and the info dict of `read_model_info`, never a
+pipeline class: a new family of models joins by adding a `ModelFamily` to `FAMILIES`.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+import PIL.Image
+import torch
+
+from dalle_hf.pipeline_dalle import DallePipeline
+from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
+from dalle_hf.pipeline_dalle_variation import DalleImageVariationPipeline
+
+logger = logging.getLogger("dalle_hf.app")
+
+CHECKPOINTS_ENV = "DALLE_HF_CHECKPOINTS"
+# The repository's checkpoints/, next to app.py: the app runs from any working directory.
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+DEFAULT_MODEL = "dalle-shapes"  # listed first when present
+DEFAULT_GUIDANCE_SCALE = 1.0  # the pipelines' own default (no guidance), for a model that saved none
+PREVIEW_GRAY = 0.5  # pixels of a streamed partial image not sampled yet
+PROGRESS_DESC = "Sampling image tokens"  # the progress bar the status line follows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint folders
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoints_root(checkpoints: str | os.PathLike | None = None) -> Path:
+    """`checkpoints`, else `$DALLE_HF_CHECKPOINTS`, else `checkpoints/` next to app.py."""
+    return Path(checkpoints or os.environ.get(CHECKPOINTS_ENV) or DEFAULT_CHECKPOINTS)
+
+
+def find_checkpoints(root: str | os.PathLike) -> dict[str, Path]:
+    """Model name -> folder: `root` itself if it holds a `model_index.json`, else its sub-folders that do
+    (`dalle-shapes` first, then by name)."""
+    root = Path(root)
+    if (root / "model_index.json").is_file():
+        return {root.resolve().name: root}
+    if not root.is_dir():
+        return {}
+    found = sorted(p for p in root.iterdir() if (p / "model_index.json").is_file())
+    found.sort(key=lambda p: p.name != DEFAULT_MODEL)
+    return {p.name: p for p in found}
+
+
+def no_checkpoint_message(root: Path | None = None) -> str:
+    return (
+        f"No model found in `{root or 'checkpoints/'}`: a model is a folder with a `model_index.json` "
+        f"(`pipe.save_pretrained(DIR)`). Train one (see the README), or point the app at one with "
+        f"`--checkpoints DIR` or `{CHECKPOINTS_ENV}=DIR`."
+    )
+
+
+def read_json(file: Path) -> dict:
+    """A saved config as a dict; {} if it is missing or unreadable (loading the model reports the error when it is
+    used)."""
+    try:
+        data = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A loaded model, as the handlers use it
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class AppModel:
+    """A loaded model as the app uses it: its pipelines and the few numbers the handlers need.
+
+    The pipelines take the diffusers-style arguments of `DallePipeline` (`prompt`, `num_images_per_prompt`,
+    `num_images_to_keep`, sampling settings, `generator`, `callback_on_step_end` with the sampled `image_tokens`)
+    and return images with `clip_scores`. Sampling only reads the weights (every request has its own KV cache and
+    generator), so all requests share one `AppModel`.
+    """
+
+    text_to_image: DallePipeline
+    variations: DalleImageVariationPipeline
+    make_inpaint: Callable[[], DalleInpaintPipeline]  # built on the first edit, on the same modules
+    grid_size: int  # image tokens per side
+    image_size: int  # pixels per side of an image
+    text_seq_len: int  # text tokens the model reads; a longer prompt is truncated
+    preview_every: int  # image tokens between streamed partial images (a row of the grid for DALL-E)
+    decode_preview: Callable[[torch.LongTensor, int], list[PIL.Image.Image]]  # (tokens so far, count) -> images
+    _inpaint: DalleInpaintPipeline | None = None
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def inpaint(self) -> DalleInpaintPipeline:
+        """The inpainting pipeline, made once (two first edits at once make one)."""
+        with self._lock:
+            if self._inpaint is None:
+                self._inpaint = self.make_inpaint()
+            return self._inpaint
+
+    def prompt_token_count(self, prompt: str) -> int:
+        return self.text_to_image.prompt_token_count(prompt)
+
+    def prompt_as_read(self, prompt: str) -> str:
+        """What the model reads of a prompt longer than `text_seq_len` tokens (no half characters)."""
+        tokenizer = self.text_to_image.tokenizer
+        ids = tokenizer(prompt, truncation=True, max_length=self.text_seq_len)["input_ids"]
+        return tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "").strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model families: how a saved folder is recognized, described and loaded
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """One family of saved models. `read_info` reads the numbers the page shows from the saved configs, without
+    loading weights (keys: `guidance_scale`, `grid`, `image_size`, `how_it_works`); `load` makes its `AppModel`."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]  # the `_class_name`s of `model_index.json` this family loads
+    read_info: Callable[[Path], dict]
+    load: Callable[[Path], AppModel]
+
+
+@torch.no_grad()
+def dalle_preview(pipe: DallePipeline, tokens: torch.LongTensor, count: int) -> list[PIL.Image.Image]:
+    """Decode the complete rows of the first `count` candidates; rows not sampled yet are gray.
+
+    `vae.decode_code` needs a full grid, so the last complete row is repeated below and then painted over.
+    """
+    g = pipe.transformer.config.image_grid_size
+    rows = tokens.shape[1] // g
+    done = tokens[:count, : rows * g].view(-1, rows, g)  # (count, rows, g)
+    grid = torch.cat([done, done[:, -1:].expand(-1, g - rows, -1)], dim=1)  # (count, g, g)
+    images = pipe.decode_image_tokens(grid.reshape(grid.shape[0], -1))  # (count, 3, H, W)
+    images[:, :, images.shape[2] * rows // g :] = PREVIEW_GRAY
+    return pipe.postprocess(images, "pil")
+
+
+def load_dalle(path: Path) -> AppModel:
+    """A saved `DallePipeline` and the variation and inpainting pipelines on the same modules (one copy of the
+    weights for all three tabs)."""
+    pipe = DallePipeline.from_pretrained(path)
+    variations = DalleImageVariationPipeline(**pipe.components)
+
+    def make_inpaint():
+        inpaint = DalleInpaintPipeline(**pipe.components, default_guidance_scale=pipe.config.default_guidance_scale)
+        inpaint.set_progress_bar_config(desc=PROGRESS_DESC, leave=False)
+        return inpaint
+
+    for p in (pipe, variations):
+        p.set_progress_bar_config(desc=PROGRESS_DESC, leave=False)
+    config = pipe.transformer.config
+    return AppModel(
+        text_to_image=pipe, variations=variations, make_inpaint=make_inpaint, grid_size=config.image_grid_size,
+        image_size=pipe.vae.config.image_size, text_seq_len=config.text_seq_len, preview_every=config.image_grid_size,
+        decode_preview=lambda tokens, count: dalle_preview(pipe, tokens, count),
+    )
+
+
+def dalle_info(path: Path) -> dict:
+    transformer, vae = read_json(path / "transformer" / "config.json"), read_json(path / "vae" / "config.json")
+    info = {
+        "guidance_scale": read_json(path / "model_index.json").get("default_guidance_scale", DEFAULT_GUIDANCE_SCALE),
+        "grid": transformer.get("image_grid_size", 8),
+        "text_seq_len": transformer.get("text_seq_len"),
+        "n_layer": transformer.get("n_layer"),
+        "n_embd": transformer.get("n_embd"),
+        "image_vocab_size": transformer.get("image_vocab_size"),
+        "image_size": vae.get("image_size"),
+        "clip": (path / "clip_model").is_dir(),
+    }
+    return {**info, "how_it_works": dalle_how_it_works(info)}
+
+
+def dalle_how_it_works(info: dict | None) -> str:
+    numbers = ""
+    if info:
+        numbers = (
+            f"\n\nThis model: {info['image_size']} px images as a {info['grid']}x{info['grid']} grid of "
+            f"{info['image_vocab_size']} codes; a {info['n_layer']}-layer, {info['n_embd']}-wide transformer reading "
+            f"{info['text_seq_len']} text tokens; {'a' if info['clip'] else 'no'} CLIP reranker."
+        )
+    return (
+        "DALL-E ([Ramesh et al. 2021](https://arxiv.org/abs/2102.12092)) in three models:\n\n"
+        "1. **dVAE**: a discrete VAE turns an image into a grid of codes (tokens) and back.\n"
+        "2. **Transformer**: a decoder-only transformer reads the prompt's BPE tokens and samples image tokens one at "
+        "a time, row by row (the partial images you see while it runs), with temperature, top-k / top-p and "
+        "optional classifier-free guidance.\n"
+        "3. **CLIP rerank**: the dVAE decodes all N candidates and CLIP keeps the k that match the prompt best "
+        "(variations: the k closest to the input image).\n\n"
+        "Variations keep the top rows of the input's codes and let the transformer complete the rest. Edits "
+        "resample the code cells the painted mask touches (a kept cell is fed its own code), rank the candidates by "
+        "CLIP (or by the transformer's likelihood of the whole image, or both), and paste the input back outside "
+        "the mask."
+        + numbers
+    )
+
+
+def how_it_works(info: dict | None) -> str:
+    """The "How it works" text of a model's info; with no model, DALL-E's without numbers."""
+    return info["how_it_works"] if info else dalle_how_it_works(None)
+
+
+DALLE = ModelFamily("DALL-E", ("DallePipeline", "DalleImageVariationPipeline", "DalleInpaintPipeline"),
+                    read_info=dalle_info, load=load_dalle)
+FAMILIES = (DALLE,)  # the family whose `pipeline_classes` name a folder's `_class_name` loads it
+
+
+def family_of(path: Path) -> ModelFamily:
+    """The family that loads the model folder `path`. A `model_index.json` without a class name (or unreadable)
+    goes to DALL-E, whose loading then reports what is wrong."""
+    class_name = read_json(Path(path) / "model_index.json").get("_class_name")
+    if class_name is None:
+        return DALLE
+    family = next((f for f in FAMILIES if class_name in f.pipeline_classes), None)
+    if family is None:
+        raise ValueError(f"the app does not know the pipeline class {class_name!r} (it serves "
+                         f"{', '.join(c for f in FAMILIES for c in f.pipeline_classes)})")
+    return family
+
+
+def read_model_info(path: Path) -> dict:
+    """The numbers the page shows for a model folder, read from its saved configs without loading weights."""
+    try:
+        return family_of(path).read_info(Path(path))
+    except ValueError:
+        return DALLE.read_info(Path(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, once per model
+# ----------------------------------------------------------------------------------------------------------------
+_MODELS: dict[Path, AppModel] = {}
+_MODELS_LOCK = threading.Lock()  # one load per model, however many requests arrive at once
+
+
+def load_model(path: str | os.PathLike) -> AppModel:
+    """Load a saved model once per process and share it among all requests."""
+    key = Path(path).resolve()
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = family_of(key).load(key)
+        return _MODELS[key]
+
+
+def get_model(models: dict[str, Path], name: str | None) -> AppModel:
+    """The model a request names (the first when none is named), loaded; a message if it is unknown or fails."""
+    if not models:
+        raise gr.Error(no_checkpoint_message(), title="No model")
+    if name not in models:
+        name = next(iter(models)) if name in (None, "") else name
+        if name not in models:
+            raise gr.Error(f"Unknown model {name!r}; available: {', '.join(models)}.")
+    try:
+        return load_model(models[name])
+    except Exception as e:  # a broken checkpoint must not take the app down
+        logger.exception("Loading %s failed", models[name])
+        raise gr.Error(f"Could not load the model {name!r}: {type(e).__name__}: {e}", title="Model error") from None
