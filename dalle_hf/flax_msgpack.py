@@ -53,8 +53,8 @@ _UNSIGNED = {1: ">B", 2: ">H", 4: ">I"}
 class _Reader:
     """A msgpack stream over a binary file, with the file name and the current key in every error."""
 
-    def __init__(self, file, path: str):
-        self.file, self.path = file, path
+    def __init__(self, file, path: str, skip_data: bool = False):
+        self.file, self.path, self.skip_data = file, path, skip_data
         self.size = os.fstat(file.fileno()).st_size
 
     def fail(self, key: str, what: str):
@@ -158,6 +158,10 @@ class _Reader:
             self.fail(
                 key, f"{dtype_name} array of shape {tuple(shape)} needs {expected} bytes, the file holds {nbytes}"
             )
+        if self.skip_data:  # shapes only: a zero-stride stand-in, the data seeked over
+            if self.file.seek(nbytes, os.SEEK_CUR) > self.size:
+                self.fail(key, f"file ends early (truncated? {self.size} bytes), needed {nbytes} data bytes")
+            return np.broadcast_to(np.zeros((), np.float32 if bfloat16 else dtype), shape)
         array = np.empty(shape, dtype)
         self.readinto(array, key)
         if bfloat16:  # the top 16 bits of a float32: widen exactly
@@ -184,9 +188,14 @@ class _Reader:
                     kind, length = self.header(key)
                     if kind != "ext" or self.read(1, key)[0] != EXT_NDARRAY:
                         self.fail(key, "expected each chunk of a chunked array to be an ndarray")
-                    chunk = self.ndarray(length, key).reshape(-1)
+                    chunk = self.ndarray(length, key)
                     if array is None:  # the first chunk tells the dtype: allocate the whole array once
-                        array = np.empty(int(np.prod(shape, dtype=np.int64)), chunk.dtype)
+                        size = int(np.prod(shape, dtype=np.int64))
+                        array = np.broadcast_to(chunk.flat[0], size) if self.skip_data else np.empty(size, chunk.dtype)
+                    if self.skip_data:
+                        filled += chunk.size
+                        continue
+                    chunk = chunk.reshape(-1)
                     if filled + chunk.size > array.size:
                         self.fail(key, f"chunks hold more than the {array.size} values of shape {tuple(shape)}")
                     array[filled:filled + chunk.size] = chunk
@@ -195,15 +204,18 @@ class _Reader:
                 self.fail(key, f"unexpected entry {name!r} in a chunked array (flax writes marker, shape, chunks)")
         if array is None or filled != array.size:
             self.fail(key, f"chunked array of shape {shape} has {filled} values")
-        return array.reshape(shape)
+        return np.broadcast_to(array[:1], shape) if self.skip_data else array.reshape(shape)
 
 
-def iter_flax_msgpack(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+def iter_flax_msgpack(path: str | os.PathLike, skip_data: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(key, array)` for every leaf of a Flax msgpack file, one at a time, in file order.
 
     Args:
         path (`str` or `os.PathLike`):
             A file written by `flax.serialization.to_bytes` / `msgpack_serialize` (`flax_model.msgpack`).
+        skip_data (`bool`, *optional*, defaults to `False`):
+            Seek over the array bytes and yield read-only zero-stride arrays with the right shape and dtype
+            (`flax_msgpack_shapes`): the tree's layout without reading the weights.
 
     Yields:
         `tuple[str, np.ndarray]`: the leaf's path joined by `/` (`"model/encoder/embed_tokens/embedding"`) and its
@@ -218,7 +230,7 @@ def iter_flax_msgpack(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
     """
     path = os.fspath(path)
     with open(path, "rb") as file:
-        reader = _Reader(file, path)
+        reader = _Reader(file, path, skip_data)
         kind, count = reader.header("")
         if kind != "map":
             reader.fail("", "expected a Flax parameter tree (a msgpack map)")
@@ -239,6 +251,7 @@ def iter_flax_msgpack(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
             elif kind == "ext":
                 value = reader.extension(n, key)
                 yield key, value if isinstance(value, np.ndarray) else np.asarray(value)
+                del value  # a consumer that drops the leaf frees it before the next one is read
             else:
                 reader.fail(key, f"expected an array or a map, found a msgpack {kind}")
         if file.read(1):
@@ -265,6 +278,16 @@ def read_flax_msgpack(path: str | os.PathLike) -> dict[str, np.ndarray]:
         (1024, 16385)
     """
     return dict(iter_flax_msgpack(path))
+
+
+def flax_msgpack_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """`{"a/b/c": shape}` for every leaf, read from the headers only (the array bytes are seeked over).
+
+    Example:
+        >>> flax_msgpack_shapes("dalle-mega/flax_model.msgpack")["lm_head/kernel"]  # doctest: +SKIP
+        (2048, 16416)
+    """
+    return {key: array.shape for key, array in iter_flax_msgpack(path, skip_data=True)}
 
 
 def unflatten(params: Mapping[str, object]) -> dict:
