@@ -218,3 +218,54 @@ def test_load_flax_dalle_mini_end_to_end(tmp_path, min_dalle):
     (folder / "flax_model.msgpack").unlink()
     with pytest.raises(ValueError, match=r"expected .*snapshot/flax_model.msgpack"):
         load_flax_dalle_mini(str(folder), expected_shapes=expected)
+
+
+def write_tiny_bpe(folder: Path):
+    """A BART-style vocab.json / merges.txt of 40 tokens (the fixture's text vocabulary has 64 rows)."""
+    merges = [("Ġ", "a"), ("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("Ġ", "h"), ("Ġh", "at")]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "Ġ", *letters, *("".join(m) for m in merges)]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def test_convert_flax_folder_loads_and_matches_dalle_minis_logits(tmp_path):
+    """convert_flax on dalle-mini's own tiny files -> a folder DiffusionPipeline loads; its transformer gives
+    dalle-mini's encoder states and logits, and it generates and scores (the VQGAN's encoder is converted)."""
+    pytest.importorskip("dalle_hf.convert_dalle_mini", reason="save_converted_pipeline comes from the bart branch")
+    from diffusers import DiffusionPipeline
+
+    from dalle_hf.convert_flax_dalle_mini import convert_flax
+    from tests.fixtures.dalle_mini.seeded import seeded_params
+
+    flax_dir, vqgan_dir, out = tmp_path / "dalle-mini", tmp_path / "vqgan", tmp_path / "converted"
+    shutil.copytree(FIXTURES / "scan", flax_dir)
+    write_tiny_bpe(flax_dir)
+    (flax_dir / "enwiki-words-frequency.txt").write_text("the 10\ncat 5\n")
+    vqgan_dir.mkdir()
+    vqgan = json.loads((FIXTURES / "vqgan_tiny.json").read_text())
+    (vqgan_dir / "config.json").write_text(json.dumps(vqgan["config"]))
+    write_flax_msgpack(seeded_params(vqgan["shapes"]), vqgan_dir / "flax_model.msgpack")
+    convert_flax(str(flax_dir), str(vqgan_dir), str(out))
+    card = (out / "README.md").read_text()
+    assert "dalle-mini/dalle-mini" in card and "convert-dalle-mini --flax" in card and "apache-2.0" in card
+    assert (out / "tokenizer" / "enwiki-words-frequency.txt").is_file()
+
+    pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "DalleMiniPipeline" and pipe.config.vae_has_encoder is True
+    reference = np.load(FIXTURES / "dalle_mini_reference.npz")
+    with torch.no_grad():
+        output = pipe.transformer(
+            input_ids=torch.from_numpy(reference["text_ids"]).long(),
+            image_ids=torch.from_numpy(reference["image_ids"][:, 1:]).long(),  # after the start token, 48
+        )  # fmt: skip
+    encoder_states = output.encoder_last_hidden_state[0].numpy()
+    np.testing.assert_allclose(encoder_states, reference["scan_encoder_states"][0], atol=1e-5)
+    np.testing.assert_allclose(output.logits[0].numpy(), reference["scan_logits"][0], atol=1e-5)
+    result = pipe("a cat", top_k=1, output_type="pt")
+    assert result.images.shape == (1, 3, 32, 32) and result.image_tokens.shape == (1, 16, 16)
+    assert result.image_tokens.max() < 48  # sampling keeps the first image_vocab_size logits
+    scores = pipe.score(images=result.images, captions="a cat")  # through the converted VQGAN encoder
+    assert scores.image_tokens.shape == (1, 16, 16) and scores.image_tokens.max() < 32
+    assert torch.isfinite(scores.log_likelihood).all() and (scores.log_likelihood < 0).all()
