@@ -169,6 +169,7 @@ def main(args):
         "what": "peak RSS of converting a Mega-shaped random flax_model.msgpack (scanned layout, float32)",
         "weights_bytes": weights, "msgpack_bytes": (work / "dalle-mega" / "flax_model.msgpack").stat().st_size,
         "write_seconds": round(write_seconds, 1), "results": results, "threads": os.environ.get("OMP_NUM_THREADS"),
+        "note": args.note,
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
@@ -182,6 +183,7 @@ def parse_args():
     parser.add_argument("--work", required=True, help="a scratch folder with ~25 GB free (deleted unless --keep)")
     parser.add_argument("--json", help="where to write the result")
     parser.add_argument("--keep", action="store_true", help="keep the generated snapshots")
+    parser.add_argument("--note", default="", help="recorded in the result (which code was measured)")
     parser.add_argument("--child", choices=["stream", "pipeline"], help=argparse.SUPPRESS)
     return parser.parse_args()
 
