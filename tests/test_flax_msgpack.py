@@ -4,7 +4,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from dalle_hf.flax_msgpack import iter_flax_msgpack, read_flax_msgpack, unflatten, write_flax_msgpack
+from dalle_hf.flax_msgpack import (
+    flax_msgpack_shapes,
+    iter_flax_msgpack,
+    read_flax_msgpack,
+    unflatten,
+    write_flax_msgpack,
+)
 
 
 def flax_ext_pack(value):
@@ -83,6 +89,8 @@ def test_chunked_array_is_joined(tree, tmp_path):
     assert path.read_bytes() == msgpack.packb(expected_tree, default=flax_ext_pack, strict_types=True)
     params = read_flax_msgpack(path)
     np.testing.assert_array_equal(params["lm_head/kernel"], tree["lm_head"]["kernel"])  # 10 chunks of 250 floats
+    shapes = flax_msgpack_shapes(path)  # headers only, chunked arrays included
+    assert shapes == {key: value.shape for key, value in params.items()}
     embedding = tree["model"]["encoder"]["embed_tokens"]["embedding"]
     np.testing.assert_array_equal(params["model/encoder/embed_tokens/embedding"], embedding)
 
@@ -127,6 +135,8 @@ def test_truncated_file_names_file_and_tensor(tree, tmp_path):
     path.write_bytes(data[:5000])  # inside lm_head's kernel
     with pytest.raises(ValueError, match=r"flax_model\.msgpack: file ends early.*'lm_head/kernel'"):
         read_flax_msgpack(path)
+    with pytest.raises(ValueError, match=r"flax_model\.msgpack: file ends early.*'lm_head/kernel'"):
+        flax_msgpack_shapes(path)  # seeking past the end is caught too
 
 
 def test_malformed_files_are_refused(tmp_path):
