@@ -302,9 +302,7 @@ def unflatten(params: Mapping[str, object]) -> dict:
     return tree
 
 
-def write_flax_msgpack(
-    params: Mapping, path: str | os.PathLike, max_chunk_bytes: int = MAX_CHUNK_SIZE
-) -> None:
+def write_flax_msgpack(params: Mapping, path: str | os.PathLike, max_chunk_bytes: int | None = None) -> None:
     """Writes a parameter tree exactly as `flax.serialization.to_bytes` would, one leaf at a time.
 
     Args:
@@ -313,15 +311,18 @@ def write_flax_msgpack(
             zero-argument callable returning the array, so huge files never hold all arrays at once.
         path (`str` or `os.PathLike`):
             Where to write.
-        max_chunk_bytes (`int`, *optional*, defaults to 2**30):
+        max_chunk_bytes (`int`, *optional*):
             Arrays of more bytes are split into flat chunks of at most this many bytes, as flax does with its
-            `MAX_CHUNK_SIZE` (smaller values make chunked arrays in tiny test files).
+            `MAX_CHUNK_SIZE` (the default, 2**30; smaller values make chunked arrays in tiny test files).
 
     Example:
         >>> write_flax_msgpack({"dense": {"kernel": np.zeros((2, 3), np.float32)}}, "params.msgpack")  # doctest: +SKIP
     """
     if any("/" in key for key in params):
         params = unflatten(params)
+    max_chunk_bytes = MAX_CHUNK_SIZE if max_chunk_bytes is None else max_chunk_bytes
+    if max_chunk_bytes < 1:
+        raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
     packer = msgpack.Packer(use_bin_type=True, strict_types=True)
     with open(path, "wb") as file:
         _write_tree(file, packer, params, max_chunk_bytes)
