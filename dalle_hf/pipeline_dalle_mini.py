@@ -73,15 +73,19 @@ class DalleMiniFamily:
         return len(self.tokenizer(self.text_normalizer(prompt))["input_ids"])
 
     def encode_prompt(self, prompts: list[str]) -> torch.LongTensor:
-        """Normalize, tokenize, pad and truncate to `text_seq_len`: -> (len(prompts), 64). The empty prompt is the
-        unconditional one, `[<s>, </s>]`."""
+        """Normalize, tokenize, pad and truncate to `text_seq_len`: -> (len(prompts), 64). An empty (or blank)
+        prompt is the unconditional one, `[<s>, </s>]`."""
         L = self.transformer.config.text_seq_len
         normalized = [self.text_normalizer(p) for p in prompts]
         for p, text in zip(prompts, normalized):
             if len(self.tokenizer(text)["input_ids"]) > L:
                 logger.warning(f"The prompt {p!r} is longer than the model's {L} text tokens and was truncated.")
         ids = self.tokenizer(normalized, padding="max_length", truncation=True, max_length=L, return_tensors="pt")
-        return ids["input_ids"].to(self._execution_device)
+        ids = ids["input_ids"].to(self._execution_device)
+        # dalle-mini tokenizes its unconditional "" without the normalizer (which would add a leading space)
+        empty = torch.tensor([not p.strip() for p in prompts], device=ids.device)
+        ids[empty] = self.unconditional_ids(1)
+        return ids
 
     def unconditional_ids(self, batch_size: int) -> torch.LongTensor:
         """The empty prompt (B, L): `[<s>, </s>]`, then padding (dalle-mini's unconditional branch)."""

@@ -44,7 +44,7 @@ def mini_pipe(bart_tokenizer, mini_transformer, clip):
 
 
 def test_prompts_and_the_unconditional_branch(mini_pipe):
-    ids = mini_pipe.encode_prompt([PROMPT, ""])  # (2, 64)
+    ids = mini_pipe.encode_prompt([PROMPT, " "])  # (2, 64)
     assert ids.shape == (2, 64)
     assert ids[0, 0] == 0 and (ids[0] == 2).sum() == 1 and ids[0, -1] == 1  # <s> ... </s> <pad> ...
     assert ids[1].tolist() == [0, 2] + [1] * 62  # the empty prompt: dalle-mini's unconditional branch
