@@ -13,8 +13,8 @@
    start; seconds per image extrapolated as prefill + 255 x the mean step (a step attends more cached positions
    later, so the later steps are timed too: 8 steps at the middle and 8 at the end); with `--full`, the whole
    256-step image is also timed.
-4. Decode: a random VQGAN f16 16384 (`VQGAN_F16_16384`, a diffusers `VQModel`) decodes one 16 x 16 grid of codes to
-   256 x 256 pixels in bf16.
+4. Decode (before `--full`'s image): a random VQGAN f16 16384 (`VQGAN_F16_16384`, a diffusers `VQModel`)
+   decodes one 16 x 16 grid of codes to 256 x 256 pixels in bf16.
 
 The threads are `torch.get_num_threads()` (set `OMP_NUM_THREADS`).
 """
@@ -162,6 +162,11 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
               "memory_available_at_start": available, "config": "DalleBartConfig.mega()" if not args.tiny else
               config.to_dict()}
+
+    def save():  # after every phase: a run stopped by its time limit keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
     # 1. Build in bf16 without float32
     rss_before = peak_rss()
     start = time.perf_counter()
@@ -173,12 +178,14 @@ def main(argv=None) -> dict:
     print(f"built in {report['build']['seconds']:.1f} s; peak RSS {rss_before / GB:.2f} -> "
           f"{report['build']['peak_rss_after'] / GB:.2f} GB; weights {report['build']['weight_bytes'] / GB:.2f} GB",
           flush=True)
+    save()
     # 2. Load with from_pretrained in a fresh process
     if not args.no_load:
         report["load"] = measure_load(model, args.folder)
         load = report["load"]
         print(f"from_pretrained(bf16): {load['seconds']:.1f} s, peak RSS {load['peak_rss'] / GB:.2f} GB (after "
               f"imports {load['peak_rss_after_imports'] / GB:.2f})", flush=True)
+        save()
     # 3. Sample
     N = config.image_seq_len
     run = sample(model, args.steps, args.guidance, args.top_k, timed_positions=(N // 2, N - 9))
@@ -191,18 +198,19 @@ def main(argv=None) -> dict:
     print(f"prefill {run['prefill_s']:.2f} s; step {mean_step:.3f} s (start), "
           + ", ".join(f"{t:.3f} s at {p}" for p, t in run["step_s_at_position"].items())
           + f"; extrapolated {report['sample']['extrapolated_image_s']:.1f} s per guided image", flush=True)
+    save()
+    # 4. VQGAN decode (before the full image: the longest phase comes last)
+    report["vqgan_decode"] = decode_seconds(VQGAN_TINY if args.tiny else VQGAN_F16_16384, torch.bfloat16,
+                                            config.image_grid_size)
+    print(f"VQGAN decode of one image: {report['vqgan_decode']['seconds']:.2f} s", flush=True)
     if args.full:
         full = sample(model, N - 1, args.guidance, args.top_k)
         report["full_image"] = {"seconds": full["prefill_s"] + sum(full["step_s"]), "prefill_s": full["prefill_s"],
                                 "steps": len(full["step_s"])}
         print(f"full image: {report['full_image']['seconds']:.1f} s", flush=True)
-    # 4. VQGAN decode
-    report["vqgan_decode"] = decode_seconds(VQGAN_TINY if args.tiny else VQGAN_F16_16384, torch.bfloat16,
-                                            config.image_grid_size)
-    print(f"VQGAN decode of one image: {report['vqgan_decode']['seconds']:.2f} s", flush=True)
+        save()
     report["peak_rss_end"] = peak_rss()
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save()
     return report
 
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BartTokenizerFast
-
 from dalle_hf.configuration_dalle_bart import DalleBartConfig
 from dalle_hf.memory_plan import (
     CUDA_CONTEXT_BYTES,
@@ -23,7 +21,8 @@ from dalle_hf.memory_plan import (
 )
 from dalle_hf.modeling_dalle_bart import DalleBartCache, DalleBartForImageGeneration
 from dalle_hf.quantization import PRECISIONS, precision_kwargs, weight_bytes
-from tests.dalle_bart_reference import randomize, tiny_bart_config, tiny_vqgan, write_tiny_bart_tokenizer
+from tests.dalle_bart_reference import randomize, tiny_bart_config
+from tests.dalle_mini_fixtures import save_tiny_mini_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,15 +69,7 @@ def test_mini_counts_equal_the_model_on_the_meta_device():
 
 @pytest.fixture(scope="module")
 def saved_mini(tmp_path_factory):
-    """A tiny DALL·E-mini-shaped pipeline on disk, width 128 so its Linear layers suit bitsandbytes' CPU kernels."""
-    from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
-
-    folder = tmp_path_factory.mktemp("mini")
-    write_tiny_bart_tokenizer(folder / "tokenizer-src")
-    tokenizer = BartTokenizerFast.from_pretrained(folder / "tokenizer-src", model_max_length=64)
-    transformer = randomize(DalleBartForImageGeneration(tiny_bart_config(d_model=128, glu_dim=256)))
-    DalleMiniPipeline(tokenizer=tokenizer, transformer=transformer, vae=tiny_vqgan()).save_pretrained(folder / "pipe")
-    return folder / "pipe"
+    return save_tiny_mini_pipeline(tmp_path_factory.mktemp("mini"))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
