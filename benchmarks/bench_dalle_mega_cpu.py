@@ -7,7 +7,8 @@
    ever exists), with the model's own init; peak RSS before and after.
 2. Load: the model saved with `save_pretrained` (safetensors, bf16) is loaded by
    `DalleBartForImageGeneration.from_pretrained(dir, dtype=torch.bfloat16)` in a fresh process, as a user loads a
-   converted Mega; that process's peak RSS and seconds. `--no-load` skips it (it writes 5.2 GB to `--folder`).
+   converted Mega; that process's peak RSS (`VmHWM`) after the imports, after loading and after reading every
+   weight once, and the seconds. `--no-load` skips it (it writes 5.2 GB to `--folder`).
 3. Sample: one guided image (`[uncond ; cond]`, super-conditioning 10, top-k 256: min-dalle's default; the
    draw is a small part of a step) through the cache: the prompt's prefill, then `--steps` steps timed from the
    start; seconds per image extrapolated as prefill + 255 x the mean step (a step attends more cached positions
@@ -51,17 +52,28 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+# In the child, ru_maxrss would start from the parent's RSS (Linux keeps the high-water mark across fork and exec):
+# /proc/self/status's VmHWM belongs to the new address space. from_pretrained may map the safetensors file and read
+# pages only when touched, so the peak is taken again after every weight has been read once.
 LOAD_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import torch
-start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def vm(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
 from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
-imported_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+imported = vm("VmHWM")
 start = time.perf_counter()
 model = DalleBartForImageGeneration.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_after_imports": imported_rss,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+loaded = vm("VmHWM")
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()
+print(json.dumps({"seconds": seconds, "peak_rss_after_imports": imported, "peak_rss_after_load": loaded,
+                  "peak_rss": vm("VmHWM"), "rss_end": vm("VmRSS"),
                   "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
 """
 
@@ -183,8 +195,9 @@ def main(argv=None) -> dict:
     if not args.no_load:
         report["load"] = measure_load(model, args.folder)
         load = report["load"]
-        print(f"from_pretrained(bf16): {load['seconds']:.1f} s, peak RSS {load['peak_rss'] / GB:.2f} GB (after "
-              f"imports {load['peak_rss_after_imports'] / GB:.2f})", flush=True)
+        print(f"from_pretrained(bf16): {load['seconds']:.1f} s; peak RSS after imports / loading / reading every "
+              f"weight {load['peak_rss_after_imports'] / GB:.2f} / {load['peak_rss_after_load'] / GB:.2f} / "
+              f"{load['peak_rss'] / GB:.2f} GB", flush=True)
         save()
     # 3. Sample
     N = config.image_seq_len

@@ -13,6 +13,6 @@ def save_tiny_mini_pipeline(folder):
     a 16 x 16 grid of codes on 32 x 32 images, no CLIP."""
     write_tiny_bart_tokenizer(folder / "tokenizer-src")
     tokenizer = BartTokenizerFast.from_pretrained(folder / "tokenizer-src", model_max_length=64)
-    transformer = randomize(DalleBartForImageGeneration(tiny_bart_config(d_model=128, glu_dim=256)))
+    transformer = randomize(DalleBartForImageGeneration(tiny_bart_config(d_model=128, glu_dim=256)), std=0.05)
     DalleMiniPipeline(tokenizer=tokenizer, transformer=transformer, vae=tiny_vqgan()).save_pretrained(folder / "pipe")
     return folder / "pipe"

@@ -236,12 +236,16 @@ def test_mini_pipeline_loads_each_precision_and_keeps_embeddings_norms_and_head_
 
 
 def test_mini_quantized_logits_stay_near_float32(saved_mini):
+    """Mean logit error relative to the fp32 logits' spread (measured on this tiny model: bf16 0.007, LLM.int8 0.013,
+    nf4 0.15): every precision is off by a nonzero amount, nf4 the most."""
     pytest.importorskip("bitsandbytes")
     reference = mini_logits(load_mini(saved_mini).transformer)
-    for precision, bound in (("bf16", 0.05), ("bnb-int8", 0.05), ("bnb-nf4", 0.2)):
+    errors = {}
+    for precision in ("bf16", "bnb-int8", "bnb-nf4"):
         logits = mini_logits(load_mini(saved_mini, **precision_kwargs(precision)).transformer)
-        error = (logits - reference).abs().max() / reference.abs().max()
-        assert 0 < error < bound, (precision, error)
+        errors[precision] = ((logits - reference).abs().mean() / reference.std()).item()
+    assert 0 < errors["bf16"] < 0.02 and 0 < errors["bnb-int8"] < 0.05 and 0 < errors["bnb-nf4"] < 0.3, errors
+    assert errors["bnb-nf4"] > max(errors["bf16"], errors["bnb-int8"]), errors
 
 
 @pytest.mark.parametrize("precision", ["bnb-int8", "bnb-nf4"])
