@@ -12,6 +12,8 @@
     dalle-hf push checkpoints/dalle-shapes org/dalle-shapes [--private] [--revision BRANCH]
     dalle-hf export-space space/ --model org/dalle-shapes
     dalle-hf convert-openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae
+    dalle-hf convert-dalle-mini --min-dalle pretrained --out dalle-mini [--mega]   (min-dalle's models_root)
+    dalle-hf convert-dalle-mini --flax dalle-mini-snapshot --vqgan vqgan-snapshot --out dalle-mini
     dalle-hf train dvae|dalle|clip [training flags]   (same as python -m dalle_hf.train_<name>)
     dalle-hf data emoji --cache /work/emoji-cache   (fetch the pinned emoji packages, render the cache once)
 """
@@ -207,6 +209,36 @@ def cmd_convert_openai_dvae(args) -> int:
     return 0
 
 
+def cmd_convert_dalle_mini(args) -> int:
+    from .convert_dalle_mini import DTYPES
+
+    if (args.min_dalle is None) == (args.flax is None):
+        raise ValueError("give either --min-dalle DIR or --flax DIR --vqgan DIR")
+    dtype = DTYPES[args.dtype]
+    if args.min_dalle is not None:
+        if args.vqgan is not None:
+            raise ValueError("--vqgan goes with --flax; min-dalle's VQGAN is its models_root's vqgan/detoker.pt")
+        from .convert_dalle_mini import convert_min_dalle
+
+        command = f"dalle-hf convert-dalle-mini --min-dalle {args.min_dalle} --out {args.out}" + (
+            " --mega" if args.mega else "") + (f" --clip {args.clip}" if args.clip else "") + f" --dtype {args.dtype}"
+        pipe = convert_min_dalle(args.min_dalle, args.out, mega=True if args.mega else None, dtype=dtype,
+                                 clip_dir=args.clip, command=command)  # fmt: skip
+    else:
+        if args.vqgan is None:
+            raise ValueError("--flax needs --vqgan DIR (a snapshot of dalle-mini/vqgan_imagenet_f16_16384)")
+        if args.mega:
+            raise ValueError("--mega goes with --min-dalle; a Flax snapshot's config.json says which model it is")
+        from .convert_flax_dalle_mini import convert_flax
+
+        command = f"dalle-hf convert-dalle-mini --flax {args.flax} --vqgan {args.vqgan} --out {args.out}" + (
+            f" --clip {args.clip}" if args.clip else "") + f" --dtype {args.dtype}"
+        pipe = convert_flax(args.flax, args.vqgan, args.out, clip_dir=args.clip, dtype=dtype, command=command)
+    n = sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"wrote {args.out}: {n:,} transformer parameters ({args.dtype})")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_folder
 
@@ -389,6 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--decoder", required=True, help="decoder.pkl or a state dict (.pt / .safetensors)")
     conv.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
     conv.set_defaults(func=cmd_convert_openai_dvae)
+
+    mini = sub.add_parser(
+        "convert-dalle-mini", help="DALL·E mini / Mega (min-dalle's files or the Flax snapshots) -> a pipeline folder"
+    )
+    mini.add_argument("--min-dalle", dest="min_dalle", help="min-dalle's models_root (dalle_bart_mini/ or "
+                      "dalle_bart_mega/ with encoder.pt, decoder.pt, vocab.json, merges.txt; vqgan/detoker.pt)")
+    mini.add_argument("--flax", help="a local snapshot of dalle-mini/dalle-mini or dalle-mini/dalle-mega")
+    mini.add_argument("--vqgan", help="with --flax: a local snapshot of dalle-mini/vqgan_imagenet_f16_16384")
+    mini.add_argument("--out", required=True, help="the pipeline folder to write")
+    mini.add_argument("--mega", action="store_true", help="with --min-dalle: convert dalle_bart_mega/")
+    mini.add_argument("--clip", help="a transformers CLIPModel folder to rerank with (optional)")
+    mini.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                      help="storage dtype of the weights")
+    mini.set_defaults(func=cmd_convert_dalle_mini)
 
     push = sub.add_parser(
         "push", help="publish a pipeline folder to the Hub with its card, sample grid and code (trust_remote_code)"

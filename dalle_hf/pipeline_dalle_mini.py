@@ -72,7 +72,7 @@ class DalleMiniFamily:
         return self.transformer.config.image_grid_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def decode_image_tokens(self, tokens: torch.LongTensor, batch_size: int = 16) -> torch.Tensor:
+    def decode_image_tokens(self, tokens: torch.LongTensor, batch_size: int = 8) -> torch.Tensor:
         """VQGAN decode (B, N) codes -> (B, 3, H, W) float32 in [0, 1], in chunks to bound memory."""
         g = self.transformer.config.image_grid_size
         vae_dtype = next(self.vae.parameters()).dtype
