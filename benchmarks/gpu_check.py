@@ -38,7 +38,7 @@ The bitsandbytes precisions load through `from_pretrained(..., **precision_kwarg
 random bf16 copy saved once under `--folder` (Mega: 5.2 GB). For each of `--bart-images` (1 and 9, a 3 x 3 grid) with
 super-conditioning (twice the rows): the prompt's prefill and `--steps` guided greedy steps around the middle of the
 image; seconds per image = (prefill + 255 x the median step) / images, extrapolated, not a full sampling run. Then a
-random VQGAN f16 16384 in the same float dtype decodes the images in the pipeline's chunks of 16 (the cache freed
+random VQGAN f16 16384 in the same float dtype decodes the images in the pipeline's chunks of 8 (the cache freed
 first, as in the pipeline). Peak memory of each phase (`torch.cuda.max_memory_allocated`), the device memory in use
 at the end (`torch.cuda.mem_get_info`: the CUDA context and the allocator's reserve included), and beside them the
 same parts computed by `dalle_bart_memory_plan`. `--small` shrinks both to width 128, 2 + 2 layers, a 4 x 4 grid.

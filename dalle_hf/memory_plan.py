@@ -35,7 +35,7 @@ VQGAN_F16_16384 = dict(
 # Full-resolution tensors of the VQGAN decoder's last block alive at once (the residual input, a GroupNorm/SiLU
 # output, a convolution's output, the upsampled input): an estimate.
 VQGAN_LIVE_FULL_RESOLUTION_TENSORS = 4
-VQGAN_DECODE_CHUNK = 16  # images the pipeline decodes at once (`decode_image_tokens`)
+VQGAN_DECODE_CHUNK = 8  # images the pipeline decodes at once (`DalleMiniFamily.decode_image_tokens`)
 # float32 copies of a step's logits the sampling makes (guidance, filtering, softmax, the draw): an estimate.
 SAMPLING_LOGIT_COPIES = 4
 

@@ -121,6 +121,16 @@ def test_plan_adds_up_and_mega_int8_grid_fits_6_gb():
         float_bytes("int4")
 
 
+def test_vqgan_decode_chunk_is_the_pipelines():
+    import inspect
+
+    from dalle_hf.memory_plan import VQGAN_DECODE_CHUNK
+    from dalle_hf.pipeline_dalle_mini import DalleMiniFamily
+
+    default = inspect.signature(DalleMiniFamily.decode_image_tokens).parameters["batch_size"].default
+    assert VQGAN_DECODE_CHUNK == default
+
+
 def test_vqgan_parameters_match_the_published_file():
     """The VQGAN f16 16384's Flax file is 304 MB of float32 (dalle-mini/vqgan_imagenet_f16_16384)."""
     assert 300e6 < 4 * vqgan_parameters() < 306e6
