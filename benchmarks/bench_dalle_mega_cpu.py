@@ -124,6 +124,9 @@ def sample(model, steps: int, scale: float, top_k: int, timed_positions=()) -> d
         code = draw(model.decode_step(code, out.cache), scale, top_k, generator)
         times.append(time.perf_counter() - start)
     at = {}
+    if timed_positions:  # the jumps skip positions never written (`torch.empty`, NaN possible): zeros keep it finite
+        out.cache.keys[:, :, :, out.cache.length:].zero_()
+        out.cache.values[:, :, :, out.cache.length:].zero_()
     for position in timed_positions:
         out.cache.length = position
         start = time.perf_counter()

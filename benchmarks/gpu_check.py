@@ -436,6 +436,10 @@ def measure_bart(model, vqgan, precision: str, images: int, args) -> dict:
     prefill = timed(lambda: model(input_ids=text, use_cache=True, logits_to_keep=1), device, args.repeats)
     out = model(input_ids=text, use_cache=True, logits_to_keep=1)
     cache, code = out.cache, torch.zeros(rows, 1, dtype=torch.long, device=device)
+    # The jump below skips positions the cache never wrote (`torch.empty`: whatever memory was there, NaN included);
+    # zeros keep the timed steps finite. Only the timing needs them: the values sampled here are discarded.
+    cache.keys[:, :, :, cache.length:].zero_()
+    cache.values[:, :, :, cache.length:].zero_()
 
     def steps():
         nonlocal code

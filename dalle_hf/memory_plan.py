@@ -196,18 +196,26 @@ def what_fits_where_table(precisions=CUDA_PRECISIONS, grids=(1, 9)) -> str:
 
 def random_dalle_bart(config: DalleBartConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                       seed: int = 0):
-    """A `DalleBartForImageGeneration` with random weights (the model's own init) made directly in `dtype` on
-    `device`: built on the `meta` device, then materialized, so a bf16 Mega never passes through 10 GB of float32
-    and a GPU's weights are made on the GPU. For benchmarks and memory checks; converted weights load with
+    """A `DalleBartForImageGeneration` with random weights made directly in `dtype` on `device`: built on the `meta`
+    device, then materialized, so a bf16 Mega never passes through 10 GB of float32 and a GPU's weights are made on
+    the GPU. The init is the model's own (`_init_weights`: Linear and Embedding weights normal with std
+    `initializer_range`, LayerNorm scales 1 and biases 0), drawn here from a generator seeded with `seed` on `device`
+    so that it depends on nothing else in the process. For benchmarks and memory checks; converted weights load with
     `from_pretrained`."""
     from .modeling_dalle_bart import DalleBartForImageGeneration
 
     with torch.device("meta"):
         model = DalleBartForImageGeneration(config)
     model = model.to(dtype).to_empty(device=device)
-    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        model.init_weights()
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # only LayerNorms have biases (dalle-mini's Linears have none)
+                p.zero_()
+            elif p.dim() == 1:  # LayerNorm scales
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, config.initializer_range, generator=generator)
     return model.eval()
 
 
