@@ -1,11 +1,14 @@
-"""The GPU check: the tests marked `cuda`, then memory and speed of every precision at batch 1, 16 and 64.
+"""The GPU check: the tests marked `cuda`, then memory and speed of every precision at batch 1, 16 and 64, and of
+DALL·E mini and Mega for one image and a 3 x 3 grid.
 
     # on a GPU machine (wheels for what it lacks: benchmarks/gpu_wheels.sh; docs/performance.md, "The GPU check")
     python benchmarks/gpu_check.py --out gpu.json
     # on the CPU with small settings (tests/test_gpu_check.py keeps this working)
     python benchmarks/gpu_check.py --device cpu --small
-    # only the memory computed from the configs (no model is run): the "What fits where" table
+    # only the memory computed from the configs (no model is run): the "What fits where" tables
     python benchmarks/gpu_check.py --computed
+    # DALL·E mini and Mega only (issue: a Mega 3 x 3 grid in int8 within 6 GB)
+    python benchmarks/gpu_check.py --configs mini,mega --out gpu_mini_mega.json
 
 Steps, all in one process except the tests:
 
@@ -27,6 +30,18 @@ transformer with `DalleConfig`'s paper layout (256 text tokens from 16,384, 1,02
 8,192 codes), n_layer 24, n_embd 1024, n_head 16, a random paper-size dVAE (`DalleVAEConfig()`: 256 x 256 images,
 32 x 32 codes), the shipped tokenizer and CLIP, guidance 3.0 like the shipped checkpoint. `--small` shrinks
 `large` to 2 x 64 with an 8 x 8 grid, and the batches, steps and grid, for a run of seconds on a CPU.
+
+DALL·E mini and Mega (`mini`, `mega`): random weights at their published shapes, made on the device (built on the
+`meta` device and materialized there by `dalle_hf.memory_plan.random_dalle_bart`, nothing carried to the machine),
+in `CUDA_PRECISIONS` (fp32 only where `dalle_bart_memory_plan` says it fits the free memory; fp16 only on CUDA).
+The bitsandbytes precisions load through `from_pretrained(..., **precision_kwargs(p, device, model=True))` from a
+random bf16 copy saved once under `--folder` (Mega: 5.2 GB). For each of `--bart-images` (1 and 9, a 3 x 3 grid) with
+super-conditioning (twice the rows): the prompt's prefill and `--steps` guided greedy steps around the middle of the
+image; seconds per image = (prefill + 255 x the median step) / images, extrapolated, not a full sampling run. Then a
+random VQGAN f16 16384 in the same float dtype decodes the images in the pipeline's chunks of 8 (the cache freed
+first, as in the pipeline). Peak memory of each phase (`torch.cuda.max_memory_allocated`), the device memory in use
+at the end (`torch.cuda.mem_get_info`: the CUDA context and the allocator's reserve included), and beside them the
+same parts computed by `dalle_bart_memory_plan`. `--small` shrinks both to width 128, 2 + 2 layers, a 4 x 4 grid.
 
 A time budget (`--budget-s`) skips the remaining cells, recorded as skipped, rather than overrun a lease. Quoted
 in docs/performance.md; never asserted in tests except that it runs and its bytes add up.
@@ -53,6 +68,8 @@ if str(ROOT) not in sys.path:  # on a GPU machine dalle-hf is not installed: run
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from dalle_hf.memory_plan import VQGAN_F16_16384, quantized_linear_bytes  # noqa: E402
 
 PROMPT = "a red circle left of a blue square"
 MB = 2**20
@@ -121,16 +138,6 @@ def float_dtype(precision: str, device: str) -> torch.dtype:
     if precision == "bnb-int8":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "bnb-nf4": torch.bfloat16}[precision]
-
-
-def quantized_linear_bytes(n_out: int, n_in: int, precision: str) -> int:
-    """Bytes bitsandbytes stores for one quantized Linear's weight (the bias stays float): int8 values with one
-    float32 scale per output row (`SCB`) and a one-byte format tag; or nf4, two values a byte, one float32 absmax
-    per block of 64 and the 16-value float32 code book (the ~80-byte JSON quant state per layer is not counted)."""
-    n = n_out * n_in
-    if precision == "bnb-int8":
-        return n + 4 * n_out + 1
-    return n // 2 + 4 * -(-n // 64) + 4 * 16
 
 
 def computed_weight_bytes(model: torch.nn.Module, precision: str, device: str, quantized: bool = False) -> int:
@@ -350,6 +357,196 @@ def run_config(name: str, path: str, precisions: list[str], args, results: list,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. DALL·E mini and Mega: random weights made on the device
+# ---------------------------------------------------------------------------------------------------------------
+# --small: width 128 (bitsandbytes' CPU kernels want K and N multiples of 32 and of two 4-bit blocks), a 4 x 4 grid
+BART_SMALL = dict(text_vocab_size=300, d_model=128, encoder_layers=2, decoder_layers=2, attention_heads=4,
+                  glu_dim=256, image_seq_len=16, image_vocab_size=64, sampled_image_vocab_size=64,
+                  decoder_start_token_id=64)
+VQGAN_SMALL = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                   up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, latent_channels=4,
+                   num_vq_embeddings=64, vq_embed_dim=4, norm_num_groups=4, sample_size=8)  # 4 x 4 codes, 8 x 8 px
+
+
+def bart_config(name: str, small: bool):
+    from dalle_hf.configuration_dalle_bart import DalleBartConfig
+
+    preset = {"mini": DalleBartConfig.mini, "mega": DalleBartConfig.mega}[name]
+    return preset(**(BART_SMALL if small else {}))
+
+
+def load_bart(name: str, config, precision: str, args):
+    """fp32 / fp16 / bf16: made on the device in that dtype. bnb: `from_pretrained` with `precision_kwargs(...,
+    model=True)` from a random bf16 copy saved under `--folder` (made on the device, saved once per config)."""
+    from dalle_hf.memory_plan import random_dalle_bart
+    from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
+    from dalle_hf.quantization import precision_kwargs
+
+    kwargs = precision_kwargs(precision, args.device, model=True)
+    if "quantization_config" not in kwargs:
+        return random_dalle_bart(config, args.device, kwargs["dtype"])
+    path = os.path.join(args.folder, f"{name}{'-small' if args.small else ''}-random-bf16")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        random_dalle_bart(config, args.device, torch.bfloat16).save_pretrained(path)
+        empty_cache(args.device)
+    return DalleBartForImageGeneration.from_pretrained(path, device_map={"": args.device}, **kwargs).eval()
+
+
+def random_vqgan(vqgan_config: dict, device: str, dtype: torch.dtype):
+    """A `VQModel` with random weights made on `device` in `dtype` (built on `meta`, then materialized)."""
+    from diffusers import VQModel
+
+    with torch.device("meta"):
+        vqgan = VQModel(**vqgan_config)
+    vqgan = vqgan.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for p in vqgan.parameters():
+            p.normal_(std=0.02)
+    return vqgan.eval()
+
+
+def guided_text(config, images: int, device: str) -> torch.LongTensor:
+    """`[uncond ; cond]` (2 x images, text_seq_len): `[<s>, </s>]` then padding, and a random 8-token prompt."""
+    ids = torch.full((2 * images, config.text_seq_len), config.text_pad_token_id, dtype=torch.long)
+    ids[:, 0], ids[:images, 1] = config.text_bos_token_id, config.text_eos_token_id
+    ids[images:, 1:9] = torch.randint(3, config.text_vocab_size, (8,), generator=torch.Generator().manual_seed(0))
+    ids[images:, 9] = config.text_eos_token_id
+    return ids.to(device)
+
+
+def device_used_bytes(device: str) -> int | None:
+    """Memory in use on the GPU (all processes: the CUDA context and the allocator's reserve included)."""
+    if torch.device(device).type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+@torch.no_grad()
+def measure_bart(model, vqgan, precision: str, images: int, args) -> dict:
+    """One cell: prefill and guided greedy steps at the middle of the image, then the VQGAN decode."""
+    from dalle_hf.memory_plan import dalle_bart_memory_plan
+    from dalle_hf.pipeline_dalle_mini import DalleMiniFamily
+
+    config, device, scale = model.config, args.device, 10.0
+    N, rows = config.image_seq_len, 2 * images
+    text = guided_text(config, images, device)
+    empty_cache(device)
+    reset_peak(device)
+    prefill = timed(lambda: model(input_ids=text, use_cache=True, logits_to_keep=1), device, args.repeats)
+    out = model(input_ids=text, use_cache=True, logits_to_keep=1)
+    cache, code = out.cache, torch.zeros(rows, 1, dtype=torch.long, device=device)
+    # The jump below skips positions the cache never wrote (`torch.empty`: whatever memory was there, NaN included);
+    # zeros keep the timed steps finite. Only the timing needs them: the values sampled here are discarded.
+    cache.keys[:, :, :, cache.length:].zero_()
+    cache.values[:, :, :, cache.length:].zero_()
+
+    def steps():
+        nonlocal code
+        cache.length = N // 2  # a step's cost depends on its position, not on the cached values
+        for _ in range(args.steps):
+            logits = model.decode_step(code, cache)  # (2 * images, V)
+            guided = logits[:images] + scale * (logits[images:] - logits[:images])  # (images, V)
+            code = guided.argmax(-1, keepdim=True).repeat(2, 1)  # (2 * images, 1)
+
+    steps()  # warm-up
+    step = [t / args.steps for t in timed(steps, device, args.repeats)]
+    sampling_memory = peak_memory(device)
+    kv_bytes = sum(t.numel() * t.element_size() for t in [cache.keys, cache.values, *cache.encoder_keys,
+                                                          *cache.encoder_values])
+    out = cache = None  # freed before decoding, as in the pipeline
+    empty_cache(device)
+    reset_peak(device)
+    tokens = torch.randint(0, config.sampled_image_vocab_size, (images, N), device=device)
+    decoder = type("Decoder", (DalleMiniFamily,), {"transformer": model, "vae": vqgan})()  # the pipeline's decode
+    decode_s = timed(lambda: decoder.decode_image_tokens(tokens), device, 1)
+    decode_memory = peak_memory(device)
+    plan = dalle_bart_memory_plan(config, precision, images, device=device,
+                                  vqgan_config=VQGAN_SMALL if args.small else None)
+    seconds = (statistics.median(prefill) + (N - 1) * statistics.median(step)) / images
+    return {
+        "images": images, "rows": rows, "image_tokens": N, "prefill_s": prefill, "step_s": step,
+        "seconds_per_image": seconds, "sampling": sampling_memory, "decode": {**decode_memory, "seconds": decode_s},
+        "kv_cache_bytes": kv_bytes, "kv_cache_bytes_computed": plan["self_cache"] + plan["cross_cache"],
+        "device_used_bytes": device_used_bytes(device), "plan": plan,
+    }
+
+
+def run_bart_config(name: str, precisions: list[str], args, results: list, skipped: list, start: float):
+    from dalle_hf.memory_plan import dalle_bart_memory_plan, dalle_bart_weight_bytes
+    from dalle_hf.quantization import precision_kwargs, weight_bytes
+
+    config = bart_config(name, args.small)
+    for precision in precisions:
+        cell = {"config": name, "precision": precision, "layers": config.decoder_layers, "width": config.d_model}
+        if precision == "fp16" and torch.device(args.device).type != "cuda":
+            skipped.append({**cell, "reason": "fp16 is CUDA only (no CPU fp16 matmul kernels)"})
+            continue
+        if torch.device(args.device).type == "cuda":
+            needed = dalle_bart_memory_plan(config, precision, max(args.bart_images), device=args.device)["total"]
+            if needed > torch.cuda.mem_get_info()[0]:
+                skipped.append({**cell, "reason": f"computed {needed / MB:,.0f} MB exceeds the free GPU memory"})
+                continue
+        if time.perf_counter() - start > args.budget_s:
+            skipped.append({**cell, "reason": f"time budget of {args.budget_s} s spent"})
+            continue
+        model = vqgan = None
+        try:
+            load_start = time.perf_counter()
+            model = load_bart(name, config, precision, args)
+            sync(args.device)
+            load_s = time.perf_counter() - load_start
+            dtype = precision_kwargs(precision, args.device)["dtype"]  # the VQGAN's, as the pipeline loads it
+            vqgan = random_vqgan(VQGAN_SMALL if args.small else VQGAN_F16_16384, args.device, dtype)
+            weights = {"weight_bytes": weight_bytes(model),
+                       "weight_bytes_computed": dalle_bart_weight_bytes(config, precision, args.device)}
+            for images in args.bart_images:
+                if time.perf_counter() - start > args.budget_s:
+                    skipped.append({**cell, "images": images, "reason": f"time budget of {args.budget_s} s spent"})
+                    continue
+                row = {**cell, "load_s": load_s, **weights, **measure_bart(model, vqgan, precision, images, args)}
+                results.append(row)
+                print(format_bart_row(row, args.device), flush=True)
+        except Exception as e:  # one failing precision must not cost the rest of a GPU lease
+            results.append({**cell, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]})
+            print(f"{name} {precision}: FAILED {type(e).__name__}: {e}", flush=True)
+        model = vqgan = None
+        empty_cache(args.device)
+
+
+def bart_table_row(row: dict, device: str) -> dict:
+    on_gpu = torch.device(device).type == "cuda"
+    plan = row["plan"]
+    weights = plan["weights"] + plan["vqgan_weights"]  # the VQGAN is loaded while sampling, as in the pipeline
+    sampling_plan = weights + plan["self_cache"] + plan["cross_cache"] + plan["step_activations"]
+    decode_plan = weights + plan["vqgan_decode_activations"]
+    if on_gpu:
+        measured = (f"{row['sampling']['peak_allocated'] / MB:,.0f} / {row['decode']['peak_allocated'] / MB:,.0f}")
+    else:
+        measured = f"{(row['weight_bytes'] + row['kv_cache_bytes']) / MB:,.1f} / —"
+    used = row["device_used_bytes"]
+    return {
+        "config": f"{row['config']} {row['layers']}+{row['layers']}x{row['width']}", "precision": row["precision"],
+        "images (rows)": f"{row['images']} ({row['rows']})",
+        "weights MB (measured / computed)": f"{row['weight_bytes'] / MB:,.1f} / "
+                                            f"{row['weight_bytes_computed'] / MB:,.1f}",
+        "KV MB (measured / computed)": f"{row['kv_cache_bytes'] / MB:,.1f} / "
+                                       f"{row['kv_cache_bytes_computed'] / MB:,.1f}",
+        ("peak GPU MB, sampling / decode" if on_gpu else "weights+KV MB (tensors)"): measured,
+        "computed MB, sampling / decode": f"{sampling_plan / MB:,.0f} / {decode_plan / MB:,.0f}",
+        "device used MB (computed total)": (f"{used / MB:,.0f} " if used is not None else "— ")
+        + f"({plan['total'] / MB:,.0f})",
+        "step ms": f"{1e3 * statistics.median(row['step_s']):.1f}",
+        "s per image": f"{row['seconds_per_image']:.2f}",
+        "decode s": f"{statistics.median(row['decode']['seconds']):.2f}",
+    }
+
+
+def format_bart_row(row: dict, device: str) -> str:
+    return " | ".join(str(v) for v in bart_table_row(row, device).values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 def format_row(row: dict, device: str) -> str:
@@ -429,8 +626,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny large config, batches 1,2, fewer steps (CPU)")
     parser.add_argument("--pipeline", default=str(ROOT / "checkpoints" / "dalle-shapes"), help="the shipped model")
-    parser.add_argument("--configs", default="shipped,large")
-    parser.add_argument("--precisions", default="fp32,bf16,bnb-int8,bnb-nf4")
+    parser.add_argument("--configs", default="shipped,large,mini,mega")
+    parser.add_argument("--precisions", default=None, help="default: PRECISIONS for shipped and large, "
+                        "CUDA_PRECISIONS (fp16 too) for mini and mega")
+    parser.add_argument("--bart-images", default="1,9", help="mini and Mega: images per prompt, guided (9: 3 x 3)")
     parser.add_argument("--batches", default=None, help="default 1,16,64 (--small: 1,2)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed per repeat (default 16; small 2)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (--small: 1)")
@@ -442,6 +641,7 @@ def parse_args(argv=None):
     parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "dalle_hf_gpu_check"))
     parser.add_argument("--out", default=None, help="write everything as JSON here")
     args = parser.parse_args(argv)
+    args.bart_images = [int(b) for b in args.bart_images.split(",")]
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.small else "1,16,64")).split(",")]
     args.steps = args.steps or (2 if args.small else 16)
     args.repeats = args.repeats or (1 if args.small else 3)
@@ -471,7 +671,11 @@ def main(argv=None) -> int:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
     if args.computed:
+        from dalle_hf.memory_plan import what_fits_where_table
+
         print_table(computed_table(args.pipeline, args.batches))
+        print()
+        print(what_fits_where_table())
         return 0
     report = {"environment": env, "settings": {k: v for k, v in vars(args).items()}, "tests": None,
               "results": [], "skipped": []}
@@ -480,18 +684,27 @@ def main(argv=None) -> int:
         print(f"pytest -m cuda tests/test_cuda.py: {report['tests']['summary']} ({report['tests']['seconds']} s)")
         if report["tests"]["returncode"] not in (0, None):
             print(report["tests"]["output_tail"][-3000:], flush=True)
-    precisions = precisions_available(args.precisions.split(","), env)
-    report["skipped"] += [{"precision": p, "reason": "bitsandbytes is missing"}
-                          for p in args.precisions.split(",") if p not in precisions]
+    from dalle_hf.quantization import CUDA_PRECISIONS, PRECISIONS
+
     os.makedirs(args.folder, exist_ok=True)
     for name in args.configs.split(","):
+        requested = args.precisions.split(",") if args.precisions else list(
+            CUDA_PRECISIONS if name in ("mini", "mega") else PRECISIONS)
+        precisions = precisions_available(requested, env)
+        report["skipped"] += [{"config": name, "precision": p, "reason": "bitsandbytes is missing"}
+                              for p in requested if p not in precisions]
+        if name in ("mini", "mega"):
+            run_bart_config(name, precisions, args, report["results"], report["skipped"], start)
+            continue
         path = args.pipeline if name == "shipped" else save_large_pipeline(
             args.pipeline, args.folder, args.small, args.device)
         run_config(name, path, precisions, args, report["results"], report["skipped"], start)
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
 
     print()
-    print_table([table_row(r, args.device) for r in report["results"] if "error" not in r])
+    print_table([table_row(r, args.device) for r in report["results"] if "error" not in r and "plan" not in r])
+    print()
+    print_table([bart_table_row(r, args.device) for r in report["results"] if "error" not in r and "plan" in r])
     for r in report["results"]:
         if "error" in r:
             print(f"FAILED {r['config']} {r['precision']}: {r['error']}")

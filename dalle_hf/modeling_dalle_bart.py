@@ -25,6 +25,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dalle_bart import DalleBartConfig
+from .quantization import unpack_bnb_4bit_cpu_weights
 
 
 class DalleBartCache:
@@ -308,6 +309,8 @@ class DalleBartForImageGeneration(DalleBartPreTrainedModel):
         super().__init__(config)
         self.encoder = DalleBartEncoder(config)
         self.decoder = DalleBartDecoder(config)
+        # bitsandbytes 4-bit on CPU: make a checkpoint saved after a forward reload right (see the function).
+        self.register_state_dict_pre_hook(unpack_bnb_4bit_cpu_weights)
         self.post_init()
 
     @property

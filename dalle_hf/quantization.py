@@ -3,11 +3,24 @@
 | option | how | where it pays |
 |---|---|---|
 | bf16 | `DallePipeline.from_pretrained(path, dtype=torch.bfloat16)` | CPUs with bf16 matmul (AVX-512 BF16, AMX), GPUs |
+| fp16 | `from_pretrained(path, **precision_kwargs("fp16", "cuda"))` | GPUs only |
 | int8, dynamic | `quantize_dynamic_int8(pipe)` after loading (torch.ao, fbgemm/x86 kernels) | CPU speed |
 | int8, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(8))` | GPU memory (LLM.int8) |
 | nf4, bitsandbytes | `from_pretrained(path, quantization_config=bnb_quantization_config(4))` | GPU memory |
 
 Never fp16 on CPU: it has no fp16 matmul kernels there (about 1 GFLOP/s). Measured numbers: docs/performance.md.
+
+The same options serve both model families, the DALL-E transformer (`DallePipeline`) and DALL·E mini / Mega
+(`DalleMiniPipeline`, `DalleBartForImageGeneration`): what is quantized is every `nn.Linear` of the transformer but
+the head. What stays in the float dtype, and why:
+
+- the head (`lm_head`, `INT8_SKIP_MODULES`): it decides every sampled token, a quantization error there moves the
+  argmax directly; the models also read its weight as a tensor (`decode_step` slices the sampled rows,
+  `image_log_probs` projects in float64), which a quantized layer does not offer;
+- the embeddings (`nn.Embedding`, never replaced by bitsandbytes): a step reads one row of each, so quantizing them
+  saves memory (Mega: 0.27 GB of 5.2 GB in fp16) but no time, and bitsandbytes has no embedding kernel for them;
+- the LayerNorms: a few thousand parameters, and the normalization is where low precision hurts most;
+- the image tokenizer (dVAE, VQGAN) and CLIP: `components=("transformer",)`, they run once per image.
 """
 
 import warnings
@@ -70,14 +83,29 @@ def quantize_dynamic_int8(pipe_or_model, skip_modules: tuple[str, ...] = INT8_SK
     return pipe_or_model
 
 
+def bnb_kwargs(bits: int = 8, compute_dtype: torch.dtype | None = None) -> dict:
+    """The bitsandbytes settings of `bnb_quantization_config` as keyword arguments of transformers'
+    `BitsAndBytesConfig`, the head kept in float (`llm_int8_skip_modules`)."""
+    if bits == 8:
+        kwargs = {"load_in_8bit": True}
+    elif bits == 4:
+        kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+        if compute_dtype is not None:
+            kwargs["bnb_4bit_compute_dtype"] = compute_dtype
+    else:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    kwargs["llm_int8_skip_modules"] = list(INT8_SKIP_MODULES)
+    return kwargs
+
+
 def bnb_quantization_config(bits: int = 8, compute_dtype: torch.dtype | None = None, components=("transformer",)):
     r"""
     A `diffusers.PipelineQuantizationConfig` for bitsandbytes int8 (LLM.int8) or 4-bit nf4 on the transformer.
 
     The standard API, with the head kept in float (`llm_int8_skip_modules`). Pass it to
-    `DallePipeline.from_pretrained(path, quantization_config=...)`; the quantized pipeline saves with
-    `save_pretrained` and reloads without a config. bitsandbytes saves memory on CUDA; on CPU it runs, slower than
-    float32.
+    `DallePipeline.from_pretrained(path, quantization_config=...)` (or `DalleMiniPipeline`'s); the quantized
+    pipeline saves with `save_pretrained` and reloads without a config. bitsandbytes saves memory on CUDA; on CPU
+    it runs, slower than float32.
 
     Args:
         bits (`int`, *optional*, defaults to 8):
@@ -97,30 +125,25 @@ def bnb_quantization_config(bits: int = 8, compute_dtype: torch.dtype | None = N
     """
     from diffusers import PipelineQuantizationConfig
 
-    if bits == 8:
-        backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
-    elif bits == 4:
-        backend, kwargs = "bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-        if compute_dtype is not None:
-            kwargs["bnb_4bit_compute_dtype"] = compute_dtype
-    else:
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    kwargs["llm_int8_skip_modules"] = list(INT8_SKIP_MODULES)
+    kwargs = bnb_kwargs(bits, compute_dtype)
+    backend = "bitsandbytes_8bit" if bits == 8 else "bitsandbytes_4bit"
     return PipelineQuantizationConfig(
         quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=list(components)
     )
 
 
-PRECISIONS = ("fp32", "bf16", "bnb-int8", "bnb-nf4")
+PRECISIONS = ("fp32", "bf16", "bnb-int8", "bnb-nf4")  # every device
+CUDA_PRECISIONS = ("fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4")  # fp16 has no CPU matmul kernels
 
 
-def precision_kwargs(precision: str, device: str | torch.device = "cpu") -> dict:
+def precision_kwargs(precision: str, device: str | torch.device = "cpu", model: bool = False) -> dict:
     r"""
-    `from_pretrained` keyword arguments that load a pipeline (or a model) in one of `PRECISIONS` for `device`.
+    `from_pretrained` keyword arguments that load a pipeline (or a model) in one of `CUDA_PRECISIONS` for `device`.
 
-    | precision | transformer's Linear layers | everything else (embeddings, norms, head, dVAE, CLIP) |
+    | precision | transformer's Linear layers | everything else (embeddings, norms, head, dVAE/VQGAN, CLIP) |
     |---|---|---|
     | `"fp32"` | float32 | float32 |
+    | `"fp16"` (CUDA only) | float16 | float16 |
     | `"bf16"` | bfloat16 | bfloat16 |
     | `"bnb-int8"` | LLM.int8 | float16 on CUDA, float32 on CPU |
     | `"bnb-nf4"` | nf4, computed in bfloat16 | bfloat16 |
@@ -133,9 +156,12 @@ def precision_kwargs(precision: str, device: str | torch.device = "cpu") -> dict
 
     Args:
         precision (`str`):
-            One of `PRECISIONS`.
+            One of `CUDA_PRECISIONS` (`PRECISIONS` on a CPU).
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
-            Where the pipeline will run; only `"bnb-int8"` depends on it.
+            Where the pipeline will run; `"bnb-int8"` and `"fp16"` depend on it.
+        model (`bool`, *optional*, defaults to `False`):
+            Arguments for one model's `from_pretrained` (e.g. `DalleBartForImageGeneration`): a transformers
+            `BitsAndBytesConfig` instead of a pipeline's `PipelineQuantizationConfig`.
 
     Example:
 
@@ -146,16 +172,21 @@ def precision_kwargs(precision: str, device: str | torch.device = "cpu") -> dict
     >>> pipe = pipe.to("cuda")
     ```
     """
-    if precision == "fp32":
-        return {"dtype": torch.float32}
-    if precision == "bf16":
-        return {"dtype": torch.bfloat16}
-    if precision == "bnb-int8":
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        return {"dtype": dtype, "quantization_config": bnb_quantization_config(8)}
-    if precision == "bnb-nf4":
-        return {"dtype": torch.bfloat16, "quantization_config": bnb_quantization_config(4, torch.bfloat16)}
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if precision in ("fp32", "bf16") or (precision == "fp16" and on_cuda):
+        return {"dtype": {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]}
+    if precision == "fp16":
+        raise ValueError(f"fp16 needs a CUDA device (CPUs have no fp16 matmul kernels), got device {device!r}; "
+                         "use bf16 on the CPU")
+    if precision not in CUDA_PRECISIONS:
+        raise ValueError(f"precision must be one of {CUDA_PRECISIONS}, got {precision!r}")
+    bits, dtype = (8, torch.float16 if on_cuda else torch.float32) if precision == "bnb-int8" else (4, torch.bfloat16)
+    compute_dtype = None if bits == 8 else torch.bfloat16
+    if model:
+        from transformers import BitsAndBytesConfig
+
+        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(**bnb_kwargs(bits, compute_dtype))}
+    return {"dtype": dtype, "quantization_config": bnb_quantization_config(bits, compute_dtype)}
 
 
 def unpack_bnb_4bit_cpu_weights(module: nn.Module, *args, **kwargs) -> None:
@@ -201,7 +232,9 @@ def weight_bytes(pipe_or_model) -> int:
 
 
 __all__ = [
+    "CUDA_PRECISIONS",
     "PRECISIONS",
+    "bnb_kwargs",
     "bnb_quantization_config",
     "precision_kwargs",
     "quantize_dynamic_int8",

@@ -1,6 +1,8 @@
 """The GPU path: the pipelines generate on CUDA in every precision of `dalle_hf.quantization.PRECISIONS`, quantized
 pipelines save and reload, sampling is deterministic for a generator, and `enable_model_cpu_offload()` works.
 
+DALL·E mini's pipeline runs the same way in `CUDA_PRECISIONS` (fp16 too), on a tiny random model.
+
 The tests marked `cuda` are skipped without a CUDA GPU; `benchmarks/gpu_check.py` runs them first
 (`pytest -m cuda tests/test_cuda.py`). They use the tiny pipeline of `conftest.save_tiny_pipeline` (width 128,
 a 4x4 grid of codes on 16x16 images, CLIP included). Loading goes through `precision_kwargs`, which
@@ -14,7 +16,7 @@ from torch import nn
 
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_variation import DalleImageVariationPipeline
-from dalle_hf.quantization import PRECISIONS, precision_kwargs
+from dalle_hf.quantization import CUDA_PRECISIONS, PRECISIONS, precision_kwargs
 
 from .conftest import save_tiny_pipeline
 
@@ -190,3 +192,86 @@ def test_model_cpu_offload_moves_every_component_before_use(pipe):
     variations(out.images[0], num_rows_to_keep=2, num_images_per_prompt=2, num_images_to_keep=1,
                generator=torch.Generator(), output_type="pt")
     assert set(calls) == {"transformer", "vae", "clip_model"} and calls[0] == "vae", calls  # encodes first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DALL·E mini / Mega on CUDA: every CUDA precision, through the same precision_kwargs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_mini(tmp_path_factory):
+    from tests.dalle_mini_fixtures import save_tiny_mini_pipeline
+
+    return save_tiny_mini_pipeline(tmp_path_factory.mktemp("mini"))
+
+
+def load_mini(path, precision: str = "fp32", device: str = "cuda"):
+    from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
+
+    if precision.startswith("bnb"):
+        pytest.importorskip("bitsandbytes")
+    pipe = DalleMiniPipeline.from_pretrained(path, **precision_kwargs(precision, device)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_mini(pipe, seed: int = 0):
+    """Two guided images (super-conditioning 10, the default) drawn with a CUDA generator."""
+    return pipe("a cat", num_images_per_prompt=2, generator=torch.Generator("cuda").manual_seed(seed),
+                output_type="pt")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("precision", CUDA_PRECISIONS)
+def test_mini_generates_on_cuda_in_each_precision(saved_mini, precision):
+    pipe = load_mini(saved_mini, precision)
+    model = pipe.transformer
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "bnb-nf4": torch.bfloat16}.get(precision, torch.float16)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.device.type for p in pipe.vae.parameters()} == {"cuda"}
+    fc0 = model.decoder.layers[0].glu.fc0
+    assert type(fc0).__name__ == {"bnb-int8": "Linear8bitLt", "bnb-nf4": "Linear4bit"}.get(precision, "Linear")
+    assert type(model.decoder.lm_head) is nn.Linear and model.decoder.lm_head.weight.dtype == dtype
+    assert model.decoder.embed_tokens.weight.dtype == dtype and model.cache_dtype == dtype
+    a, b, c = generate_mini(pipe, 1), generate_mini(pipe, 1), generate_mini(pipe, 2)
+    assert a.image_tokens.shape == (2, 16, 16) and a.images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(a.images).all() and a.image_tokens.max() < 16384
+    assert torch.equal(a.image_tokens, b.image_tokens) and not torch.equal(a.image_tokens, c.image_tokens)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("precision", ["bnb-int8", "bnb-nf4"])
+def test_mini_quantized_pipeline_saves_and_reloads_on_cuda(saved_mini, precision, tmp_path):
+    pipe = load_mini(saved_mini, precision)
+    before = generate_mini(pipe, 5)
+    pipe.save_pretrained(tmp_path)
+    # the quantization config travels in transformer/config.json; the float dtype is the caller's
+    reloaded = type(pipe).from_pretrained(tmp_path, dtype=precision_kwargs(precision, "cuda")["dtype"]).to("cuda")
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.transformer.decoder.layers[0].glu.fc0) is type(pipe.transformer.decoder.layers[0].glu.fc0)
+    assert torch.equal(generate_mini(reloaded, 5).image_tokens, before.image_tokens)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_mini_memory_plan_matches_cuda_tensors():
+    """A random mini-shaped model made on the GPU in fp16 (`random_dalle_bart`): its weights and a 3 x 3 grid's
+    cache take the planned bytes (the allocator rounds each tensor up to 512 bytes)."""
+    from dalle_hf.configuration_dalle_bart import DalleBartConfig
+    from dalle_hf.memory_plan import dalle_bart_cache_bytes, dalle_bart_weight_bytes, random_dalle_bart
+
+    config = DalleBartConfig.mini(encoder_layers=2, decoder_layers=2)
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    model = random_dalle_bart(config, "cuda", torch.float16)
+    rounding = 512 * len(list(model.parameters()))
+    assert 0 <= torch.cuda.memory_allocated() - start - dalle_bart_weight_bytes(config, "fp16") < rounding
+    text = torch.full((18, 64), 1, device="cuda")
+    text[:, 0], text[:9, 1], text[9:, 1:4] = 0, 2, torch.tensor([100, 200, 2], device="cuda")
+    with torch.no_grad():
+        cache = model(input_ids=text, use_cache=True, logits_to_keep=1).cache
+    planned = dalle_bart_cache_bytes(config, 18, "fp16")
+    cache_bytes = sum(t.numel() * t.element_size() for t in [cache.keys, cache.values, *cache.encoder_keys,
+                                                            *cache.encoder_values])
+    assert cache_bytes == planned["self"] + planned["cross"]

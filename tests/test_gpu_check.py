@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py keeps working on the CPU (`--device cpu --small`), and the memory it computes from the
-configs alone equals the bytes of the real tensors, so the "What fits where" table in docs/performance.md holds."""
+configs alone equals the bytes of the real tensors, so the "What fits where" tables in docs/performance.md hold: for
+the DALL-E pipelines and for DALL·E mini and Mega (tiny shapes here, random weights made by the script)."""
 
 import importlib.util
 import json
@@ -22,7 +23,8 @@ def gpu_check():
 
 @pytest.fixture(scope="module")
 def report(gpu_check, tmp_path_factory, tokenizer):
-    """One small CPU run over a tiny pipeline with CLIP: every precision this machine has, batches 1 and 2."""
+    """One small CPU run over a tiny pipeline with CLIP: every precision this machine has, batches 1 and 2; and
+    tiny mini- and Mega-shaped models for one image and a 3 x 3 grid."""
     folder = tmp_path_factory.mktemp("gpu_check")
     path = save_tiny_pipeline(folder / "shipped", tokenizer, with_clip=True)
     out = folder / "gpu.json"
@@ -35,7 +37,7 @@ def test_small_cpu_run_measures_every_cell(report):
     rc, data = report
     assert rc == 0 and not [r for r in data["results"] if "error" in r]
     precisions = [p for p in PRECISIONS if not (p.startswith("bnb") and data["environment"]["bitsandbytes"] is None)]
-    rows = [r for r in data["results"] if "grid" not in r]
+    rows = [r for r in data["results"] if "grid" not in r and "plan" not in r]
     assert {(r["config"], r["precision"], r["batch"]) for r in rows} == {
         (c, p, b) for c in ("shipped", "large") for p in precisions for b in (1, 2)
     }
@@ -54,7 +56,7 @@ def test_computed_memory_equals_the_tensors(report):
     """Weights and KV cache computed from the configs (on the `meta` device) against the loaded models' state dicts
     and the allocated cache: exact, except nf4's per-layer JSON quant state (~80 bytes a layer, not counted)."""
     _, data = report
-    rows = [r for r in data["results"] if "grid" not in r]
+    rows = [r for r in data["results"] if "grid" not in r and "plan" not in r]
     for r in rows:
         assert r["kv_cache_bytes"] == r["kv_cache_bytes_computed"], r
         if r["precision"] == "bnb-nf4":
@@ -109,3 +111,30 @@ def test_computed_table_covers_each_config_and_precision(gpu_check):
         assert mb[(config, "bf16")] == pytest.approx(mb[(config, "fp32")] / 2, abs=0.1)
         assert mb[(config, "bnb-nf4")] < mb[(config, "bnb-int8")] < mb[(config, "bf16")]
     assert rows[4]["config"].startswith("large 24x1024, 1024 image tokens")
+
+
+def test_small_cpu_run_measures_mini_and_mega(report):
+    """Every CPU precision (fp16 is skipped: CUDA only) for one image and a 3 x 3 grid, guided (twice the rows); the
+    weights and cache bytes equal the memory plan's; the step and the VQGAN decode were timed."""
+    _, data = report
+    precisions = [p for p in PRECISIONS if not (p.startswith("bnb") and data["environment"]["bitsandbytes"] is None)]
+    rows = [r for r in data["results"] if "plan" in r]
+    assert {(r["config"], r["precision"], r["images"]) for r in rows} == {
+        (c, p, n) for c in ("mini", "mega") for p in precisions for n in (1, 9)
+    }
+    assert {(s["config"], s["precision"]) for s in data["skipped"] if "CUDA only" in s.get("reason", "")} == {
+        ("mini", "fp16"), ("mega", "fp16")
+    }
+    for r in rows:
+        assert r["rows"] == 2 * r["images"] and r["plan"]["rows"] == r["rows"]
+        assert (r["layers"], r["width"], r["image_tokens"]) == (2, 128, 16)
+        assert r["kv_cache_bytes"] == r["kv_cache_bytes_computed"], r
+        if r["precision"] == "bnb-nf4":
+            assert 0 <= r["weight_bytes"] - r["weight_bytes_computed"] < 0.02 * r["weight_bytes"], r
+        else:
+            assert r["weight_bytes"] == r["weight_bytes_computed"], r
+        assert r["seconds_per_image"] > 0 and min(r["decode"]["seconds"]) > 0
+        assert r["sampling"]["peak_allocated"] is None and r["device_used_bytes"] is None  # no GPU here
+    by = {(r["config"], r["precision"], r["images"]): r for r in rows}
+    assert by[("mega", "fp32", 9)]["kv_cache_bytes"] == 9 * by[("mega", "fp32", 1)]["kv_cache_bytes"]
+    assert 2 * by[("mini", "bf16", 1)]["kv_cache_bytes"] == by[("mini", "fp32", 1)]["kv_cache_bytes"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.quantization import (
+    CUDA_PRECISIONS,
     PRECISIONS,
     bnb_quantization_config,
     precision_kwargs,
@@ -176,4 +177,121 @@ def test_precision_kwargs_int8_uses_float16_on_cuda_only():
     config = precision_kwargs("bnb-nf4", "cuda")["quantization_config"]
     assert config.quant_kwargs["bnb_4bit_compute_dtype"] == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be one of"):
+        precision_kwargs("fp8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DALL·E mini / Mega: the same options on DalleMiniPipeline and DalleBartForImageGeneration
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_mini(tmp_path_factory):
+    from tests.dalle_mini_fixtures import save_tiny_mini_pipeline
+
+    return save_tiny_mini_pipeline(tmp_path_factory.mktemp("mini"))
+
+
+def load_mini(path, **kwargs):
+    from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
+
+    pipe = DalleMiniPipeline.from_pretrained(path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def mini_logits(model, seed=0):
+    """Teacher-forced logits of the sampled codes for a guided pair of prompts and 20 random codes: (2, 21, 16384)."""
+    g = gen(seed)
+    text = torch.full((2, 64), 1)
+    text[:, 0], text[0, 1], text[1, 1:6], text[1, 6] = 0, 2, torch.randint(3, 300, (5,), generator=g), 2
+    codes = torch.randint(0, 16384, (2, 20), generator=g)
+    with torch.no_grad():
+        return model.image_logits(model(input_ids=text, image_ids=codes).logits).float()
+
+
+def sample_mini(pipe, seed=0):
+    return pipe("a cat", num_images_per_prompt=2, generator=gen(seed), output_type="pt")  # guided: default 10
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_mini_pipeline_loads_each_precision_and_keeps_embeddings_norms_and_head_in_float(saved_mini, precision):
+    if precision.startswith("bnb"):
+        pytest.importorskip("bitsandbytes")
+    pipe = load_mini(saved_mini, **precision_kwargs(precision))
+    model = pipe.transformer
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "bnb-int8": torch.float32}.get(precision, torch.bfloat16)
+    layer = model.decoder.layers[0]
+    linears = [layer.self_attn.q_proj, layer.encoder_attn.k_proj, layer.glu.fc0, layer.glu.fc2,
+               model.encoder.layers[1].self_attn.out_proj]
+    expected = {"bnb-int8": "Linear8bitLt", "bnb-nf4": "Linear4bit"}.get(precision, "Linear")
+    assert {type(m).__name__ for m in linears} == {expected}
+    n_quantized = sum(type(m).__name__ == expected for m in model.modules())
+    assert n_quantized == 2 * 7 + 2 * 11 + (0 if precision.startswith("bnb") else 1)  # + the head if float
+    assert type(model.decoder.lm_head) is nn.Linear and model.decoder.lm_head.weight.dtype == dtype
+    for name, p in model.named_parameters():
+        if "embed" in name or "norm" in name or ".ln" in name or "final_ln" in name:
+            assert p.dtype == dtype, name
+    assert model.cache_dtype == dtype and next(pipe.vae.parameters()).dtype == dtype  # the VQGAN is not quantized
+    a, b = sample_mini(pipe, 3), sample_mini(pipe, 3)
+    assert a.image_tokens.shape == (2, 16, 16) and torch.equal(a.image_tokens, b.image_tokens)
+
+
+def test_mini_quantized_logits_stay_near_float32(saved_mini):
+    """Mean logit error relative to the fp32 logits' spread (measured on this tiny model: bf16 0.007, LLM.int8 0.013,
+    nf4 0.15): every precision is off by a nonzero amount, nf4 the most."""
+    pytest.importorskip("bitsandbytes")
+    reference = mini_logits(load_mini(saved_mini).transformer)
+    errors = {}
+    for precision in ("bf16", "bnb-int8", "bnb-nf4"):
+        logits = mini_logits(load_mini(saved_mini, **precision_kwargs(precision)).transformer)
+        errors[precision] = ((logits - reference).abs().mean() / reference.std()).item()
+    assert 0 < errors["bf16"] < 0.02 and 0 < errors["bnb-int8"] < 0.05 and 0 < errors["bnb-nf4"] < 0.3, errors
+    assert errors["bnb-nf4"] > max(errors["bf16"], errors["bnb-int8"]), errors
+
+
+@pytest.mark.parametrize("precision", ["bnb-int8", "bnb-nf4"])
+def test_mini_quantized_pipeline_saved_after_a_forward_reloads_right(saved_mini, precision, tmp_path):
+    """As for the DALL-E transformer: on a CPU with AVX-512 BF16 the first forward repacks 4-bit weights, and the
+    model's state-dict pre-hook must unpack them before saving."""
+    pytest.importorskip("bitsandbytes")
+    pipe = load_mini(saved_mini, **precision_kwargs(precision))
+    before = sample_mini(pipe)  # a forward first, as a user would
+    reference = mini_logits(pipe.transformer)
+    pipe.save_pretrained(tmp_path)
+    assert torch.equal(mini_logits(pipe.transformer), reference)  # saving left the model in memory intact
+    reloaded = load_mini(tmp_path, dtype=precision_kwargs(precision)["dtype"])  # the quantization config travels
+    assert type(reloaded.transformer.decoder.layers[0].glu.fc1) is type(pipe.transformer.decoder.layers[0].glu.fc1)
+    assert torch.equal(mini_logits(reloaded.transformer), reference)
+    assert torch.equal(sample_mini(reloaded).image_tokens, before.image_tokens)
+
+
+def test_mini_model_alone_loads_with_a_transformers_config(saved_mini):
+    """`precision_kwargs(..., model=True)`: a transformers `BitsAndBytesConfig` for one model's `from_pretrained`."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
+
+    kwargs = precision_kwargs("bnb-nf4", model=True)
+    assert isinstance(kwargs["quantization_config"], BitsAndBytesConfig)
+    assert kwargs["quantization_config"].llm_int8_skip_modules == ["lm_head"]
+    model = DalleBartForImageGeneration.from_pretrained(saved_mini / "transformer", **kwargs)
+    assert isinstance(model.encoder.layers[0].glu.fc0, bnb.nn.Linear4bit) and type(model.decoder.lm_head) is nn.Linear
+    assert precision_kwargs("bf16", model=True) == {"dtype": torch.bfloat16}
+
+
+def test_dynamic_int8_on_the_mini_transformer(saved_mini):
+    pipe = quantize_dynamic_int8(load_mini(saved_mini))
+    reference = mini_logits(load_mini(saved_mini).transformer)
+    model = pipe.transformer
+    assert isinstance(model.decoder.layers[0].glu.fc0, torch.ao.nn.quantized.dynamic.Linear)
+    assert type(model.decoder.lm_head) is nn.Linear
+    error = (mini_logits(model) - reference).abs().max() / reference.abs().max()
+    assert error < 0.05
+    assert sample_mini(pipe).image_tokens.shape == (2, 16, 16)
+
+
+def test_fp16_is_for_cuda_only():
+    assert precision_kwargs("fp16", "cuda") == {"dtype": torch.float16}
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         precision_kwargs("fp16")
+    assert "fp16" in CUDA_PRECISIONS and "fp16" not in PRECISIONS
