@@ -69,7 +69,7 @@ def test_push_publishes_the_code_and_a_card_that_credits_the_sources(published, 
     code = set(module_files("pipeline_dalle_mini"))
     assert {"pipeline_dalle_mini.py", "pipeline_dalle_inpaint.py", "pipeline_dalle_variation.py"} <= code
     assert {f"transformer/{name}" for name in module_files("modeling_dalle_bart")} == {
-        "transformer/configuration_dalle_bart.py", "transformer/modeling_dalle_bart.py"}
+        "transformer/configuration_dalle_bart.py", "transformer/modeling_dalle_bart.py", "transformer/quantization.py"}
     expected = code | {f"transformer/{name}" for name in module_files("modeling_dalle_bart")}
     assert {name for name in files if name.endswith(".py")} == expected  # no code for diffusers' own VQModel
     assert CARD_DATA_NAME not in files and "samples.png" not in files  # a converted model's grid is not drawn here
