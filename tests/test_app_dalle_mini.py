@@ -157,7 +157,10 @@ def test_generate_streams_a_preview_every_16_codes_and_logs_the_load(converted, 
     monkeypatch.setattr(sampling, "PREVIEW_INTERVAL", 0.0)  # a preview at every completed row
     outputs, (gallery, seed, status) = run(handlers.generate, models, NAME, "a cat wearing a hat")
     loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Loading", "Loaded"))]
-    assert loaded[0].startswith(f"Loading {NAME}: 0.00B parameters, 0.") and "GB of weights" in loaded[0]
+    params, size = app_models.weights_size(converted)
+    assert loaded[0] == (f"Loading {NAME}: {params / 1e6:.1f}M parameters, {size / 1e6:.1f} MB of weights, "
+                         f"from {converted.resolve()}")
+    assert app_models.millions(2_587_521_024) == "2.59B" and app_models.gigabytes(5.18e9) == "5.18 GB"
     assert loaded[1].startswith(f"Loaded {NAME} in ") and "resident memory +" in loaded[1]
     model = app_models.load_model(converted)
     assert (model.preview_every, model.grid_size, model.image_size) == (16, 16, SIZE)
@@ -221,7 +224,8 @@ def test_client_lists_it_and_generates_varies_and_edits_its_output(server, tmp_p
     url, log_path = server
     log = log_path.read_text()
     assert f"Models: {NAME} (" in log and f"{REPO_ID} (" in log and "dalle-shapes (" in log
-    assert f"Loading {NAME}: 0.00B parameters" in log and f"Loaded {NAME} in " in log and "resident memory +" in log
+    assert f"Loading {NAME}: " in log and "M parameters" in log and "Loading pipeline components" in log  # a bar
+    assert f"Loaded {NAME} in " in log and "resident memory +" in log
     client = Client(url, verbose=False)
     config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
     model = by_id(config["components"], "model")["props"]

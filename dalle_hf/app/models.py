@@ -377,7 +377,12 @@ def weights_size(path: Path) -> tuple[int, int]:
 
 
 def gigabytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """Bytes for the log: "5.18 GB", or "12.3 MB" below a gigabyte (a tiny model's load would read "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 @contextlib.contextmanager
@@ -404,7 +409,7 @@ def load_model(path: str | os.PathLike, name: str | None = None) -> AppModel:
     with _MODELS_LOCK:
         if key not in _MODELS:
             params, size = weights_size(key)
-            logger.info("Loading %s: %.2fB parameters, %s of weights, from %s", name or key.name, params / 1e9,
+            logger.info("Loading %s: %s parameters, %s of weights, from %s", name or key.name, millions(params),
                         gigabytes(size), key)
             process = psutil.Process()
             rss, start = process.memory_info().rss, time.perf_counter()
