@@ -8,8 +8,9 @@ wrote (`dalle-hf compress out/00.png` after `dalle-hf generate ... --out out/`);
 their `--help` works and names every flag the README passes, and the files they read exist (downloading and
 converting DALL·E Mega too). The README's `python` blocks run as one script on the shipped `dalle-shapes`, with a
 tiny random DALL·E-mini-shaped folder written by the converter's `save_converted_pipeline` standing in for the
-converted `dalle-mega-hf`. A command that matches no rule here runs as written, so a
-new README command is exercised by default.
+converted `dalle-mega-hf`. `dalle-hf export-space` reads the published model's configs: an HF-cache-shaped folder
+holds the shipped checkpoint's as `me/dalle-shapes`, read offline (tests/test_hub.py's pattern). A command that
+matches no rule here runs as written, so a new README command is exercised by default.
 """
 
 import contextlib
@@ -157,7 +158,18 @@ def test_dalle_hf_console_script_is_the_cli():
     assert scripts["dalle-hf"] == "dalle_hf.cli:main"
 
 
-def test_every_readme_command(scratch):
+def published_shapes_offline(monkeypatch, cache: Path) -> None:
+    """`me/dalle-shapes` in an HF-cache-shaped folder (the configs export-space reads), this process offline."""
+    from tests.test_hub import use_hf_cache, write_hf_cache
+
+    shipped = ROOT / "checkpoints" / "dalle-shapes"
+    names = ("model_index.json", "transformer/config.json")
+    write_hf_cache(cache, "me/dalle-shapes", {name: (shipped / name).read_bytes() for name in names})
+    use_hf_cache(monkeypatch, cache)
+
+
+def test_every_readme_command(scratch, monkeypatch, tmp_path_factory):
+    published_shapes_offline(monkeypatch, tmp_path_factory.mktemp("hf-cache"))
     ran, checked = [], []
     for argv in readme_commands(README.read_text()):
         slow = slow_rule(argv)
