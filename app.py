@@ -6,10 +6,10 @@ and the converted DALL·E mini / Mega models named with `--model`.
 Every sub-folder of the checkpoints folder with a `model_index.json` is a model (or the folder itself, if it has
 one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. `--model` (repeatable) and
 `DALLE_HF_MODELS` (comma-separated) add models, listed first: a saved pipeline folder, or a Hub repo id fetched with
-huggingface_hub. A model's `world.json` (written with the
-checkpoint) gives its example prompts, its styles (a style selector) and the words of its training captions (a note
-names a prompt's others); the app itself names no world. Ready for a Hugging Face Space: the README
-front matter names this file, and the `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` that Spaces set are respected.
+huggingface_hub. A model's `world.json` (written with the checkpoint) gives its example prompts, its styles (a style
+selector) and the words of its training captions (a note names a prompt's others); the app itself names no world.
+Ready for a Hugging Face Space: the README front matter names this file, and the `GRADIO_SERVER_NAME` /
+`GRADIO_SERVER_PORT` that Spaces set are respected.
 
 This file parses the command line, sets up logging and threads, and launches; the app's parts live in
 `dalle_hf/app/`: `models` (which models exist, how they load), `inputs` and `components` (input checks and the
