@@ -414,10 +414,16 @@ def load_model(path: str | os.PathLike, name: str | None = None) -> AppModel:
             process = psutil.Process()
             rss, start = process.memory_info().rss, time.perf_counter()
             with loading_progress():
-                _MODELS[key] = family_of(key).load(key)
-            logger.info("Loaded %s in %.1f s: resident memory +%s (now %s)", name or key.name,
-                        time.perf_counter() - start, gigabytes(process.memory_info().rss - rss),
-                        gigabytes(process.memory_info().rss))
+                model = _MODELS[key] = family_of(key).load(key)
+            modules = [m for m in model.text_to_image.components.values() if isinstance(m, torch.nn.Module)]
+            tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+            # safetensors files are memory-mapped: resident memory grows as the weights are first read, so the log
+            # gives both the tensors' bytes and the growth so far
+            logger.info("Loaded %s in %.1f s: %s of weights in memory (%s), resident memory +%s (now %s)",
+                        name or key.name, time.perf_counter() - start,
+                        gigabytes(sum(t.numel() * t.element_size() for t in tensors)),
+                        ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors})),
+                        gigabytes(process.memory_info().rss - rss), gigabytes(process.memory_info().rss))
         return _MODELS[key]
 
 
