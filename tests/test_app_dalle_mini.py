@@ -21,6 +21,7 @@ from dalle_hf.app import handlers, layout, sampling
 from dalle_hf.app.world import ModelWorld
 from dalle_hf.app import models as app_models
 from dalle_hf.convert_dalle_mini import save_converted_pipeline
+from dalle_hf.hub import export_for_hub, without_remote_code
 from dalle_hf.model_card import DALLE_MINI_SAMPLE_PROMPTS
 from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
 from tests.conftest import tiny_clip
@@ -55,10 +56,18 @@ def converted(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_cache(converted, tmp_path_factory) -> Path:
-    """The converted folder as the Hub cache holds a downloaded `org/dalle-mini-tiny`."""
+def published(converted, tmp_path_factory) -> Path:
+    """The folder `dalle-hf push` publishes for the converted one: its code files named in model_index.json."""
+    out = tmp_path_factory.mktemp("published") / NAME
+    export_for_hub(str(converted), str(out), repo_id=REPO_ID)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_cache(published, tmp_path_factory) -> Path:
+    """The published copy as the Hub cache holds a downloaded `org/dalle-mini-tiny`."""
     cache = tmp_path_factory.mktemp("hf-cache")
-    files = {str(p.relative_to(converted)): p.read_bytes() for p in converted.rglob("*") if p.is_file()}
+    files = {str(p.relative_to(published)): p.read_bytes() for p in published.rglob("*") if p.is_file()}
     write_hf_cache(cache, REPO_ID, files)
     return cache
 
@@ -74,7 +83,7 @@ def offline(monkeypatch, cache: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # --model and DALLE_HF_MODELS: which models, under which names; bad values named
 # ----------------------------------------------------------------------------------------------------------------
-def test_models_named_on_the_command_line_come_first(converted, hf_cache, monkeypatch, tmp_path):
+def test_models_named_on_the_command_line_come_first(converted, published, hf_cache, monkeypatch, tmp_path):
     offline(monkeypatch, hf_cache)
     monkeypatch.setenv(app_models.MODELS_ENV, f" {REPO_ID} ,, ")
     assert app_models.model_specs([str(converted)]) == [str(converted), REPO_ID]
@@ -83,7 +92,7 @@ def test_models_named_on_the_command_line_come_first(converted, hf_cache, monkey
     assert names[:2] == [NAME, REPO_ID] and "dalle-shapes" in names[2:]  # beside the checkpoints
     snapshot = args.models[REPO_ID]  # the cache's snapshot folder, read offline
     assert snapshot.parent.name == "snapshots" and snapshot.is_relative_to(hf_cache)
-    assert (snapshot / "model_index.json").read_bytes() == (converted / "model_index.json").read_bytes()
+    assert (snapshot / "model_index.json").read_bytes() == (published / "model_index.json").read_bytes()
     monkeypatch.delenv(app_models.MODELS_ENV)
     twice = app_models.find_models(converted.parent, [str(converted), str(converted) + "/"])
     assert list(twice) == [NAME]  # the same folder, listed once
@@ -172,6 +181,26 @@ def test_generate_streams_a_preview_every_16_codes_and_logs_the_load(converted, 
     assert first.shape == (SIZE, SIZE, 3) and (first[2:] == round(255 * app_models.PREVIEW_GRAY)).all()
     _, again = run(handlers.generate, models, NAME, "a cat wearing a hat")
     assert all(np.array_equal(a, b) for a, b in zip(pixels(gallery), pixels(again[0])))
+
+
+def test_a_published_copy_loads_with_dalle_hfs_own_classes(published, converted, tmp_path):
+    """A Hub repository from `dalle-hf push` names its code files (`["pipeline_dalle_mini", "DalleMiniPipeline"]`):
+    the app loads it with dalle-hf's classes through a view of renamed configs and links, running none of that code."""
+    index = json.loads((published / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dalle_mini", "DalleMiniPipeline"]
+    assert (published / "pipeline_dalle_mini.py").is_file()
+    view = Path(without_remote_code(str(published), str(tmp_path / "view")))
+    saved = json.loads((converted / "model_index.json").read_text())  # as dalle-hf saves it
+    assert json.loads((view / "model_index.json").read_text()) == saved
+    assert (view / "transformer").resolve() == (published / "transformer").resolve()  # linked, not copied
+    assert json.loads((published / "model_index.json").read_text()) == index  # the copy itself untouched
+    assert without_remote_code(str(converted), str(tmp_path / "none")) == str(converted)
+    assert not (tmp_path / "none").exists()
+
+    model = app_models.load_model(published, "published")
+    assert type(model.text_to_image).__module__ == "dalle_hf.pipeline_dalle_mini"
+    assert type(model.text_to_image.transformer).__module__ == "dalle_hf.modeling_dalle_bart"
+    assert type(model.inpaint).__name__ == "DalleMiniInpaintPipeline"
 
 
 def test_weights_size_reads_the_safetensors_headers(converted):
