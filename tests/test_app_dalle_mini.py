@@ -108,11 +108,14 @@ def test_a_bad_model_is_an_error_naming_it(converted, hf_cache, monkeypatch, tmp
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    other_index = (tmp_path / "other" / "model_index.json").read_bytes()
+    write_hf_cache(hf_cache, "org/other", {"model_index.json": other_index, "unet/big.bin": b"0" * 100})
     cases = {
         str(tmp_path / "missing"): "expected a model folder (with a model_index.json) or a Hub repo id",
         str(tmp_path / "empty"): "has no model_index.json",
         str(tmp_path / "other"): "the app does not know the pipeline class 'StableDiffusionPipeline'",
         "org/not-cached": "the Hub repository 'org/not-cached' could not be fetched",
+        "org/other": "the app does not know the pipeline class 'StableDiffusionPipeline'",  # before the snapshot
         "a/b/c": "expected a model folder",
     }
     for spec, message in cases.items():

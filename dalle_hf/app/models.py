@@ -99,10 +99,14 @@ def resolve_model(spec: str) -> tuple[str, Path]:
         name = path.resolve().name
     elif REPO_ID.fullmatch(spec) and not path.exists():
         try:
-            path = Path(huggingface_hub.snapshot_download(spec))
-        except Exception as e:  # not found, offline without a cached copy, no access, a network error
+            # model_index.json first: a repository of unconverted weights (dalle-mini/dalle-mega's 10 GB of Flax)
+            # is refused before anything large is downloaded (the family is checked below)
+            index = Path(huggingface_hub.hf_hub_download(spec, "model_index.json"))
+            path = Path(huggingface_hub.snapshot_download(spec)) if known_family(index.parent) else index.parent
+        except Exception as e:  # not found, no model_index.json, offline and not cached, no access, no network
             raise ValueError(f"--model {spec}: no such folder, and the Hub repository {spec!r} could not be "
-                             f"fetched ({type(e).__name__}: {e})") from None
+                             f"fetched ({type(e).__name__}: {e}); a published DALL·E mini / Mega needs converting "
+                             "first (dalle-hf convert-dalle-mini)") from None
         name = spec
     else:
         raise ValueError(f"--model {spec}: expected a model folder (with a model_index.json) or a Hub repo id "
@@ -115,6 +119,14 @@ def resolve_model(spec: str) -> tuple[str, Path]:
     except ValueError as e:
         raise ValueError(f"--model {spec}: {e}") from None
     return name, path
+
+
+def known_family(path: Path) -> bool:
+    try:
+        family_of(path)
+        return True
+    except ValueError:
+        return False
 
 
 def find_models(root: str | os.PathLike, specs: list[str] = ()) -> dict[str, Path]:
