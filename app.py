@@ -99,7 +99,9 @@ def main(argv=None):
         logger.warning(no_checkpoint_message(root) + " Starting anyway.")
     else:
         name = next(iter(models))
-        logger.info("Models: %s", ", ".join(f"{n} ({p})" for n, p in models.items()))
+        logger.info("Models: %s", ", ".join(models))  # one line each for where they are: the log cuts long lines
+        for model_name, path in models.items():
+            logger.info("%s: %s", model_name, path)
         try:
             model = load_model(models[name], name)  # warm: the first request does not wait for it
             logger.info("%s: %d x %d image codes, %d px; %d torch thread(s)", name, model.grid_size, model.grid_size,

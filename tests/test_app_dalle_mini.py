@@ -250,12 +250,12 @@ def server(converted, hf_cache, tmp_path_factory):
             proc.kill()
 
 
-def test_client_lists_it_and_generates_varies_and_edits_its_output(server, tmp_path):
+def test_client_lists_it_and_generates_varies_and_edits_its_output(server, converted, tmp_path):
     from gradio_client import Client, handle_file
 
     url, log_path = server
     log = log_path.read_text()
-    assert f"Models: {NAME} (" in log and f"{REPO_ID} (" in log and "dalle-shapes (" in log
+    assert f"Models: {NAME}, {REPO_ID}, dalle-shapes" in log and f"{NAME}: {converted}" in log
     assert f"Loading {NAME}: " in log and "M parameters" in log and "Loading pipeline components" in log  # a bar
     assert f"Loaded {NAME} in " in log and "resident memory +" in log
     client = Client(url, verbose=False)
