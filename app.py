@@ -1,12 +1,15 @@
-"""dalle-hf Gradio app: prompt -> CLIP-ranked grid, image variations and editing, on the models in `checkpoints/`.
+"""dalle-hf Gradio app: prompt -> CLIP-ranked grid, image variations and editing, on the models in `checkpoints/`
+and the converted DALL·E mini / Mega models named with `--model`.
 
-    python app.py [--checkpoints DIR] [--host 127.0.0.1] [--port 7860] [--concurrency 2] [--max-queue 24]
+    python app.py [--model DIR_OR_REPO_ID ...] [--checkpoints DIR] [--host 127.0.0.1] [--port 7860]
 
 Every sub-folder of the checkpoints folder with a `model_index.json` is a model (or the folder itself, if it has
-one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. A model's `world.json` (written with the
-checkpoint) gives its example prompts, its styles (a style selector) and the words of its training captions (a note
-names a prompt's others); the app itself names no world. Ready for a Hugging Face Space: the README
-front matter names this file, and the `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` that Spaces set are respected.
+one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. `--model` (repeatable) and
+`DALLE_HF_MODELS` (comma-separated) add models, listed first: a saved pipeline folder, or a Hub repo id fetched with
+huggingface_hub. A model's `world.json` (written with the checkpoint) gives its example prompts, its styles (a style
+selector) and the words of its training captions (a note names a prompt's others); the app itself names no world.
+Ready for a Hugging Face Space: the README front matter names this file, and the `GRADIO_SERVER_NAME` /
+`GRADIO_SERVER_PORT` that Spaces set are respected.
 
 This file parses the command line, sets up logging and threads, and launches; the app's parts live in
 `dalle_hf/app/`: `models` (which models exist, how they load), `inputs` and `components` (input checks and the
@@ -18,7 +21,6 @@ and `layout` (`build_demo()`). Nothing happens at import: pipelines load once pe
 import argparse
 import logging
 import os
-import time
 
 import diffusers
 import gradio as gr
@@ -27,7 +29,15 @@ import transformers
 
 from dalle_hf.app.inputs import MAX_FILE_SIZE
 from dalle_hf.app.layout import CSS, build_demo
-from dalle_hf.app.models import CHECKPOINTS_ENV, checkpoints_root, find_checkpoints, load_model, no_checkpoint_message
+from dalle_hf.app.models import (
+    CHECKPOINTS_ENV,
+    MODELS_ENV,
+    checkpoints_root,
+    find_models,
+    load_model,
+    model_specs,
+    no_checkpoint_message,
+)
 from dalle_hf.app.sampling import limit_malloc_arenas
 
 logger = logging.getLogger("dalle_hf.app")
@@ -46,6 +56,10 @@ def short_lines(record: logging.LogRecord) -> bool:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="The dalle-hf Gradio app.")
+    parser.add_argument("--model", action="append", default=None, metavar="DIR_OR_REPO_ID",
+                        help=f"A converted model (`dalle-hf convert-dalle-mini --out DIR`) or any saved pipeline: a "
+                             f"folder or a Hub repo id; repeatable; listed first (also: ${MODELS_ENV}, "
+                             "comma-separated).")
     parser.add_argument("--checkpoints", default=None,
                         help=f"Folder of models, or one model folder (default: ${CHECKPOINTS_ENV} or checkpoints/).")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -59,6 +73,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_queue < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--concurrency, --max-queue and --threads must be >= 1")
+    try:  # a bad --model stops the start with its name, before anything loads
+        args.models = find_models(checkpoints_root(args.checkpoints), model_specs(args.model))
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -76,22 +94,21 @@ def main(argv=None):
     # Concurrent requests each get their share of the cores: oversubscribed OpenMP threads spin against each
     # other (measured here: 16 candidates took 4.4 s with 1 thread, 117 s with 2 on 2 busy cores).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.concurrency))
-    root = checkpoints_root(args.checkpoints)
-    models = find_checkpoints(root)
+    root, models = checkpoints_root(args.checkpoints), args.models
     if not models:
         logger.warning(no_checkpoint_message(root) + " Starting anyway.")
     else:
         name = next(iter(models))
-        logger.info("Models in %s: %s", root, ", ".join(models))
+        logger.info("Models: %s", ", ".join(models))  # one line each for where they are: the log cuts long lines
+        for model_name, path in models.items():
+            logger.info("%s: %s", model_name, path)
         try:
-            start = time.perf_counter()
-            model = load_model(models[name])  # warm: the first request does not wait for it
-            logger.info("Loaded %s in %.1f s: %d x %d image codes, %d px; %d torch thread(s)", name,
-                        time.perf_counter() - start, model.grid_size, model.grid_size, model.image_size,
-                        torch.get_num_threads())
+            model = load_model(models[name], name)  # warm: the first request does not wait for it
+            logger.info("%s: %d x %d image codes, %d px; %d torch thread(s)", name, model.grid_size, model.grid_size,
+                        model.image_size, torch.get_num_threads())
         except Exception:
             logger.exception("Loading %s failed; the app starts and reports it on each request", name)
-    demo = build_demo(root)
+    demo = build_demo(root, models)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, theme=gr.themes.Soft(),
                 css=CSS, footer_links=["api", "gradio"])

@@ -101,6 +101,37 @@ def add_remote_code(folder: str) -> None:
         f.write("\n")
 
 
+def without_remote_code(folder: str, view: str) -> str:
+    """A published copy (`add_remote_code`'s `model_index.json`, naming the code files it carries) as a folder that
+    dalle-hf's own classes load, running none of the copied code; returns `folder` itself when it is no such copy.
+
+    `view` gets `model_index.json` with the names dalle-hf saves (`"DalleMiniPipeline"`,
+    `["dalle_hf.modeling_dalle_bart", ...]`) and symbolic links to everything else in `folder` (no weight is
+    copied). Only modules dalle-hf has are renamed; any other code file keeps its name, and loading it then needs
+    `trust_remote_code`, which dalle-hf never passes.
+    """
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    changed = False
+    for component, entry in index.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            continue
+        own = os.path.isfile(os.path.join(PACKAGE_DIR, f"{entry[0]}.py")) and "." not in entry[0]
+        if component == "_class_name" and own:
+            index[component], changed = entry[1], True
+        elif own and os.path.isfile(os.path.join(folder, component, f"{entry[0]}.py")):
+            index[component], changed = [f"{PACKAGE}.{entry[0]}", entry[1]], True
+    if not changed:
+        return folder
+    os.makedirs(view, exist_ok=True)
+    for name in os.listdir(folder):
+        if name != "model_index.json" and not os.path.lexists(os.path.join(view, name)):
+            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(view, name))
+    with open(os.path.join(view, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    return view
+
+
 def export_for_hub(source: str, out: str, repo_id: str | None = None, pipe=None) -> list[str]:
     """Write the publishable copy of the pipeline folder `source` into `out`; returns its files, sorted.
 

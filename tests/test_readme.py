@@ -5,9 +5,12 @@ Fast commands run on the shipped checkpoints in a scratch folder, in order, so a
 wrote (`dalle-hf compress out/00.png` after `dalle-hf generate ... --out out/`); `dalle-hf` runs as
 `dalle_hf.cli.main` (this checkout's code) and `pyproject.toml` must map the console script to it. Slow commands
 (training, a full benchmark, publishing, the app, the install and the test suite) are checked without running them:
-their `--help` works and names every flag the README passes, and the files they read exist. The README's `python`
-blocks run as one script on the shipped `dalle-shapes`. A command that matches no rule here runs as written, so a
-new README command is exercised by default.
+their `--help` works and names every flag the README passes, and the files they read exist (downloading and
+converting DALL·E Mega too). The README's `python` blocks run as one script on the shipped `dalle-shapes`, with a
+tiny random DALL·E-mini-shaped folder written by the converter's `save_converted_pipeline` standing in for the
+converted `dalle-mega-hf`. `dalle-hf export-space` reads the published model's configs: an HF-cache-shaped folder
+holds the shipped checkpoint's as `me/dalle-shapes`, read offline (tests/test_hub.py's pattern). A command that
+matches no rule here runs as written, so a new README command is exercised by default.
 """
 
 import contextlib
@@ -37,6 +40,8 @@ SLOW = {
     ("accelerate", "launch", "-m", "dalle_hf.train_dalle"): "help",
     ("dalle-hf", "eval", "shapes"): "help",  # 700 prompts x 16 candidates: minutes
     ("dalle-hf", "push"): "help",  # needs the Hub; tests/test_hub.py publishes offline
+    ("hf", "download"): "help",  # DALL·E Mega's 10.4 GB from the Hub
+    ("dalle-hf", "convert-dalle-mini"): "help",  # the download's weights; tests/test_convert_*.py convert tiny ones
 }
 
 
@@ -101,6 +106,11 @@ def check_without_running(argv: list[str], prefix: tuple[str, ...], rule: str, s
         return
     if prefix[0] == "dalle-hf":
         help_text = cli([*prefix[1:], "--help"])
+    elif prefix[0] == "hf":  # huggingface_hub's CLI
+        assert shutil.which("hf"), "the README runs `hf download`: huggingface_hub's `hf` script is missing"
+        result = subprocess.run([*prefix, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        help_text = result.stdout
     elif prefix[:2] == ("python", "-m") or prefix[0] == "accelerate":  # a training script's parse_args(argv)
         if prefix[0] == "accelerate":
             assert shutil.which("accelerate"), "the README runs `accelerate launch`: accelerate's script is missing"
@@ -148,7 +158,18 @@ def test_dalle_hf_console_script_is_the_cli():
     assert scripts["dalle-hf"] == "dalle_hf.cli:main"
 
 
-def test_every_readme_command(scratch):
+def published_shapes_offline(monkeypatch, cache: Path) -> None:
+    """`me/dalle-shapes` in an HF-cache-shaped folder (the configs export-space reads), this process offline."""
+    from tests.test_hub import use_hf_cache, write_hf_cache
+
+    shipped = ROOT / "checkpoints" / "dalle-shapes"
+    names = ("model_index.json", "transformer/config.json")
+    write_hf_cache(cache, "me/dalle-shapes", {name: (shipped / name).read_bytes() for name in names})
+    use_hf_cache(monkeypatch, cache)
+
+
+def test_every_readme_command(scratch, monkeypatch, tmp_path_factory):
+    published_shapes_offline(monkeypatch, tmp_path_factory.mktemp("hf-cache"))
     ran, checked = [], []
     for argv in readme_commands(README.read_text()):
         slow = slow_rule(argv)
@@ -170,15 +191,31 @@ def test_every_readme_command(scratch):
     assert (scratch / "circles.dhfc").stat().st_size < 200 and (scratch / "circles.png").is_file()
 
 
+def write_tiny_converted_mega(path: Path) -> None:
+    """A tiny random DALL·E-mini-shaped folder as `dalle-hf convert-dalle-mini` writes it, where the README's
+    converted Mega would be."""
+    from dalle_hf.convert_dalle_mini import save_converted_pipeline
+    from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
+    from tests.dalle_bart_reference import randomize, tiny_bart_config, tiny_vqgan, write_tiny_bart_tokenizer
+
+    write_tiny_bart_tokenizer(path.parent / "bpe")
+    transformer = randomize(DalleBartForImageGeneration(tiny_bart_config()))
+    save_converted_pipeline(
+        str(path), config=transformer.config, transformer_state_dict=transformer.state_dict(), vae=tiny_vqgan(),
+        tokenizer_dir=str(path.parent / "bpe"), card_info={"source": "dalle-mini/dalle-mega", "command": "(test)"},
+    )  # fmt: skip
+
+
 def test_readme_python_runs(scratch):
     import torch
 
     torch.set_num_threads(1)
+    write_tiny_converted_mega(scratch / "dalle-mega-hf")
     source = "\n".join(fenced_blocks(README.read_text(), "python"))
     namespace = {"__name__": "__readme__"}
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(source, str(README), "exec"), namespace)
-    assert (scratch / "best.png").is_file()
+    assert (scratch / "best.png").is_file() and (scratch / "sunset.png").is_file()
     assert len(namespace["out"].images) == 4 and len(namespace["more"].images) == 4
     assert namespace["edits"].ranked_by == "clip" and len(namespace["edits"].images) == 4
     assert namespace["scores"].log_likelihood.shape == (4,)

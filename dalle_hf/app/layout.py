@@ -4,6 +4,7 @@ wired to the handlers. `build_demo()` reads the model folders' small JSON files 
 
 import functools
 import os
+from pathlib import Path
 
 import gradio as gr
 
@@ -45,16 +46,18 @@ CSS = """
 """  # 64 px images, shown large and sharp
 
 
-def build_demo(checkpoints: str | os.PathLike | None = None) -> gr.Blocks:
-    """The app's Blocks for the models in `checkpoints` (see `checkpoints_root`). Loads no weights."""
+def build_demo(checkpoints: str | os.PathLike | None = None, models: dict[str, Path] | None = None) -> gr.Blocks:
+    """The app's Blocks for the models in `checkpoints` (see `checkpoints_root`), or for `models` (name -> folder,
+    `find_models`: the first is the default) when given. Loads no weights."""
     root = checkpoints_root(checkpoints)
-    models = find_checkpoints(root)
+    models = find_checkpoints(root) if models is None else models
     default = next(iter(models), None)
     info = read_model_info(models[default]) if models else None
     grid = info["grid"] if info else 8
     guidance_scale = info["guidance_scale"] if info else DEFAULTS["guidance_scale"]
     brush_px = max(2, ((info or {}).get("image_size") or 64) // EDIT_BRUSH_FRACTION)  # Gradio's "auto" fills 16 px
-    worlds = {name: ModelWorld.read(path) for name, path in models.items()}  # small JSON files, read once
+    worlds = {name: ModelWorld.read(path, read_model_info(path).get("examples"))  # small JSON files, read once
+              for name, path in models.items()}
     world = worlds[default] if models else ModelWorld()
 
     with CheckedBlocks(title="dalle-hf", delete_cache=(3600, 3600)) as demo:

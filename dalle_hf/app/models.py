@@ -1,29 +1,49 @@
-"""Which models the app serves and how they load: the checkpoint folders, one `AppModel` per loaded model, and the
-model families that know how to load and describe a saved folder.
+"""Which models the app serves and how they load: the checkpoint folders and the models named on the command line
+(`--model` / `$DALLE_HF_MODELS`: folders or Hub repo ids), one `AppModel` per loaded model, and the model families
+that know how to load and describe a saved folder (DALL-E, and DALL·E mini / Mega converted by
+`dalle-hf convert-dalle-mini`).
 
 The handlers, the sampling stream and the layout use only `AppModel` and the info dict of `read_model_info`, never a
 pipeline class: a new family of models joins by adding a `ModelFamily` to `FAMILIES`.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diffusers
 import gradio as gr
+import huggingface_hub
 import PIL.Image
+import psutil
 import torch
+import transformers
 
+from dalle_hf.hub import without_remote_code
+from dalle_hf.model_card import DALLE_MINI_SAMPLE_PROMPTS
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
+from dalle_hf.pipeline_dalle_mini import (
+    DalleMiniImageVariationPipeline,
+    DalleMiniInpaintPipeline,
+    DalleMiniPipeline,
+)
 from dalle_hf.pipeline_dalle_variation import DalleImageVariationPipeline
 
 logger = logging.getLogger("dalle_hf.app")
 
 CHECKPOINTS_ENV = "DALLE_HF_CHECKPOINTS"
+MODELS_ENV = "DALLE_HF_MODELS"  # comma-separated folders or Hub repo ids, added like `--model`
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name", as huggingface_hub's validate_repo_id allows
 # The repository's checkpoints/, next to app.py: the app runs from any working directory.
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 DEFAULT_MODEL = "dalle-shapes"  # listed first when present
@@ -59,6 +79,67 @@ def no_checkpoint_message(root: Path | None = None) -> str:
         f"(`pipe.save_pretrained(DIR)`). Train one (see the README), or point the app at one with "
         f"`--checkpoints DIR` or `{CHECKPOINTS_ENV}=DIR`."
     )
+
+
+def model_specs(cli_models: list[str] | None = None) -> list[str]:
+    """The models to add beside the checkpoints: `--model` values, then `$DALLE_HF_MODELS`'s (comma-separated)."""
+    env = [spec.strip() for spec in os.environ.get(MODELS_ENV, "").split(",")]
+    return [*(cli_models or []), *(spec for spec in env if spec)]
+
+
+def resolve_model(spec: str) -> tuple[str, Path]:
+    """A `--model` value -> (the name the selector shows, the model's folder); a `ValueError` naming `spec` if it is
+    neither a model folder nor a Hub repository of one the app can serve.
+
+    A folder is named by its last part; a repo id (`org/name`, when no such folder exists) is fetched with
+    huggingface_hub's `snapshot_download` (from its cache when `HF_HUB_OFFLINE=1`) and named by the id.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        name = path.resolve().name
+    elif REPO_ID.fullmatch(spec) and not path.exists():
+        try:
+            # model_index.json first: a repository of unconverted weights (dalle-mini/dalle-mega's 10 GB of Flax)
+            # is refused before anything large is downloaded (the family is checked below)
+            index = Path(huggingface_hub.hf_hub_download(spec, "model_index.json"))
+            path = Path(huggingface_hub.snapshot_download(spec)) if known_family(index.parent) else index.parent
+        except Exception as e:  # not found, no model_index.json, offline and not cached, no access, no network
+            raise ValueError(f"--model {spec}: no such folder, and the Hub repository {spec!r} could not be "
+                             f"fetched ({type(e).__name__}: {e}); a published DALL·E mini / Mega needs converting "
+                             "first (dalle-hf convert-dalle-mini)") from None
+        name = spec
+    else:
+        raise ValueError(f"--model {spec}: expected a model folder (with a model_index.json) or a Hub repo id "
+                         "(org/name)")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"--model {spec}: {path} has no model_index.json, so it is not a saved pipeline "
+                         "(convert DALL·E mini / Mega with `dalle-hf convert-dalle-mini`)")
+    try:
+        family_of(path)
+    except ValueError as e:
+        raise ValueError(f"--model {spec}: {e}") from None
+    return name, path
+
+
+def known_family(path: Path) -> bool:
+    try:
+        family_of(path)
+        return True
+    except ValueError:
+        return False
+
+
+def find_models(root: str | os.PathLike, specs: list[str] = ()) -> dict[str, Path]:
+    """Model name -> folder: the models `specs` name (`resolve_model`), first, in order, then the checkpoint folders
+    of `root` (`find_checkpoints`) not named already. Two different models under one name are a `ValueError`."""
+    models: dict[str, Path] = {}
+    for name, path in [*(resolve_model(spec) for spec in specs), *find_checkpoints(root).items()]:
+        if path.resolve() in {p.resolve() for p in models.values()}:
+            continue
+        if name in models:
+            raise ValueError(f"two models are named {name!r}: {models[name]} and {path}; rename one folder")
+        models[name] = path
+    return models
 
 
 def read_json(file: Path) -> dict:
@@ -142,25 +223,30 @@ def dalle_preview(pipe: DallePipeline, tokens: torch.LongTensor, count: int) -> 
     return pipe.postprocess(images, "pil")
 
 
-def load_dalle(path: Path) -> AppModel:
-    """A saved `DallePipeline` and the variation and inpainting pipelines on the same modules (one copy of the
-    weights for all three tabs)."""
-    pipe = DallePipeline.from_pretrained(path)
-    variations = DalleImageVariationPipeline(**pipe.components)
+def load_pipelines(path: Path, text_to_image: type, variations: type, inpaint: type) -> AppModel:
+    """A saved text-to-image pipeline and its family's variation and inpainting pipelines on the same modules (one
+    copy of the weights for all three tabs, `from_pipe`). A published copy (a Hub repository from `dalle-hf push`)
+    loads with dalle-hf's own classes too: its code files are never run."""
+    pipe = text_to_image.from_pretrained(without_remote_code(str(path), tempfile.mkdtemp(prefix="dalle-hf-app-")))
 
     def make_inpaint():
-        inpaint = DalleInpaintPipeline(**pipe.components, default_guidance_scale=pipe.config.default_guidance_scale)
-        inpaint.set_progress_bar_config(desc=PROGRESS_DESC, leave=False)
-        return inpaint
+        edit = inpaint.from_pipe(pipe)
+        edit.set_progress_bar_config(desc=PROGRESS_DESC, leave=False)
+        return edit
 
-    for p in (pipe, variations):
+    vary = variations.from_pipe(pipe)
+    for p in (pipe, vary):
         p.set_progress_bar_config(desc=PROGRESS_DESC, leave=False)
     config = pipe.transformer.config
     return AppModel(
-        text_to_image=pipe, variations=variations, make_inpaint=make_inpaint, grid_size=config.image_grid_size,
-        image_size=pipe.vae.config.image_size, text_seq_len=config.text_seq_len, preview_every=config.image_grid_size,
+        text_to_image=pipe, variations=vary, make_inpaint=make_inpaint, grid_size=config.image_grid_size,
+        image_size=pipe.image_size, text_seq_len=config.text_seq_len, preview_every=config.image_grid_size,
         decode_preview=lambda tokens, count: dalle_preview(pipe, tokens, count),
     )
+
+
+def load_dalle(path: Path) -> AppModel:
+    return load_pipelines(path, DallePipeline, DalleImageVariationPipeline, DalleInpaintPipeline)
 
 
 def dalle_info(path: Path) -> dict:
@@ -175,7 +261,7 @@ def dalle_info(path: Path) -> dict:
         "image_size": vae.get("image_size"),
         "clip": (path / "clip_model").is_dir(),
     }
-    return {**info, "how_it_works": dalle_how_it_works(info)}
+    return {**info, "examples": None, "how_it_works": dalle_how_it_works(info)}
 
 
 def dalle_how_it_works(info: dict | None) -> str:
@@ -209,15 +295,69 @@ def how_it_works(info: dict | None) -> str:
 
 DALLE = ModelFamily("DALL-E", ("DallePipeline", "DalleImageVariationPipeline", "DalleInpaintPipeline"),
                     read_info=dalle_info, load=load_dalle)
-FAMILIES = (DALLE,)  # the family whose `pipeline_classes` name a folder's `_class_name` loads it
+
+
+def load_dalle_mini(path: Path) -> AppModel:
+    """A converted DALL·E mini / Mega folder: 16 x 16 VQGAN codes of 256 px images, a preview per row of 16 codes."""
+    return load_pipelines(path, DalleMiniPipeline, DalleMiniImageVariationPipeline, DalleMiniInpaintPipeline)
+
+
+def dalle_mini_info(path: Path) -> dict:
+    transformer, vae = read_json(path / "transformer" / "config.json"), read_json(path / "vae" / "config.json")
+    index = read_json(path / "model_index.json")
+    grid = math.isqrt(transformer.get("image_seq_len", 256))
+    info = {
+        "guidance_scale": index.get("default_guidance_scale", 10.0),  # DalleMiniPipeline's default: dalle-mini's
+        "grid": grid,
+        "image_size": grid * 2 ** (len(vae.get("block_out_channels", (0,) * 5)) - 1),  # 16 px cells for the f16 VQGAN
+        "text_seq_len": transformer.get("text_seq_len"),
+        "d_model": transformer.get("d_model"),
+        "layers": (transformer.get("encoder_layers"), transformer.get("decoder_layers")),
+        "image_vocab_size": transformer.get("sampled_image_vocab_size"),
+        "vae_has_encoder": index.get("vae_has_encoder", True),
+        "clip": (path / "clip_model").is_dir(),
+        # no world.json: everyday prompts (the converted model card's), and no unseen-word note (its BPE vocabulary
+        # says nothing about which words dalle-mini's captions had)
+        "examples": tuple(DALLE_MINI_SAMPLE_PROMPTS),
+    }
+    return {**info, "how_it_works": dalle_mini_how_it_works(info)}
+
+
+def dalle_mini_how_it_works(info: dict) -> str:
+    encoder, decoder = info["layers"]
+    return (
+        "DALL·E mini / Mega (Boris Dayma et al., [dalle-mini](https://github.com/borisdayma/dalle-mini), Apache-2.0), "
+        "converted to dalle-hf:\n\n"
+        "1. **VQGAN** (Esser, Rombach and Ommer): turns a 256 x 256 image into a 16 x 16 grid of codes and back.\n"
+        "2. **BART encoder-decoder**: the encoder reads the normalized prompt's BPE tokens; the decoder samples the "
+        "image codes one at a time, row by row (the partial images you see), with super-conditioning "
+        "(the guidance scale; dalle-mini's notebook uses 10).\n"
+        "3. **CLIP rerank** (when the folder has one): keeps the k candidates that match the prompt best.\n\n"
+        "Variations and edits encode the input with the VQGAN's encoder and resample the rows or cells to change"
+        + ("." if info["vae_has_encoder"] else ": this conversion (min-dalle's files) has no encoder, so they are "
+           "refused; convert the Flax weights for them.")
+        + f"\n\nThis model: {info['image_size']} px images as a {info['grid']}x{info['grid']} grid of "
+        f"{info['image_vocab_size']} codes; {encoder} + {decoder} layers, {info['d_model']} wide, reading "
+        f"{info['text_seq_len']} text tokens; {'a' if info['clip'] else 'no'} CLIP reranker."
+    )
+
+
+DALLE_MINI = ModelFamily(
+    "DALL·E mini", ("DalleMiniPipeline", "DalleMiniImageVariationPipeline", "DalleMiniInpaintPipeline"),
+    read_info=dalle_mini_info, load=load_dalle_mini,
+)
+FAMILIES = (DALLE, DALLE_MINI)  # the family whose `pipeline_classes` name a folder's `_class_name` loads it
 
 
 def family_of(path: Path) -> ModelFamily:
     """The family that loads the model folder `path`. A `model_index.json` without a class name (or unreadable)
-    goes to DALL-E, whose loading then reports what is wrong."""
+    goes to DALL-E, whose loading then reports what is wrong. A published folder names its class with the code
+    file, `["pipeline_dalle_mini", "DalleMiniPipeline"]`."""
     class_name = read_json(Path(path) / "model_index.json").get("_class_name")
     if class_name is None:
         return DALLE
+    if isinstance(class_name, list) and len(class_name) == 2:
+        class_name = class_name[1]
     family = next((f for f in FAMILIES if class_name in f.pipeline_classes), None)
     if family is None:
         raise ValueError(f"the app does not know the pipeline class {class_name!r} (it serves "
@@ -240,12 +380,65 @@ _MODELS: dict[Path, AppModel] = {}
 _MODELS_LOCK = threading.Lock()  # one load per model, however many requests arrive at once
 
 
-def load_model(path: str | os.PathLike) -> AppModel:
-    """Load a saved model once per process and share it among all requests."""
+def weights_size(path: Path) -> tuple[int, int]:
+    """(parameters, bytes) of a model folder's safetensors files, read from their headers (no tensor is loaded)."""
+    params = size = 0
+    for file in Path(path).rglob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        params += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+        size += file.stat().st_size
+    return params, size
+
+
+def gigabytes(n: float) -> str:
+    """Bytes for the log: "5.18 GB", or "12.3 MB" below a gigabyte (a tiny model's load would read "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@contextlib.contextmanager
+def loading_progress():
+    """The libraries' loading progress bars on while a model loads (the app turns them off otherwise): the console
+    shows the components and weights loading, and a request waiting for the load shows them (`track_tqdm`)."""
+    was = diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    diffusers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was[0]:
+            diffusers.utils.logging.disable_progress_bar()
+        if not was[1]:
+            transformers.utils.logging.disable_progress_bar()
+
+
+def load_model(path: str | os.PathLike, name: str | None = None) -> AppModel:
+    """Load a saved model once per process and share it among all requests. The log says what is loading (its
+    parameters and weight bytes), the progress bars follow it, and the log then says what it took: seconds and the
+    growth of the process's resident memory."""
     key = Path(path).resolve()
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = family_of(key).load(key)
+            params, size = weights_size(key)
+            logger.info("Loading %s: %s parameters, %s of weights, from %s", name or key.name, millions(params),
+                        gigabytes(size), key)
+            process = psutil.Process()
+            rss, start = process.memory_info().rss, time.perf_counter()
+            with loading_progress():
+                model = _MODELS[key] = family_of(key).load(key)
+            modules = [m for m in model.text_to_image.components.values() if isinstance(m, torch.nn.Module)]
+            tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+            # safetensors files are memory-mapped: resident memory grows as the weights are first read, so the log
+            # gives both the tensors' bytes and the growth so far
+            logger.info("Loaded %s in %.1f s: %s of weights in memory (%s), resident memory +%s (now %s)",
+                        name or key.name, time.perf_counter() - start,
+                        gigabytes(sum(t.numel() * t.element_size() for t in tensors)),
+                        ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors})),
+                        gigabytes(process.memory_info().rss - rss), gigabytes(process.memory_info().rss))
         return _MODELS[key]
 
 
@@ -258,7 +451,7 @@ def get_model(models: dict[str, Path], name: str | None) -> AppModel:
         if name not in models:
             raise gr.Error(f"Unknown model {name!r}; available: {', '.join(models)}.")
     try:
-        return load_model(models[name])
+        return load_model(models[name], name)
     except Exception as e:  # a broken checkpoint must not take the app down
         logger.exception("Loading %s failed", models[name])
         raise gr.Error(f"Could not load the model {name!r}: {type(e).__name__}: {e}", title="Model error") from None

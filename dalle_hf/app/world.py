@@ -40,18 +40,20 @@ class ModelWorld:
     style_prompt: str = "{label} in {style} style"  # how a prompt asks for a style
 
     @classmethod
-    def read(cls, folder: str | os.PathLike) -> "ModelWorld":
-        """The `world.json` of a model folder; `ModelWorld()` if it has none or it cannot be read (logged)."""
+    def read(cls, folder: str | os.PathLike, examples: tuple[str, ...] | None = None) -> "ModelWorld":
+        """The `world.json` of a model folder; without one (or unreadable, logged), a world with `examples` (its
+        family's, e.g. DALL·E mini's everyday prompts; else the shapes examples) and no vocabulary."""
+        fallback = cls(examples=tuple(examples)) if examples else cls()
         try:
             world = read_world_file(str(folder))
             if world is None:
-                return cls()
+                return fallback
             styles = tuple(world.get("styles") or ())
             template = world.get("style_prompt") or cls.style_prompt
             if styles and ("{label}" not in template or "{style}" not in template):
                 raise ValueError(f"style_prompt must contain {{label}} and {{style}}, got {template!r}")
             return cls(
-                examples=tuple(world.get("examples") or EXAMPLES),
+                examples=tuple(world.get("examples") or fallback.examples),
                 words=frozenset(world["words"]) if isinstance(world.get("words"), list) else None,
                 styles=styles,
                 style_aliases={s: tuple(world.get("style_aliases", {}).get(s, ())) for s in styles},
@@ -59,7 +61,7 @@ class ModelWorld:
             )
         except (OSError, ValueError, TypeError, AttributeError) as e:  # the model itself may still load
             logger.warning("Ignoring the unreadable %s: %s", Path(folder) / "world.json", e)
-            return cls()
+            return fallback
 
     @functools.cached_property
     def style_pattern(self) -> re.Pattern | None:
