@@ -186,7 +186,7 @@ def test_image_codes_are_saved_reused_and_checked(tiny_vae_dir, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(codes)["image_ids"]
-    assert saved.shape == (8, 256)  # 8 images x a 16 x 16 grid
+    assert saved.shape == (8, 256) and saved.dtype == torch.int16  # 8 images x a 16 x 16 grid of 32 codes
 
     # a later run reads the file instead of encoding (encode_dataset is not called)
     import dalle_hf.train_dalle as train_dalle

@@ -719,6 +719,17 @@ def training_caption(label: str, style: str, rng: random.Random) -> str:
     return style_prompt(label, style)
 
 
+def caption_choices(label: str, style: str) -> list[tuple[str, float]]:
+    """
+    The distribution `training_caption` draws from, as `(caption, probability)` pairs summing to 1: the styled caption,
+    the plain label and each alias of the style (the alias share split evenly). A trainer that draws captions on an
+    accelerator (`benchmarks/gpu_train_emoji.py`) tokenizes these once instead of drawing strings per step.
+    """
+    aliases = STYLE_ALIASES[style]
+    return [(style_prompt(label, style), CAPTION_MIX["styled"]), (plain_prompt(label), CAPTION_MIX["plain"]),
+            *((style_prompt(label, a), CAPTION_MIX["alias"] / len(aliases)) for a in aliases)]  # fmt: skip
+
+
 def true_captions(label: str, style: str) -> set[str]:
     """Every caption of the world that is true of a render of `label` in `style`."""
     return {plain_prompt(label), style_prompt(label, style), *(style_prompt(label, a) for a in STYLE_ALIASES[style])}
@@ -745,6 +756,11 @@ class EmojiTraining(Dataset):
         """A fresh training caption of item `index` (what `__getitem__` would draw), without touching its pixels."""
         i = self.renders.indices[index]
         return training_caption(str(self.renders.cache.labels[i]), str(self.renders.cache.styles[i]), self.rng)
+
+    def caption_choices(self, index: int) -> list[tuple[str, float]]:
+        """Every caption `text(index)` can draw, with its probability (`caption_choices`)."""
+        i = self.renders.indices[index]
+        return caption_choices(str(self.renders.cache.labels[i]), str(self.renders.cache.styles[i]))
 
     def __getitem__(self, index: int) -> dict:
         item = self.renders[index]
@@ -939,6 +955,7 @@ __all__ = [
     "STYLE_ALIASES",
     "CAPTION_MIX",
     "build_emoji_cache",
+    "caption_choices",
     "concept_key",
     "is_held_out",
     "plain_prompt",
