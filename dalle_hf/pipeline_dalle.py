@@ -452,7 +452,7 @@ class DallePipeline(DiffusionPipeline):
         return torch.cat(codes)  # (n, g, g)
 
     def check_image_tokens(self, image_tokens) -> torch.LongTensor:
-        """(n, grid, grid) or (n, grid * grid) dVAE codes -> (n, grid * grid), validated."""
+        """(n, grid, grid) or (n, grid * grid) image codes (dVAE or VQGAN) -> (n, grid * grid), validated."""
         g, V = self.transformer.config.image_grid_size, self.codebook_size
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.dtype != torch.long:
             raise ValueError(f"image_tokens must be a torch.LongTensor, got {type(image_tokens).__name__}")
@@ -461,7 +461,7 @@ class DallePipeline(DiffusionPipeline):
         if image_tokens.dim() != 2 or image_tokens.shape[1] != g * g or not len(image_tokens):
             raise ValueError(f"image_tokens must be (n, {g}, {g}) or (n, {g * g}), got {tuple(image_tokens.shape)}")
         if image_tokens.min() < 0 or image_tokens.max() >= V:
-            raise ValueError(f"image_tokens must be dVAE codes in [0, {V})")
+            raise ValueError(f"image_tokens must be image codes in [0, {V})")
         return image_tokens
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ The pipelines call a model family through a small interface, so one sampling cor
   logits_to_keep=)` returning `.logits`, `.cache`, `.last_hidden_state`; `decode_step(ids, cache)`,
   `decode_step_hidden_state`, `image_logits`, `image_log_probs`; `config.text_seq_len`, `config.image_grid_size`;
 - the pipeline methods that know the family's text and image tokenizers: `encode_prompt`, `prompt_token_count`,
-  `unconditional_ids`, `decode_image_tokens`, `encode_images`, `check_image_tokens`, `prepare_image`,
+  `unconditional_ids`, `decode_image_tokens`, `encode_images`, `prepare_image`,
   `encode_image_codes`, `image_size`, `codebook_size`.
 
 [`DalleMiniFamily`] holds the DALL·E mini side of the second list; mixed into [`DallePipeline`] it gives
@@ -149,19 +149,6 @@ class DalleMiniFamily:
         g = self.transformer.config.image_grid_size
         codes = [self.encode_image_codes(chunk) for chunk in pixel_values.split(16)]
         return torch.cat(codes).view(-1, g, g)  # (n, g, g)
-
-    def check_image_tokens(self, image_tokens) -> torch.LongTensor:
-        """(n, grid, grid) or (n, grid * grid) VQGAN codes -> (n, grid * grid), validated."""
-        g, V = self.transformer.config.image_grid_size, self.codebook_size
-        if not isinstance(image_tokens, torch.Tensor) or image_tokens.dtype != torch.long:
-            raise ValueError(f"image_tokens must be a torch.LongTensor, got {type(image_tokens).__name__}")
-        if image_tokens.dim() == 3 and image_tokens.shape[1:] == (g, g):
-            image_tokens = image_tokens.flatten(1)  # (n, g * g)
-        if image_tokens.dim() != 2 or image_tokens.shape[1] != g * g or not len(image_tokens):
-            raise ValueError(f"image_tokens must be (n, {g}, {g}) or (n, {g * g}), got {tuple(image_tokens.shape)}")
-        if image_tokens.min() < 0 or image_tokens.max() >= V:
-            raise ValueError(f"image_tokens must be VQGAN codes in [0, {V})")
-        return image_tokens
 
 
 class DalleMiniPipeline(DalleMiniFamily, DallePipeline):

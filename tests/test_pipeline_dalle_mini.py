@@ -96,7 +96,7 @@ def test_scores_and_classification_from_codes(mini_pipe):
     assert (score.log_likelihood < 0).all()
     ranked = mini_pipe.classify(codes[0], [PROMPT, "a red hat"])
     assert sorted(ranked.captions) == sorted([PROMPT, "a red hat"])
-    with pytest.raises(ValueError, match=r"VQGAN codes in \[0, 16384\)"):
+    with pytest.raises(ValueError, match=r"image codes in \[0, 16384\)"):
         mini_pipe.score(image_tokens=torch.full((1, 16, 16), 16384), captions=PROMPT)
 
 
