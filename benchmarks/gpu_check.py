@@ -458,7 +458,8 @@ def measure_bart(model, vqgan, precision: str, images: int, args) -> dict:
     empty_cache(device)
     reset_peak(device)
     tokens = torch.randint(0, config.sampled_image_vocab_size, (images, N), device=device)
-    decoder = type("Decoder", (DalleMiniFamily,), {"transformer": model, "vae": vqgan})()  # the pipeline's decode
+    decoder = DalleMiniFamily.__new__(DalleMiniFamily)  # the pipeline's decode, without a tokenizer to build it with
+    decoder.transformer, decoder.vae = model, vqgan
     decode_s = timed(lambda: decoder.decode_image_tokens(tokens), device, 1)
     decode_memory = peak_memory(device)
     plan = dalle_bart_memory_plan(config, precision, images, device=device,

@@ -124,3 +124,13 @@ def load_script(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """Fail the test that turns autograd off for the rest of the session (importing the `min_dalle` package does, in
+    its `__init__`: reference code is loaded by path instead) rather than the training tests that run after it."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch's autograd off for the rest of the session")

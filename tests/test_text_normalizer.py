@@ -5,6 +5,7 @@ same ftfy / unidecode / emoji versions as pinned here) for prompts from its infe
 exercise each rule, with a small word list standing in for `enwiki-words-frequency.txt`.
 """
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -73,7 +74,13 @@ def bpe_folder(tmp_path_factory):
 
 def test_bart_tokenizer_equals_min_dalles_on_plain_prompts(bpe_folder):
     """transformers' BART tokenizer after dalle-mini's normalizer gives min-dalle's ids on plain lower-case ASCII."""
-    from min_dalle.text_tokenizer import TextTokenizer  # a plain module: imports only `emoji`
+    # by path: `from min_dalle.text_tokenizer import ...` would run min_dalle/__init__.py, which turns autograd off
+    # and sets the thread count for the whole test session
+    root = Path(importlib.util.find_spec("min_dalle").submodule_search_locations[0])
+    spec = importlib.util.spec_from_file_location("_min_dalle_text_tokenizer_reference", root / "text_tokenizer.py")
+    text_tokenizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(text_tokenizer)
+    TextTokenizer = text_tokenizer.TextTokenizer
 
     vocab = json.loads((bpe_folder / "vocab.json").read_text())
     merges = (bpe_folder / "merges.txt").read_text().split("\n")[1:-1]  # as MinDalle reads it: no header line
