@@ -2,7 +2,7 @@
 32 px model's samples?
 
     python benchmarks/clip_resolution.py --pipeline checkpoints/dalle-emoji --cache /work/emoji-cache \
-        --sizes 64,32 --out benchmarks/results/clip_resolution_dalle-emoji.json
+        --sizes 64,32 --out docs/research/clip_resolution_dalle-emoji.json
 
 EmojiEval's `clip` split at each size: the same renders (a fixed draw of seen and of held-out pairs), resized to the
 size as the emoji world resizes training images (bicubic, antialiased) and handed to CLIP, whose processor resizes
