@@ -188,7 +188,7 @@ def test_bad_inputs_raise_clear_errors(models):
         ours(input_ids=text[:, :10])
     with pytest.raises(ValueError, match="other than padding"):
         ours(input_ids=torch.ones_like(text))
-    with pytest.raises(ValueError, match=r"image codes in \[0, 16384\)"):
+    with pytest.raises(ValueError, match=r"VQGAN codes in \[0, 16384\)"):
         ours(input_ids=text, image_ids=torch.full((2, 1), 16384))
     with pytest.raises(ValueError, match="required unless continuing"):
         ours(image_ids=torch.zeros(2, 1, dtype=torch.long))
