@@ -303,7 +303,7 @@ def test_client_lists_it_and_generates_varies_and_edits_its_output(server, conve
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: `make browser` installs Chromium")
 def test_browser_picks_the_model_and_generates(server, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     url, _ = server
     shots = Path(os.environ.get("DALLE_HF_SCREENSHOTS", tmp_path))
@@ -322,7 +322,8 @@ def test_browser_picks_the_model_and_generates(server, tmp_path):
         page.locator("#model input").first.click()
         page.get_by_role("option", name=NAME, exact=True).click()
         page.locator("#examples").get_by_text("an armchair in the shape of an avocado").click()
-        assert prompt.input_value() == "an armchair in the shape of an avocado"
+        # the example fills the prompt through a server round trip: wait for it rather than read at once
+        expect(prompt).to_have_value("an armchair in the shape of an avocado", timeout=10_000)
         page.locator("#run").click()
         page.locator("#status").get_by_text("candidates -> best").wait_for(timeout=120_000)
         assert page.locator("#gallery img").count() >= 4  # the default N=16 -> k=4, CLIP-ranked
