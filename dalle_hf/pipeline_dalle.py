@@ -6,6 +6,7 @@ best `k` of `N`. Classifier-free guidance ("super-conditioning", as in min-dalle
 
 import inspect
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,8 +20,39 @@ from .image_processing import image_to_tensor
 
 logger = logging.get_logger(__name__)
 
+# The package this file belongs to: dalle_hf when installed, diffusers' module cache when a published copy of it runs as
+# remote code. A copy's `model_index.json` names these modules by their bare file names (`dalle_hf.hub`).
+PACKAGE = __name__.rpartition(".")[0]
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MAX_IMAGES_PER_PROMPT = 256  # a cap on N per prompt: the KV cache grows with it (about 1 GB at N=256 for 24x1024)
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def model_index_without_code(index: dict, folder: str) -> dict:
+    """The `model_index.json` of `folder`, a copy that carries its own code (a repository `dalle-hf push` published,
+    a folder `dalle-hf convert-dalle-mini` wrote), with the names dalle-hf saves: `["pipeline_dalle_mini",
+    "DalleMiniPipeline"]` -> `"DalleMiniPipeline"`, `["modeling_dalle_bart", "DalleBartForImageGeneration"]` ->
+    `["dalle_hf.modeling_dalle_bart", "DalleBartForImageGeneration"]`. Any other index comes back equal.
+
+    Only an entry whose code file is in the copy (`folder/<module>.py`, `folder/<component>/<module>.py`) and is one
+    of this package's own modules is renamed; another code file keeps its name, and loading it needs
+    `trust_remote_code`.
+    """
+
+    def own(module, where: str) -> bool:
+        return isinstance(module, str) and "." not in module and all(
+            os.path.isfile(os.path.join(d, f"{module}.py")) for d in (PACKAGE_DIR, where)
+        )
+
+    renamed = dict(index)
+    for key, entry in index.items():
+        if not (isinstance(entry, list) and len(entry) == 2):
+            continue
+        if key == "_class_name" and own(entry[0], folder):
+            renamed[key] = entry[1]
+        elif key != "_class_name" and own(entry[0], os.path.join(folder, key)):
+            renamed[key] = [f"{PACKAGE}.{entry[0]}", entry[1]]
+    return renamed
 
 
 @dataclass
@@ -197,6 +229,55 @@ class DallePipeline(DiffusionPipeline):
 
         return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token,
                              create_pr=create_pr, revision=revision)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DallePipeline":
+        r"""
+        [`~diffusers.DiffusionPipeline.from_pretrained`], which also loads a copy that carries its code (a repository
+        `dalle-hf push` published, a folder `dalle-hf convert-dalle-mini` wrote) with dalle-hf's own classes: no
+        `trust_remote_code`, and none of the copy's code runs (`load_config` reads its `model_index.json` with
+        dalle-hf's module names).
+
+        A Hub repo id is fetched with `huggingface_hub.snapshot_download` (`cache_dir`, `revision`, `token`,
+        `local_files_only`, `force_download` and `HF_HUB_OFFLINE` apply), because diffusers' own download refuses a
+        repository with code unless told `trust_remote_code=True`. Every other argument is diffusers'.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a saved pipeline folder or a Hub repo id.
+            kwargs: [`~diffusers.DiffusionPipeline.from_pretrained`]'s (`dtype`, `device_map`, components, ...).
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            return super().from_pretrained(path, **kwargs)
+        from huggingface_hub import snapshot_download
+
+        hub_kwargs = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+        folder = snapshot_download(path, user_agent={"pipeline_class": cls.__name__},
+                                   **{k: kwargs[k] for k in hub_kwargs if kwargs.get(k) is not None})  # fmt: skip
+        pipe = super().from_pretrained(folder, **kwargs)
+        pipe.register_to_config(_name_or_path=path)  # the repo id, as diffusers records it
+        return pipe
+
+    @classmethod
+    def load_config(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        return_unused_kwargs: bool = False,
+        return_commit_hash: bool = False,
+        **kwargs,
+    ):
+        """diffusers' `load_config`, with a copy that carries its code read as dalle-hf saves it
+        (`model_index_without_code`): `from_pretrained` then finds the pipeline class and the components in dalle-hf
+        and never imports the copy's files."""
+        loaded = super().load_config(
+            pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
+            return_commit_hash=return_commit_hash, **kwargs,
+        )  # fmt: skip
+        path = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        if isinstance(loaded, tuple):
+            return (model_index_without_code(loaded[0], folder), *loaded[1:])
+        return model_index_without_code(loaded, folder)
 
     @classmethod
     def from_pipe(cls, pipeline: "DallePipeline", **kwargs) -> "DallePipeline":
@@ -779,5 +860,6 @@ __all__ = [
     "MAX_IMAGES_PER_PROMPT",
     "RERANKERS",
     "filter_logits",
+    "model_index_without_code",
     "standardize_per_group",
 ]
