@@ -24,7 +24,7 @@ The module files are dalle-hf's own, copied verbatim (they import each other onl
 checkpoints' `model_index.json` keep their `dalle_hf.*` module paths; `dalle-hf convert-dalle-mini` writes its folder
 with the code already (`add_remote_code`), and pushing it copies this dalle-hf's files over the folder's. dalle-hf's
 own classes load a copy with code as they load their own folders, running none of the copied files
-(`DallePipeline.from_pretrained`, `dalle_hf.pipeline_dalle.model_index_without_code`).
+(`DallePipeline.from_pretrained`, `dalle_hf.remote_code`).
 """
 
 import importlib
@@ -35,7 +35,7 @@ import shutil
 import tempfile
 
 from .model_card import CARD_DATA_NAME, SAMPLE_GRID_NAME, read_card_data, write_model_card, write_sample_grid
-from .pipeline_dalle import model_index_without_code
+from .remote_code import model_index_without_code
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = __name__.split(".")[0]  # "dalle_hf"

@@ -45,6 +45,7 @@ SHIPPED_FILES = [
     "model_card.py",
     "model_index.json",
     "pipeline_dalle.py",
+    "remote_code.py",
     "samples.png",
     "tokenizer/tokenizer.json",
     "tokenizer/tokenizer_config.json",
