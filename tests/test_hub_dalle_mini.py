@@ -4,6 +4,7 @@ the repository offline from the Hub cache without trust_remote_code, running non
 sources, and `dalle-hf export-space` writes a GPU Space for it (the hub tests' pattern: tests/test_hub.py)."""
 
 import json
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from dalle_hf.cli import main as cli_main
 from dalle_hf.convert_dalle_mini import save_converted_pipeline
-from dalle_hf.hub import module_files
+from dalle_hf.hub import export_for_hub, module_files
 from dalle_hf.model_card import CARD_DATA_NAME, DALLE_MINI_SAMPLE_PROMPTS, dalle_mini_card_data
 from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
 from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
@@ -99,6 +100,22 @@ def test_push_publishes_the_code_and_a_card_that_credits_the_sources(published, 
     mega = dalle_mini_card_data(mega=True, command=COMMAND, from_min_dalle=True, vae_has_encoder=False)
     assert mega["base_model"] == "dalle-mini/dalle-mega" and "kuprel/min-dalle" in json.dumps(mega["conversion"])
     assert any("decoder only" in line for line in mega["limitations"])
+
+
+def test_push_writes_this_dalle_hfs_code_over_the_folders(converted, tmp_path):
+    """A converted folder carries the code of the dalle-hf that converted it; the pushed copy, the installed one's."""
+    import dalle_hf
+
+    source = tmp_path / "source"
+    shutil.copytree(converted, source)
+    for name in ("pipeline_dalle_mini.py", "transformer/modeling_dalle_bart.py"):
+        (source / name).write_text("raise RuntimeError('an older dalle-hf')\n")
+    export_for_hub(str(source), str(tmp_path / "out"), repo_id=REPO_ID)
+    package = Path(dalle_hf.__file__).parent
+    for name in ("pipeline_dalle_mini.py", "transformer/modeling_dalle_bart.py"):
+        assert (tmp_path / "out" / name).read_bytes() == (package / Path(name).name).read_bytes(), name
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dalle_mini", "DalleMiniPipeline"]
 
 
 def test_published_repo_loads_and_generates_without_dalle_hf(published, converted, venv_without_dalle_hf, tmp_path):  # noqa: F811
