@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "dalle_bart_mega/ with encoder.pt, decoder.pt, vocab.json, merges.txt; vqgan/detoker.pt)")
     mini.add_argument("--flax", help="a local snapshot of dalle-mini/dalle-mini or dalle-mini/dalle-mega")
     mini.add_argument("--vqgan", help="with --flax: a local snapshot of dalle-mini/vqgan_imagenet_f16_16384")
-    mini.add_argument("--out", required=True, help="the pipeline folder to write")
+    mini.add_argument("--out", required=True, help="the pipeline folder to write, with its code: "
+                      "DalleMiniPipeline.from_pretrained(OUT) and DiffusionPipeline.from_pretrained(OUT, "
+                      "trust_remote_code=True) load it")
     mini.add_argument("--mega", action="store_true", help="with --min-dalle: convert dalle_bart_mega/")
     mini.add_argument("--clip", help="a transformers CLIPModel folder to rerank with (optional)")
     mini.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",

@@ -11,10 +11,11 @@ builds without one (min-dalle loads them with `strict=False`, leaving 1); our mo
 path (`--flax`, the published `flax_model.msgpack`) is `dalle_hf.convert_flax_dalle_mini.convert_flax`.
 
 No file runs code: torch files load with `torch.load(weights_only=True)`, torch's restricted unpickler. The output
-is a diffusers folder (`model_index.json`, safetensors, configs, the tokenizer, a model card) that
-`DalleMiniPipeline.from_pretrained(OUT)` loads with dalle-hf's own classes; `dalle-hf push OUT org/name` publishes
-it with the pipeline and model code, so that `DiffusionPipeline.from_pretrained("org/name", trust_remote_code=True)`
-loads it without dalle-hf (`dalle_hf.hub`).
+is a diffusers folder (`model_index.json`, safetensors, configs, the tokenizer, a model card) that carries the
+pipeline and model code, as `dalle-hf push` publishes it (`dalle_hf.hub.add_remote_code`): diffusers'
+`DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)` loads it with that code, dalle-hf installed or not,
+and `DalleMiniPipeline.from_pretrained(OUT)` with dalle-hf's own classes, running none of the folder's code. The
+folder is ready to upload as it is (`dalle-hf push OUT org/name` adds the Hub card).
 """
 
 import json
@@ -171,7 +172,8 @@ def save_converted_pipeline(
     card_info: dict,
     vae_has_encoder: bool = True,
 ):
-    """Assemble and save a [`DalleMiniPipeline`] from converted weights; returns the pipeline.
+    """Assemble and save a [`DalleMiniPipeline`] from converted weights, with its code (`add_remote_code`, so that
+    `DiffusionPipeline.from_pretrained(out_dir, trust_remote_code=True)` loads it too); returns the pipeline.
 
     The transformer is built on the meta device and takes the state dict's tensors (cast to `dtype`) with
     `assign=True`, so no random weights are allocated first; the load is strict.
@@ -189,6 +191,7 @@ def save_converted_pipeline(
     """
     from transformers import BartTokenizerFast, CLIPModel, CLIPProcessor
 
+    from .hub import add_remote_code
     from .pipeline_dalle_mini import DalleMiniPipeline
 
     expected = expected_shapes(config)
@@ -226,7 +229,8 @@ def save_converted_pipeline(
     for name in (*TOKENIZER_FILES, WORD_FREQUENCY_FILE):
         if os.path.isfile(os.path.join(tokenizer_dir, name)):
             shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, "tokenizer", name))
-    write_card(out_dir, card_info, config, vae_has_encoder)
+    add_remote_code(out_dir)
+    write_card(out_dir, card_info, config, vae_has_encoder)  # after the code: the card's load lines say so
     return pipe
 
 

@@ -20,8 +20,11 @@ which needs no code. Its card is `dalle_mini_card_data`'s, and no sample grid is
 per image on a CPU).
 
 So `DiffusionPipeline.from_pretrained("org/name", trust_remote_code=True)` needs only diffusers and transformers.
-The module files are dalle-hf's own, copied verbatim (they import each other only relatively). The local
-checkpoint's `model_index.json` keeps its `dalle_hf.*` module paths; only the published copy names the files.
+The module files are dalle-hf's own, copied verbatim (they import each other only relatively). The shipped
+checkpoints' `model_index.json` keep their `dalle_hf.*` module paths; `dalle-hf convert-dalle-mini` writes its folder
+with the code already (`add_remote_code`), and pushing it copies this dalle-hf's files over the folder's. dalle-hf's
+own classes load a copy with code as they load their own folders, running none of the copied files
+(`DallePipeline.from_pretrained`, `dalle_hf.remote_code`).
 """
 
 import importlib
@@ -32,6 +35,7 @@ import shutil
 import tempfile
 
 from .model_card import CARD_DATA_NAME, SAMPLE_GRID_NAME, read_card_data, write_model_card, write_sample_grid
+from .remote_code import model_index_without_code
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = __name__.split(".")[0]  # "dalle_hf"
@@ -67,10 +71,11 @@ def _own_module(library: str | None) -> str | None:
 
 
 def add_remote_code(folder: str) -> None:
-    """Make a saved pipeline folder loadable with `trust_remote_code=True` without dalle-hf (in place)."""
+    """Make a saved pipeline folder loadable with `trust_remote_code=True` without dalle-hf (in place). A folder that
+    carries the code already (a converted one) gets this dalle-hf's files in place of the ones it has."""
     index_path = os.path.join(folder, "model_index.json")
     with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+        index = model_index_without_code(json.load(f), folder)
     for component, entry in index.items():
         module = _own_module(entry[0]) if isinstance(entry, list) and len(entry) == 2 else None
         if module is None:
@@ -101,37 +106,6 @@ def add_remote_code(folder: str) -> None:
         f.write("\n")
 
 
-def without_remote_code(folder: str, view: str) -> str:
-    """A published copy (`add_remote_code`'s `model_index.json`, naming the code files it carries) as a folder that
-    dalle-hf's own classes load, running none of the copied code; returns `folder` itself when it is no such copy.
-
-    `view` gets `model_index.json` with the names dalle-hf saves (`"DalleMiniPipeline"`,
-    `["dalle_hf.modeling_dalle_bart", ...]`) and symbolic links to everything else in `folder` (no weight is
-    copied). Only modules dalle-hf has are renamed; any other code file keeps its name, and loading it then needs
-    `trust_remote_code`, which dalle-hf never passes.
-    """
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        index = json.load(f)
-    changed = False
-    for component, entry in index.items():
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
-            continue
-        own = os.path.isfile(os.path.join(PACKAGE_DIR, f"{entry[0]}.py")) and "." not in entry[0]
-        if component == "_class_name" and own:
-            index[component], changed = entry[1], True
-        elif own and os.path.isfile(os.path.join(folder, component, f"{entry[0]}.py")):
-            index[component], changed = [f"{PACKAGE}.{entry[0]}", entry[1]], True
-    if not changed:
-        return folder
-    os.makedirs(view, exist_ok=True)
-    for name in os.listdir(folder):
-        if name != "model_index.json" and not os.path.lexists(os.path.join(view, name)):
-            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(view, name))
-    with open(os.path.join(view, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-    return view
-
-
 def export_for_hub(source: str, out: str, repo_id: str | None = None, pipe=None) -> list[str]:
     """Write the publishable copy of the pipeline folder `source` into `out`; returns its files, sorted.
 
@@ -144,7 +118,7 @@ def export_for_hub(source: str, out: str, repo_id: str | None = None, pipe=None)
     # A converted model's grid is drawn where it runs (`python -m dalle_hf.model_card DIR --sample-grid`), not on
     # the way to the Hub: DALL·E Mega takes minutes per image on a CPU.
     if not os.path.isfile(os.path.join(out, SAMPLE_GRID_NAME)) and not read_card_data(out).get("conversion"):
-        write_sample_grid(out, pipe)  # before add_remote_code: the folder still loads as dalle-hf's own pipeline
+        write_sample_grid(out, pipe)  # with dalle-hf's own pipeline class, whether `source` carries code or not
     add_remote_code(out)
     write_model_card(out, name_or_path=repo_id or source, repo_id=repo_id)
     for name in NOT_PUBLISHED:

@@ -99,7 +99,21 @@ def eval_section(evaluation: dict) -> str:
     return f"## {evaluation['name']}\n\n`{config}`\n\n" + "\n".join(rows) + "\n"
 
 
-def usage_section(name_or_path: str, repo_id: str | None, prompt: str = "...", pipeline_class: str = "DallePipeline"):
+def usage_section(
+    name_or_path: str,
+    repo_id: str | None,
+    prompt: str = "...",
+    pipeline_class: str = "DallePipeline",
+    carries_code: bool = False,
+):
+    if repo_id is None and carries_code:
+        return (
+            f"Load it with `{pipeline_class}.from_pretrained(\"{name_or_path}\")`. The folder carries the pipeline "
+            "and model code too, so diffusers loads it without dalle-hf installed, running that code (read it "
+            "first); diffusers asks `trust_remote_code=True` for any pipeline class it does not ship:\n"
+            "\n```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
+            f"\"{name_or_path}\", trust_remote_code=True)\n```\n"
+        )
     if repo_id is None:
         return (
             f"Load it with `{pipeline_class}.from_pretrained(\"{name_or_path}\")`. A copy published with "
@@ -133,6 +147,7 @@ def make_model_card(
     repo_id: str | None = None,
     sample_grid: bool = False,
     pipeline_class: str = "DallePipeline",
+    carries_code: bool = False,
 ):
     """The card of a pipeline folder as a `huggingface_hub.ModelCard`.
 
@@ -143,11 +158,13 @@ def make_model_card(
             usage section for `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
         sample_grid (`bool`, *optional*, defaults to `False`): show `samples.png` (the folder has one).
         pipeline_class (`str`, *optional*, defaults to `"DallePipeline"`): the dalle-hf class in the load line.
+        carries_code (`bool`, *optional*, defaults to `False`): the folder carries its code (a converted DALL·E mini
+            / Mega): the load line shows `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` too.
     """
     title = card_data.get("name", os.path.basename(os.path.normpath(name_or_path)))
     summary = card_data.get("summary", "A DALL-E (Ramesh et al. 2021) pipeline made with dalle-hf.")
     prompts = [p for p in card_data.get("sample_prompts", []) if p]
-    usage = usage_section(name_or_path, repo_id, prompts[0] if prompts else "...", pipeline_class)
+    usage = usage_section(name_or_path, repo_id, prompts[0] if prompts else "...", pipeline_class, carries_code)
     sections = [f"# {title}\n", f"{summary} {usage}" if repo_id is None else f"{summary}\n\n{usage}"]
     if sample_grid:
         settings = {**SAMPLE_GRID_DEFAULTS, **card_data.get("sample_grid", {})}
@@ -272,10 +289,17 @@ def sample_grid(pipe, prompts: list[str], images_per_prompt: int = 4, candidates
 
 
 def pipeline_class_name(folder: str) -> str:
-    """The pipeline class `folder/model_index.json` names (`["module", "Class"]` in a published copy)."""
+    """The pipeline class `folder/model_index.json` names (`["module", "Class"]` in a copy that carries its code)."""
     with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
         name = json.load(f)["_class_name"]
     return name[1] if isinstance(name, list) else name
+
+
+def folder_carries_code(folder: str) -> bool:
+    """Whether `folder` holds the pipeline's code file that its `model_index.json` names (`add_remote_code`)."""
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        name = json.load(f)["_class_name"]
+    return isinstance(name, list) and os.path.isfile(os.path.join(folder, f"{name[0]}.py"))
 
 
 def write_model_card(folder: str, name_or_path: str | None = None, repo_id: str | None = None) -> ModelCard:
@@ -286,6 +310,7 @@ def write_model_card(folder: str, name_or_path: str | None = None, repo_id: str 
         repo_id=repo_id,
         sample_grid=os.path.isfile(os.path.join(folder, SAMPLE_GRID_NAME)),
         pipeline_class=pipeline_class_name(folder),
+        carries_code=folder_carries_code(folder),
     )
     card.save(os.path.join(folder, "README.md"))
     return card
@@ -297,8 +322,7 @@ def load_pipeline(folder: str):
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"expected a saved pipeline folder (with model_index.json), got {folder!r}")
-    with open(index_path, encoding="utf-8") as f:
-        class_name = json.load(f)["_class_name"]
+    class_name = pipeline_class_name(folder)  # a folder that carries its code names `["module", "Class"]`
     pipeline_class = getattr(importlib.import_module(__name__.split(".")[0]), class_name, None)
     if pipeline_class is None:
         raise ValueError(f"{index_path} names {class_name!r}, which is not a dalle-hf pipeline")

@@ -6,6 +6,7 @@ best `k` of `N`. Classifier-free guidance ("super-conditioning", as in min-dalle
 
 import inspect
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 
 from .image_processing import image_to_tensor
+from .remote_code import model_index_without_code
 
 logger = logging.get_logger(__name__)
 
@@ -197,6 +199,55 @@ class DallePipeline(DiffusionPipeline):
 
         return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token,
                              create_pr=create_pr, revision=revision)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DallePipeline":
+        r"""
+        [`~diffusers.DiffusionPipeline.from_pretrained`], which also loads a copy that carries its code (a repository
+        `dalle-hf push` published, a folder `dalle-hf convert-dalle-mini` wrote) with dalle-hf's own classes: no
+        `trust_remote_code`, and none of the copy's code runs (`load_config` reads its `model_index.json` with
+        dalle-hf's module names).
+
+        A Hub repo id is fetched with `huggingface_hub.snapshot_download` (`cache_dir`, `revision`, `token`,
+        `local_files_only`, `force_download` and `HF_HUB_OFFLINE` apply), because diffusers' own download refuses a
+        repository with code unless told `trust_remote_code=True`. Every other argument is diffusers'.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a saved pipeline folder or a Hub repo id.
+            kwargs: [`~diffusers.DiffusionPipeline.from_pretrained`]'s (`dtype`, `device_map`, components, ...).
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            return super().from_pretrained(path, **kwargs)
+        from huggingface_hub import snapshot_download
+
+        hub_kwargs = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+        folder = snapshot_download(path, user_agent={"pipeline_class": cls.__name__},
+                                   **{k: kwargs[k] for k in hub_kwargs if kwargs.get(k) is not None})  # fmt: skip
+        pipe = super().from_pretrained(folder, **kwargs)
+        pipe.register_to_config(_name_or_path=path)  # the repo id, as diffusers records it
+        return pipe
+
+    @classmethod
+    def load_config(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        return_unused_kwargs: bool = False,
+        return_commit_hash: bool = False,
+        **kwargs,
+    ):
+        """diffusers' `load_config`, with a copy that carries its code read as dalle-hf saves it
+        (`model_index_without_code`): `from_pretrained` then finds the pipeline class and the components in dalle-hf
+        and never imports the copy's files."""
+        loaded = super().load_config(
+            pretrained_model_name_or_path, return_unused_kwargs=return_unused_kwargs,
+            return_commit_hash=return_commit_hash, **kwargs,
+        )  # fmt: skip
+        path = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        if isinstance(loaded, tuple):
+            return (model_index_without_code(loaded[0], folder), *loaded[1:])
+        return model_index_without_code(loaded, folder)
 
     @classmethod
     def from_pipe(cls, pipeline: "DallePipeline", **kwargs) -> "DallePipeline":

@@ -21,12 +21,14 @@ import torch
 from diffusers.utils import logging
 
 # diffusers copies the relative imports a published pipeline file names itself, not theirs in turn: the CLIP scorers,
-# which the base pipelines import when they rank, are named here so that `trust_remote_code` loading finds them.
+# which the base pipelines import when they rank, and the base's `remote_code` are named here so that
+# `trust_remote_code` loading finds them.
 from .clip import clip_image_image_scores, clip_text_image_scores  # noqa: F401
 from .image_processing import image_to_tensor
 from .pipeline_dalle import DallePipeline
 from .pipeline_dalle_inpaint import DalleInpaintPipeline
 from .pipeline_dalle_variation import DalleImageVariationPipeline
+from .remote_code import model_index_without_code  # noqa: F401
 from .text_normalizer import DalleMiniTextNormalizer
 
 logger = logging.get_logger(__name__)

@@ -1,7 +1,10 @@
 """convert_min_dalle / `dalle-hf convert-dalle-mini`: a min-dalle models_root of tiny random weights (state dicts
-written with torch.save, as min-dalle's files are) becomes a folder that DalleMiniPipeline.from_pretrained loads and
-generates with; wrong and truncated files are refused naming the file and the tensor."""
+written with torch.save, as min-dalle's files are) becomes a folder that carries its code, which diffusers'
+DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True) loads with that code and
+DalleMiniPipeline.from_pretrained with dalle-hf's own classes, running none of it; both generate min-dalle's greedy
+codes. Wrong and truncated files are refused naming the file and the tensor."""
 
+import json
 import os
 import sys
 import types
@@ -59,9 +62,37 @@ def tiny_vqgan_loader(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def remote_code_cache(tmp_path, monkeypatch):
+    """diffusers' cache of remote code modules under tmp_path; the `diffusers_modules.*` it imports are forgotten
+    afterwards, so that each test imports its own folder's files."""
+    from diffusers.utils import dynamic_modules_utils
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # diffusers appends its cache folder
+
+    def dynamic():
+        package = dynamic_modules_utils.DIFFUSERS_DYNAMIC_MODULE_NAME  # "diffusers_modules"
+        return [name for name in sys.modules if name.split(".")[0] == package]
+
+    saved = {name: sys.modules.pop(name) for name in dynamic()}
+    yield
+    for name in dynamic():
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def greedy_reference(encoder, decoder, pipe) -> torch.LongTensor:
+    """min-dalle's super-conditioned greedy codes (s = 10, start token 16384) for PROMPT, (1, 256)."""
+    text = torch.cat([pipe.unconditional_ids(1), pipe.encode_prompt([PROMPT])])
+    return min_dalle_generate(encoder, decoder, text, 1, start_token=16384, top_k=1, supercondition_factor=10)
+
+
 def test_converted_folder_loads_with_diffusion_pipeline_and_generates_min_dalles_codes(
-    tmp_path, min_dalle_reference, tiny_vqgan_loader
+    tmp_path, min_dalle_reference, tiny_vqgan_loader, remote_code_cache
 ):
+    from diffusers import DiffusionPipeline
+
     from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
 
     encoder, decoder = min_dalle_reference
@@ -70,20 +101,63 @@ def test_converted_folder_loads_with_diffusion_pipeline_and_generates_min_dalles
     convert_min_dalle(str(root), str(out))
     assert tiny_vqgan_loader == [str(root / "vqgan" / "detoker.pt")]
     assert (out / "transformer" / "model.safetensors").is_file() and (out / "tokenizer" / "vocab.json").is_file()
+    index = json.loads((out / "model_index.json").read_text())  # the code files diffusers' remote code loads
+    assert index["_class_name"] == ["pipeline_dalle_mini", "DalleMiniPipeline"]
+    assert index["transformer"] == ["modeling_dalle_bart", "DalleBartForImageGeneration"]
+    assert (out / "pipeline_dalle_mini.py").is_file() and (out / "transformer" / "modeling_dalle_bart.py").is_file()
     card = (out / "README.md").read_text()
     assert "apache-2.0" in card and "Dayma" in card and "convert-dalle-mini --min-dalle" in card
-    assert "decoder only" in card
+    assert "decoder only" in card and f'DiffusionPipeline.from_pretrained("{out}", trust_remote_code=True)' in card
 
-    pipe = DalleMiniPipeline.from_pretrained(str(out))  # dalle-hf's own classes; `dalle-hf push` adds the code
-    pipe.set_progress_bar_config(disable=True)
+    # diffusers asks before it runs a folder's code (`get_cached_module_file`); dalle-hf never passes it
+    with pytest.raises(ValueError, match="Pass `trust_remote_code=True`"):
+        DiffusionPipeline.from_pretrained(str(out))
+    pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    assert type(pipe).__module__ == "diffusers_modules.local.pipeline_dalle_mini"  # the folder's file, not dalle_hf's
     assert type(pipe).__name__ == "DalleMiniPipeline" and pipe.config.vae_has_encoder is False
+    assert type(pipe.transformer).__module__ == "diffusers_modules.local.modeling_dalle_bart"
+    pipe.set_progress_bar_config(disable=True)
     result = pipe(PROMPT, top_k=1, output_type="pt")
     assert result.images.shape == (1, 3, 32, 32) and result.image_tokens.shape == (1, 16, 16)
-    text = torch.cat([pipe.unconditional_ids(1), pipe.encode_prompt([PROMPT])])
-    reference = min_dalle_generate(encoder, decoder, text, 1, start_token=16384, top_k=1, supercondition_factor=10)
-    assert torch.equal(result.image_tokens.flatten(1), reference)
+    assert torch.equal(result.image_tokens.flatten(1), greedy_reference(encoder, decoder, pipe))
     with pytest.raises(ValueError, match="no encoder weights"):
         pipe.score(images=result.images, captions=PROMPT)
+
+    ours = DalleMiniPipeline.from_pretrained(str(out))  # dalle-hf's own classes, from the same folder
+    assert type(ours).__module__ == "dalle_hf.pipeline_dalle_mini"
+    assert type(ours.transformer).__module__ == "dalle_hf.modeling_dalle_bart"
+    ours.set_progress_bar_config(disable=True)
+    assert torch.equal(ours(PROMPT, top_k=1, output_type="pt").image_tokens, result.image_tokens)
+
+
+def test_dalle_hf_loads_a_folder_with_code_without_running_it(
+    tmp_path, min_dalle_reference, tiny_vqgan_loader, remote_code_cache
+):
+    from diffusers import DiffusionPipeline
+
+    from dalle_hf.pipeline_dalle_mini import DalleMiniInpaintPipeline, DalleMiniPipeline
+
+    encoder, decoder = min_dalle_reference
+    out = tmp_path / "converted"
+    convert_min_dalle(str(write_models_root(tmp_path / "pretrained", encoder, decoder)), str(out))
+    code = sorted(out.rglob("*.py"))
+    assert {p.name for p in code} >= {"pipeline_dalle_mini.py", "pipeline_dalle.py", "modeling_dalle_bart.py"}
+    for path in code:
+        path.write_text(f"raise RuntimeError('{path.name} ran')\n")
+    with pytest.raises(RuntimeError, match="pipeline_dalle_mini.py ran"):  # the trap works when the code is run
+        DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+
+    pipe = DalleMiniPipeline.from_pretrained(out)
+    assert type(pipe).__module__ == "dalle_hf.pipeline_dalle_mini"
+    assert type(pipe.transformer).__module__ == "dalle_hf.modeling_dalle_bart"
+    assert pipe.config._name_or_path == str(out) and pipe.config.vae_has_encoder is False
+    pipe.set_progress_bar_config(disable=True)
+    tokens = pipe(PROMPT, top_k=1, output_type="pt").image_tokens
+    assert torch.equal(tokens.flatten(1), greedy_reference(encoder, decoder, pipe))
+    assert type(DalleMiniInpaintPipeline.from_pretrained(out)).__name__ == "DalleMiniInpaintPipeline"
+    saved = tmp_path / "saved"  # saving writes dalle-hf's names again, no code
+    pipe.save_pretrained(saved)
+    assert json.loads((saved / "model_index.json").read_text())["_class_name"] == "DalleMiniPipeline"
 
 
 def test_bfloat16_storage(tmp_path, min_dalle_reference, tiny_vqgan_loader):

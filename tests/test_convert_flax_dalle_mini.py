@@ -250,9 +250,12 @@ def test_convert_flax_folder_loads_and_matches_dalle_minis_logits(tmp_path):
     assert "dalle-mini/dalle-mini" in card and "convert-dalle-mini --flax" in card and "apache-2.0" in card
     assert (out / "tokenizer" / "enwiki-words-frequency.txt").is_file()
 
-    # like the shipped checkpoints, the folder names dalle_hf's modules; a pushed copy carries the code and loads with
-    # DiffusionPipeline.from_pretrained(repo, trust_remote_code=True) without dalle-hf (tests/test_hub_dalle_mini.py)
+    # the folder carries its code (DiffusionPipeline.from_pretrained(out, trust_remote_code=True) loads it:
+    # tests/test_convert_dalle_mini.py); dalle-hf's class loads it with the installed modules
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dalle_mini", "DalleMiniPipeline"]
     pipe = DalleMiniPipeline.from_pretrained(str(out))
+    assert type(pipe.transformer).__module__ == "dalle_hf.modeling_dalle_bart"
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "DalleMiniPipeline" and pipe.config.vae_has_encoder is True
     reference = np.load(FIXTURES / "dalle_mini_reference.npz")

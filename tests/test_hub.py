@@ -45,6 +45,7 @@ SHIPPED_FILES = [
     "model_card.py",
     "model_index.json",
     "pipeline_dalle.py",
+    "remote_code.py",
     "samples.png",
     "tokenizer/tokenizer.json",
     "tokenizer/tokenizer_config.json",
@@ -239,6 +240,25 @@ def test_published_repo_loads_without_dalle_hf(published, venv_without_dalle_hf,
     ours = pipe("a red circle", num_images_per_prompt=4, num_images_to_keep=2, generator=generator)
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "tokens.npy")), ours.image_tokens)
     assert np.array_equal(np.load(tmp_path / "pixels.npy"), np.stack([np.asarray(image) for image in ours.images]))
+
+
+def test_dalle_hf_loads_the_published_repo_with_its_own_classes(published, monkeypatch):
+    """`DallePipeline.from_pretrained("org/name")` of the published copy: no `trust_remote_code`, dalle-hf's own
+    modules (the repository's code files are not imported), the shipped folder's tokens."""
+    _, cache = published
+    use_hf_cache(monkeypatch, cache)
+    pipe = DallePipeline.from_pretrained(REPO_ID)
+    assert [type(m).__module__ for m in (pipe, pipe.transformer, pipe.vae)] == [
+        "dalle_hf.pipeline_dalle", "dalle_hf.modeling_dalle", "dalle_hf.modeling_dvae"]  # fmt: skip
+    assert pipe.config._name_or_path == REPO_ID
+    shipped = DallePipeline.from_pretrained(CHECKPOINT)
+    tokens = []
+    for p in (pipe, shipped):
+        p.set_progress_bar_config(disable=True)
+        seed = torch.Generator().manual_seed(0)
+        out = p("a red circle", num_images_per_prompt=4, num_images_to_keep=2, generator=seed)
+        tokens.append(out.image_tokens)
+    assert torch.equal(*tokens)
 
 
 def test_export_space_runs_offline_from_the_published_model(published, venv_without_dalle_hf, tmp_path, monkeypatch):

@@ -1,19 +1,22 @@
 """A converted DALL·E mini folder published with `dalle-hf push` (captured, offline) loads and generates without
-dalle-hf (trust_remote_code) with dalle-hf's pixels, its card credits the sources, and `dalle-hf export-space`
-writes a GPU Space for it (the hub tests' pattern: tests/test_hub.py)."""
+dalle-hf (trust_remote_code) with dalle-hf's pixels, as does the converted folder itself; dalle-hf's own classes load
+the repository offline from the Hub cache without trust_remote_code, running none of its code; its card credits the
+sources, and `dalle-hf export-space` writes a GPU Space for it (the hub tests' pattern: tests/test_hub.py)."""
 
 import json
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard, SpaceCard
+from huggingface_hub import ModelCard, SpaceCard, constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from dalle_hf.cli import main as cli_main
 from dalle_hf.convert_dalle_mini import save_converted_pipeline
-from dalle_hf.hub import module_files
+from dalle_hf.hub import export_for_hub, module_files
 from dalle_hf.model_card import CARD_DATA_NAME, DALLE_MINI_SAMPLE_PROMPTS, dalle_mini_card_data
 from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
 from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
@@ -21,6 +24,7 @@ from tests.dalle_bart_reference import randomize, tiny_bart_config, tiny_vqgan, 
 
 from .conftest import tiny_clip
 from .test_hub import (  # noqa: F401 (venv_without_dalle_hf: a fixture)
+    SHA,
     FakeHub,
     run_without_dalle_hf,
     use_hf_cache,
@@ -98,6 +102,22 @@ def test_push_publishes_the_code_and_a_card_that_credits_the_sources(published, 
     assert any("decoder only" in line for line in mega["limitations"])
 
 
+def test_push_writes_this_dalle_hfs_code_over_the_folders(converted, tmp_path):
+    """A converted folder carries the code of the dalle-hf that converted it; the pushed copy, the installed one's."""
+    import dalle_hf
+
+    source = tmp_path / "source"
+    shutil.copytree(converted, source)
+    for name in ("pipeline_dalle_mini.py", "transformer/modeling_dalle_bart.py"):
+        (source / name).write_text("raise RuntimeError('an older dalle-hf')\n")
+    export_for_hub(str(source), str(tmp_path / "out"), repo_id=REPO_ID)
+    package = Path(dalle_hf.__file__).parent
+    for name in ("pipeline_dalle_mini.py", "transformer/modeling_dalle_bart.py"):
+        assert (tmp_path / "out" / name).read_bytes() == (package / Path(name).name).read_bytes(), name
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dalle_mini", "DalleMiniPipeline"]
+
+
 def test_published_repo_loads_and_generates_without_dalle_hf(published, converted, venv_without_dalle_hf, tmp_path):  # noqa: F811
     _, cache = published
     script = f"""
@@ -117,10 +137,16 @@ def test_published_repo_loads_and_generates_without_dalle_hf(published, converte
         edit = inpaint("{PROMPT}", image=out.images[0], mask_image=mask, top_k=64, output_type="np")
         original = np.asarray(out.images[0], dtype=np.float32) / 255.0  # as the pipeline converts a PIL image
         kept = bool((edit.images[0][~mask] == original[~mask]).all())
+        # the converted folder itself carries the same code
+        local = DiffusionPipeline.from_pretrained("{converted}", trust_remote_code=True)
+        local.set_progress_bar_config(disable=True)
+        local_out = local("{PROMPT}", generator=torch.Generator().manual_seed(0), **{SAMPLING!r})
+        np.save("local_tokens.npy", local_out.image_tokens.numpy())
         own = [m for m in sys.modules if m.startswith("dalle_hf")]
         print(json.dumps({{"pipeline": type(pipe).__module__, "class": type(pipe).__name__,
                           "transformer": type(pipe.transformer).__module__, "vae": type(pipe.vae).__module__,
-                          "ranked_by": out.ranked_by, "dalle_hf": own, "kept": kept}}))
+                          "ranked_by": out.ranked_by, "dalle_hf": own, "kept": kept,
+                          "local": [type(local).__module__, type(local.transformer).__module__]}}))
     """
     result = run_without_dalle_hf(venv_without_dalle_hf, script, cache, tmp_path)
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
@@ -134,7 +160,41 @@ def test_published_repo_loads_and_generates_without_dalle_hf(published, converte
     pipe.set_progress_bar_config(disable=True)
     ours = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **SAMPLING)
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "tokens.npy")), ours.image_tokens)
+    assert loaded["local"] == ["diffusers_modules.local.pipeline_dalle_mini",
+                               "diffusers_modules.local.modeling_dalle_bart"]  # the folder's files
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "local_tokens.npy")), ours.image_tokens)
     assert np.array_equal(np.load(tmp_path / "pixels.npy"), np.stack([np.asarray(image) for image in ours.images]))
+
+
+def test_dalle_hf_loads_the_published_repo_offline_running_none_of_its_code(
+    published, converted, tmp_path, monkeypatch
+):
+    """`DalleMiniPipeline.from_pretrained("org/name")` of a repository that carries code: fetched with
+    `snapshot_download` from the Hub cache (offline; `cache_dir` and `revision` as given), loaded with dalle-hf's own
+    classes and no `trust_remote_code`. Every code file of the repository raises if run."""
+    hub, _ = published
+    files = {name: f"raise RuntimeError('{name} ran')\n".encode() if name.endswith(".py") else content
+             for name, content in hub.commits[0]["files"].items()}  # fmt: skip
+    cache = tmp_path / "hf-cache"
+    write_hf_cache(cache, REPO_ID, files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    pipe = DalleMiniPipeline.from_pretrained(REPO_ID, cache_dir=str(cache), revision=SHA)
+    assert type(pipe).__module__ == "dalle_hf.pipeline_dalle_mini"
+    assert type(pipe.transformer).__module__ == "dalle_hf.modeling_dalle_bart"
+    assert pipe.config._name_or_path == REPO_ID  # as diffusers records a repo id
+    assert pipe.tokenizer.name_or_path.startswith(str(cache))  # the snapshot itself, which stays
+    ours = DalleMiniPipeline.from_pretrained(converted)
+    for p in (pipe, ours):
+        p.set_progress_bar_config(disable=True)
+    tokens = [p(PROMPT, generator=torch.Generator().manual_seed(0), **SAMPLING).image_tokens for p in (pipe, ours)]
+    assert torch.equal(*tokens)
+
+    use_hf_cache(monkeypatch, cache)  # the default cache, the main branch
+    assert type(DalleMiniPipeline.from_pretrained(REPO_ID).transformer).__module__ == "dalle_hf.modeling_dalle_bart"
+    with pytest.raises(LocalEntryNotFoundError):  # offline and not cached: huggingface_hub's own error
+        DalleMiniPipeline.from_pretrained("org/not-cached")
 
 
 def test_export_space_asks_for_a_small_gpu_with_exact_pins(published, tmp_path, monkeypatch):

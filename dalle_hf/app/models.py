@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,6 @@ import psutil
 import torch
 import transformers
 
-from dalle_hf.hub import without_remote_code
 from dalle_hf.model_card import DALLE_MINI_SAMPLE_PROMPTS
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
@@ -225,9 +223,10 @@ def dalle_preview(pipe: DallePipeline, tokens: torch.LongTensor, count: int) -> 
 
 def load_pipelines(path: Path, text_to_image: type, variations: type, inpaint: type) -> AppModel:
     """A saved text-to-image pipeline and its family's variation and inpainting pipelines on the same modules (one
-    copy of the weights for all three tabs, `from_pipe`). A published copy (a Hub repository from `dalle-hf push`)
-    loads with dalle-hf's own classes too: its code files are never run."""
-    pipe = text_to_image.from_pretrained(without_remote_code(str(path), tempfile.mkdtemp(prefix="dalle-hf-app-")))
+    copy of the weights for all three tabs, `from_pipe`). A copy that carries its code (a Hub repository from
+    `dalle-hf push`, a converted DALL·E mini folder) loads with dalle-hf's own classes too: its code files are never
+    run (`DallePipeline.from_pretrained`)."""
+    pipe = text_to_image.from_pretrained(str(path))
 
     def make_inpaint():
         edit = inpaint.from_pipe(pipe)
