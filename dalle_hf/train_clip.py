@@ -387,10 +387,13 @@ def load_or_train_tokenizer(args: argparse.Namespace, is_main_process: bool):
 
 
 def load_pretrained_clip(path: str) -> CLIPModel:
-    """A CLIPModel from a clip_model/ folder, or from the clip_model/ subfolder of a pipeline folder or hub repo."""
-    if os.path.isdir(os.path.join(path, "clip_model")):
-        return CLIPModel.from_pretrained(path, subfolder="clip_model")
-    return CLIPModel.from_pretrained(path)
+    """
+    A CLIPModel from a clip_model/ folder, or from the clip_model/ subfolder of a pipeline folder or hub repo, in
+    float32 whatever it is stored in: the shipped ones are stored in bfloat16, whose 8-bit mantissa would round away
+    most of AdamW's updates (the training's bf16 autocast still computes in bfloat16).
+    """
+    subfolder = "clip_model" if os.path.isdir(os.path.join(path, "clip_model")) else ""
+    return CLIPModel.from_pretrained(path, subfolder=subfolder, dtype=torch.float32)
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:

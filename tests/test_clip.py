@@ -424,6 +424,17 @@ def test_train_clip_at_a_smaller_data_size(tmp_path, monkeypatch):
     assert "| training image side (px, before CLIP's resize) | 16 |" in card
 
 
+def test_pretrained_clip_stored_in_bfloat16_trains_in_float32(tokenizer, tmp_path):
+    from dalle_hf.train_clip import load_pretrained_clip
+
+    stored = CLIPModel(make_clip_config(len(tokenizer), **TINY)).to(torch.bfloat16)  # as the shipped ones are
+    stored.save_pretrained(tmp_path / "pipe" / "clip_model")
+    loaded = load_pretrained_clip(str(tmp_path / "pipe"))
+    assert loaded.dtype == torch.float32
+    for key, value in stored.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.float())
+
+
 def _write_bank(path, tasks, passed, prompt_seed=2, size=64):
     """A bank in `benchmarks/rerank_bank.py build`'s format: blank canvases with a random dot, the given verdicts."""
     os.makedirs(path)
