@@ -75,7 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary when training the tokenizer.")
     parser.add_argument("--text_seq_len", type=int, default=16, help="Caption length in tokens (<eos> included).")
     # Model (make_clip_config); the defaults are sized for one CPU core.
-    parser.add_argument("--image_size", type=int, default=64, help="Side of the square training images.")
+    parser.add_argument(
+        "--image_size", type=int, default=64, help="CLIP's input side (a pretrained model keeps its own)."
+    )
+    parser.add_argument(
+        "--data_image_size",
+        type=int,
+        default=None,
+        help="Side the world's images are resized to before CLIP's processor resizes them to its input side, in "
+        "training and validation (default: the world's own, 64 px for shapes and emoji): 32 fine-tunes a 64 px CLIP "
+        "for a 32 px generator's samples.",
+    )
     parser.add_argument("--vision_width", type=int, default=192, help="Hidden size of the ViT image tower.")
     parser.add_argument("--text_width", type=int, default=128, help="Hidden size of the text tower.")
     parser.add_argument("--num_layers", type=int, default=4, help="Transformer blocks in each tower.")
@@ -161,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.validation_steps < 1 or args.num_validation_images < 0:
         raise ValueError("--validation_steps must be >= 1 and --num_validation_images >= 0.")
+    if args.data_image_size is not None and args.data_image_size < 8:
+        raise ValueError(f"--data_image_size must be at least 8 (one ViT patch), got {args.data_image_size}.")
     if args.text_seq_len < 2:
         raise ValueError(f"--text_seq_len must leave room for a word and <eos>, got {args.text_seq_len}.")
     return args
@@ -191,6 +203,14 @@ def collate_contrastive(examples: list[dict], tokenizer, world: World | None = N
     mask.fill_diagonal_(False)  # column i is image i's own caption: the positive
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": input_ids,
             "false_negative_mask": mask}  # fmt: skip
+
+
+def resized(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
+    """`(B, 3, H, W)` images in `[0, 1]` at side `size`, resized as the worlds resize their renders (bicubic,
+    antialiased); unchanged if already that side (a world may draw at its own side whatever it is asked)."""
+    if pixel_values.shape[-1] == size:
+        return pixel_values
+    return F.interpolate(pixel_values, size=size, mode="bicubic", antialias=True).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -367,10 +387,13 @@ def load_or_train_tokenizer(args: argparse.Namespace, is_main_process: bool):
 
 
 def load_pretrained_clip(path: str) -> CLIPModel:
-    """A CLIPModel from a clip_model/ folder, or from the clip_model/ subfolder of a pipeline folder or hub repo."""
-    if os.path.isdir(os.path.join(path, "clip_model")):
-        return CLIPModel.from_pretrained(path, subfolder="clip_model")
-    return CLIPModel.from_pretrained(path)
+    """
+    A CLIPModel from a clip_model/ folder, or from the clip_model/ subfolder of a pipeline folder or hub repo, in
+    float32 whatever it is stored in: the shipped ones are stored in bfloat16, whose 8-bit mantissa would round away
+    most of AdamW's updates (the training's bf16 autocast still computes in bfloat16).
+    """
+    subfolder = "clip_model" if os.path.isdir(os.path.join(path, "clip_model")) else ""
+    return CLIPModel.from_pretrained(path, subfolder=subfolder, dtype=torch.float32)
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -410,7 +433,8 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     world = world_from_args(args)
-    data_size = world.native_image_size or image_size  # a world's own renders (64 px) are resized for CLIP later
+    # A world's own renders (64 px), or those resized to --data_image_size; clip_pixel_values resizes them for CLIP.
+    data_size = args.data_image_size or world.native_image_size or image_size
     vae = None
     if args.vae_roundtrip_prob > 0:
         vae = load_frozen_vae(args.vae_name_or_path).to(accelerator.device)
@@ -445,7 +469,8 @@ def main(args: argparse.Namespace) -> dict:
     validation = roundtrip_validation = None
     if world.has_ranking_set and args.num_validation_images > 0:
         ranking = world.caption_ranking_set(args.num_validation_images, n_captions=32, seed=args.validation_seed)
-        validation = (ranking.pixel_values, ranking.candidates, ranking.groups)
+        pixels = resized(ranking.pixel_values, data_size)  # (N, 3, S, S): validated at the side it trains at
+        validation = (pixels, ranking.candidates, ranking.groups)
         if vae is not None:  # the same renders after a dVAE round trip (all of them): the domain CLIP ranks in
             with accelerator.autocast():
                 roundtrip_pixels = vae_roundtrip(vae, validation[0].to(accelerator.device), 1.0, torch.Generator())
@@ -485,7 +510,7 @@ def main(args: argparse.Namespace) -> dict:
     while step < args.max_train_steps:
         with accelerator.accumulate(model):
             batch = next(batches)
-            pixel_values = batch["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [0, 1]
+            pixel_values = resized(batch["pixel_values"].to(accelerator.device), data_size)  # (B, 3, S, S) in [0, 1]
             if vae is not None:
                 with accelerator.autocast():  # bf16 convolutions halve the round trip's cost on CPU
                     pixel_values = vae_roundtrip(vae, pixel_values, args.vae_roundtrip_prob, roundtrip_generator)
@@ -603,6 +628,7 @@ def main(args: argparse.Namespace) -> dict:
             )
         }  # fmt: skip
         hyperparameters["text vocabulary"] = len(tokenizer)
+        hyperparameters["training image side (px, before CLIP's resize)"] = data_size
         hyperparameters.update(world.hyperparameters(for_clip=True))
         hyperparameters["initialized from"] = args.pretrained_model_name_or_path or "random init"
         if vae is not None:

@@ -310,6 +310,7 @@ def test_train_clip_end_to_end_and_resume(tmp_path):
         (["--vae_roundtrip_prob", "0.5"], "vae_name_or_path"),
         (["--vae_roundtrip_prob", "1.5", "--vae_name_or_path", "some/vae"], r"\[0, 1\]"),
         (["--vae_roundtrip_prob", "-0.1", "--vae_name_or_path", "some/vae"], r"\[0, 1\]"),
+        (["--data_image_size", "4"], "at least 8"),
     ],
 )
 def test_parse_args_rejects_bad_finetuning_flags(flags, match):
@@ -395,6 +396,43 @@ def test_train_clip_on_vae_roundtrips(tmp_path):
             "--vae_roundtrip_prob", "0.5"]  # fmt: skip
     with pytest.raises(ValueError, match="16px images, the training images are 64px"):
         train_clip.main(train_clip.parse_args(argv))
+
+
+def test_train_clip_at_a_smaller_data_size(tmp_path, monkeypatch):
+    """--data_image_size: a 32 px CLIP trains and validates on 16 px images (as a 64 px CLIP is fine-tuned for a
+    32 px generator), so a 16 px dVAE's round trips fit them."""
+    from dalle_hf import train_clip
+
+    sides = []
+    ranking_hits = train_clip.caption_ranking_hits
+
+    def spy(clip_model, clip_processor, pixel_values, candidates):
+        sides.append(pixel_values.shape[-1])
+        return ranking_hits(clip_model, clip_processor, pixel_values, candidates)
+
+    monkeypatch.setattr(train_clip, "caption_ranking_hits", spy)
+    vae_dir = str(tmp_path / "vae16")
+    _tiny_vae(16).save_pretrained(vae_dir)
+    out = str(tmp_path / "clip")
+    argv = ["--output_dir", out, *TRAIN_ARGS, "--max_train_steps", "2", "--data_image_size", "16",
+            "--vae_name_or_path", vae_dir, "--vae_roundtrip_prob", "0.5"]  # fmt: skip
+    result = train_clip.main(train_clip.parse_args(argv))
+    assert sides == [16, 16]  # the validation renders and their round trips, at step 2
+    assert len(result["history"]) == 1 and math.isfinite(result["history"][0]["loss"])
+    assert CLIPModel.from_pretrained(os.path.join(out, "clip_model")).config.vision_config.image_size == 32
+    card = open(os.path.join(out, "clip_model", "README.md")).read()
+    assert "| training image side (px, before CLIP's resize) | 16 |" in card
+
+
+def test_pretrained_clip_stored_in_bfloat16_trains_in_float32(tokenizer, tmp_path):
+    from dalle_hf.train_clip import load_pretrained_clip
+
+    stored = CLIPModel(make_clip_config(len(tokenizer), **TINY)).to(torch.bfloat16)  # as the shipped ones are
+    stored.save_pretrained(tmp_path / "pipe" / "clip_model")
+    loaded = load_pretrained_clip(str(tmp_path / "pipe"))
+    assert loaded.dtype == torch.float32
+    for key, value in stored.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.float())
 
 
 def _write_bank(path, tasks, passed, prompt_seed=2, size=64):

@@ -176,6 +176,13 @@ def test_evaluate_emoji_writes_every_field_and_sheets(pipe, judge_dir, emoji_cac
                                                                                              "reconstruction_mse", "n")}
     assert 0 <= vae["judge_concept_accuracy_originals"] <= 1 and 0 <= vae["judge_concept_accuracy_reconstructions"] <= 1
     assert report["clip"]["n_captions"] == 100 and report["clip"]["n_images_seen"] == 4
+    assert report["clip"]["image_size"] == 16  # ranked at the side the pipeline draws, not the renders' 64 px
+    from dalle_hf.train_clip import caption_ranking_hits, resized
+
+    ranking = EmojiWorld(emoji_cache).caption_ranking_set(4, 100, seed=0, split="train")
+    hits = caption_ranking_hits(pipe.clip_model, pipe.clip_processor, resized(ranking.pixel_values, 16),
+                                ranking.candidates)  # fmt: skip
+    assert report["clip"]["caption_top1_seen"] == float(hits.float().mean())
     assert report["clip"]["n_images_novel"] == 3  # all the tiny cache's held-out renders
     assert 0 <= report["clip"]["caption_top1_seen"] <= 1 and 0 <= report["clip"]["caption_top1_novel"] <= 1
     assert report["config"]["splits"] == list(SPLITS) and report["config"]["judge"]["path"] == judge_dir

@@ -298,14 +298,17 @@ def evaluate_emoji(
     if "vae" in splits:
         report["vae"] = _vae_fidelity(pipe.vae, judge, world, n_vae, seed, concept_index, threshold)
 
-    # 4. CLIP caption retrieval among 100, on seen and on held-out renders.
+    # 4. CLIP caption retrieval among 100, on seen and on held-out renders, at the side the pipeline draws (what its
+    #    CLIP will rank: a 32 px model's renders are resized as the world resizes them, then upsampled by CLIP).
     if "clip" in splits:
-        from ..train_clip import caption_ranking_hits
+        from ..train_clip import caption_ranking_hits, resized
 
-        report["clip"] = {"n_captions": CLIP_CAPTIONS}
+        side = pipe.vae.config.image_size
+        report["clip"] = {"n_captions": CLIP_CAPTIONS, "image_size": side}
         for group, world_split in (("seen", "train"), ("novel", "novel")):
             ranking = world.caption_ranking_set(n_clip, CLIP_CAPTIONS, seed=seed, split=world_split)
-            hits = caption_ranking_hits(pipe.clip_model, pipe.clip_processor, ranking.pixel_values, ranking.candidates)
+            pixels = resized(ranking.pixel_values, side)  # (N, 3, side, side)
+            hits = caption_ranking_hits(pipe.clip_model, pipe.clip_processor, pixels, ranking.candidates)
             report["clip"][f"caption_top1_{group}"] = float(hits.float().mean())
             report["clip"][f"n_images_{group}"] = len(hits)
 
