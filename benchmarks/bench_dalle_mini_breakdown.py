@@ -37,6 +37,7 @@ TOP_K = 256
 
 
 def summarize(step_seconds: list[float]) -> dict:
+    """255 step times -> their total and the median of each run of 64 positions (ms)."""
     quarters = [step_seconds[i : i + 64] for i in range(0, len(step_seconds), 64)]
     return {"total_s": sum(step_seconds), "median_ms_by_quarter": [statistics.median(q) * 1e3 for q in quarters]}
 
@@ -130,18 +131,18 @@ def vqgan_seconds(repeats: int = 3) -> dict:
         decode_codes(ours, codes)  # (1, 3, 256, 256)
         times["dalle-hf"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        theirs.forward(False, codes[0])  # (256, 256, 3)
+        theirs.forward(False, codes)  # (256, 256, 3)
         times["min-dalle"].append(time.perf_counter() - start)
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, no VQGAN: a smoke run of the script")
     parser.add_argument("--weights", help="a folder with bench_dalle_mini's encoder.pt and decoder.pt (else written)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_dalle_mini_breakdown.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = bench_config(args.tiny)
     with tempfile.TemporaryDirectory() as scratch:
@@ -164,6 +165,7 @@ def main():
         json.dump(results, f, indent=2)
         f.write("\n")
     print(f"wrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":
