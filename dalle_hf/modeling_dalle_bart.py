@@ -58,6 +58,8 @@ class DalleBartCache:
         self.encoder_keys: list[torch.Tensor] = []  # per decoder layer, (B, nh, text_seq_len, hs)
         self.encoder_values: list[torch.Tensor] = []  # per decoder layer, (B, nh, text_seq_len, hs)
         self.encoder_attention_mask: torch.BoolTensor | None = None  # (B, 1, 1, text_seq_len), False at padding
+        # the same mask as SDPA's additive form, 0 or -inf: SDPA would convert the boolean one at every call
+        self.encoder_attention_bias: torch.Tensor | None = None  # (B, 1, 1, text_seq_len)
 
     @property
     def batch_size(self) -> int:
@@ -79,7 +81,14 @@ class DalleBartCache:
         self.encoder_keys = [k.index_select(0, index) for k in self.encoder_keys]
         self.encoder_values = [v.index_select(0, index) for v in self.encoder_values]
         self.encoder_attention_mask = self.encoder_attention_mask.index_select(0, index)
+        self.encoder_attention_bias = self.encoder_attention_bias.index_select(0, index)
         return self
+
+    def set_encoder_attention_mask(self, mask: torch.BoolTensor) -> None:
+        """Keep the text's key mask (B, 1, 1, text_seq_len), False at padding, and its additive form."""
+        self.encoder_attention_mask = mask
+        bias = torch.zeros(mask.shape, device=mask.device, dtype=self.keys.dtype)
+        self.encoder_attention_bias = bias.masked_fill_(~mask, float("-inf"))
 
 
 @dataclass
@@ -213,7 +222,7 @@ class DalleBartDecoderLayer(nn.Module):
         x = x + self.self_attn_layer_norm(h)
         h = self.pre_encoder_attn_layer_norm(x)
         h = self.encoder_attn(
-            h, cache.encoder_keys[layer_idx], cache.encoder_values[layer_idx], attn_mask=cache.encoder_attention_mask
+            h, cache.encoder_keys[layer_idx], cache.encoder_values[layer_idx], attn_mask=cache.encoder_attention_bias
         )
         x = x + self.encoder_attn_layer_norm(h)
         return x + self.glu(x)
@@ -353,7 +362,7 @@ class DalleBartForImageGeneration(DalleBartPreTrainedModel):
             k, v = layer.encoder_attn.keys_values(states)  # (U, nh, L, hs)
             cache.encoder_keys.append(k.index_select(0, inverse).to(cache.keys.dtype))
             cache.encoder_values.append(v.index_select(0, inverse).to(cache.keys.dtype))
-        cache.encoder_attention_mask = (input_ids != self.config.text_pad_token_id)[:, None, None, :]
+        cache.set_encoder_attention_mask((input_ids != self.config.text_pad_token_id)[:, None, None, :])
         return states.index_select(0, inverse)
 
     def forward(

@@ -32,3 +32,13 @@ def test_mega_cpu_benchmark_at_tiny_shapes(tmp_path):
     assert load["dtypes"] == ["torch.bfloat16"] and load["peak_rss"] > 0 and load["safetensors_bytes"] > 0
     assert len(report["sample"]["step_s"]) == 3 and report["sample"]["extrapolated_image_s"] > 0
     assert report["vqgan_decode"]["image_shape"] == [1, 3, 32, 32]
+
+
+def test_breakdown_benchmark_at_tiny_shapes(tmp_path):
+    bench = load_script(ROOT / "benchmarks" / "bench_dalle_mini_breakdown.py")
+    report = bench.main(["--tiny", "--threads", "1", "--out", str(tmp_path / "breakdown.json")])
+    assert (tmp_path / "breakdown.json").exists()
+    for impl in ("dalle-hf", "min-dalle"):
+        parts = report[impl]
+        assert parts["text_s"] > 0 and parts["sampling_s"] > 0 and "vqgan_decode_s" not in parts  # no VQGAN if tiny
+        assert len(parts["steps"]["median_ms_by_quarter"]) == 4 and parts["steps"]["total_s"] > 0
