@@ -329,7 +329,10 @@ def main(args: argparse.Namespace) -> dict:
         subfolder = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else ""
         # float32 master weights whatever the stored dtype: a checkpoint shipped in bfloat16 would otherwise be
         # trained in bfloat16 (AdamW's small updates round away), since transformers 5 loads the saved dtype.
-        model = DalleForImageGeneration.from_pretrained(path, subfolder=subfolder, dtype=torch.float32)
+        # `--dropout` is a training choice, not the architecture: it applies to a continued model as to a new one
+        # (a checkpoint saved without dropout would otherwise keep training without it, whatever the flag says).
+        model = DalleForImageGeneration.from_pretrained(path, subfolder=subfolder, dtype=torch.float32,
+                                                        dropout=args.dropout)  # fmt: skip
         mismatched = {
             k: (v, getattr(model.config, k))
             for k, v in config.to_diff_dict().items()

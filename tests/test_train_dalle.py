@@ -112,7 +112,10 @@ def test_start_from_pretrained_transformer(tiny_vae_dir, tmp_path):
     main(tiny_args(tiny_vae_dir, first))
     tokenizer = str(first / "tokenizer")
     second = main(tiny_args(tiny_vae_dir, tmp_path / "second", "--transformer_name_or_path", str(first),
-                            "--tokenizer_name_or_path", tokenizer, "--max_train_steps", "1"))
+                            "--tokenizer_name_or_path", tokenizer, "--max_train_steps", "1", "--dropout", "0.2"))
+    # --dropout reaches the continued model (the first run saved dropout 0.0 in its config)
+    assert json.loads((first / "transformer" / "config.json").read_text())["dropout"] == 0.0
+    assert json.loads((tmp_path / "second" / "transformer" / "config.json").read_text())["dropout"] == 0.2
     fresh = main(
         tiny_args(tiny_vae_dir, tmp_path / "fresh", "--tokenizer_name_or_path", tokenizer, "--max_train_steps", "1")
     )
