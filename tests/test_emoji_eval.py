@@ -313,3 +313,18 @@ def test_shipped_judge_loads_and_rejects_blanks():
     white = (1 - 0.02 * torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     probs = judge.predict(white)["concept_probs"]
     assert false_accept_rate(probs, judge.config.accept_threshold) == 0.0  # outlier exposure: no concept for a blank
+
+
+def test_heldout_loss_benchmark_on_the_tiny_cache(tokenizer, emoji_cache, tmp_path):
+    from benchmarks.emoji_heldout_loss import main
+    from tests.conftest import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline(str(tmp_path / "pipe"), tokenizer)
+    out = tmp_path / "loss.json"
+    report = main([pipeline, "--cache", emoji_cache, "--n", "3", "--out", str(out)])
+    losses = report["pipelines"][pipeline]
+    assert set(losses) == {"train", "novel"} and json.loads(out.read_text()) == report
+    for split in losses.values():  # a random 32-code model: near log(32) = 3.47 nats a token, with or without text
+        assert 2.0 < split["nats_per_token"] < 6.0 and 2.0 < split["nats_per_token_unconditional"] < 6.0
+    with pytest.raises(ValueError, match="expected --n > 0"):
+        main([pipeline, "--cache", emoji_cache, "--n", "0"])
