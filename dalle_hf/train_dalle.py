@@ -223,7 +223,7 @@ def augmented_pixel_values(dataset, index: int, variant: int, min_scale: float, 
 
 @torch.no_grad()
 def encode_dataset(
-    dataset, vae, batch_size: int = 64, image_augmentations: int = 0, min_scale: float = 1.0, augment_seed: int = 0
+    dataset, vae, batch_size: int = 64, image_augmentations: int = 0, min_scale: float = 0.85, augment_seed: int = 0
 ) -> EncodedImages:
     """Encode a finite dataset's images once: `EncodedImages` with `image_ids` `(n, N)`, or `(n, 1 + K, N)` with
     `K = image_augmentations` crop-and-resize copies of each image after the image itself."""
@@ -271,8 +271,8 @@ NO_AUGMENTATION = {"image_augmentations": 0, "augment_min_scale": None, "augment
 
 
 def saved_augmentation(path: str) -> dict:
-    """The augmentation settings a code file was written with (`NO_AUGMENTATION` for older files), as keyword
-    arguments of `load_or_encode_dataset`; `NO_AUGMENTATION`'s count if there is no file yet."""
+    """The augmentation settings a code file was written with, as keyword arguments of `load_or_encode_dataset`
+    (`{"image_augmentations": 0}` for a file without them, or no file yet): for a script that takes any such file."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
