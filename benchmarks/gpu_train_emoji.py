@@ -10,7 +10,10 @@
 `train_dalle` on a GPU would spend most of its time in Python: drawing and tokenizing a caption per image per step.
 Here everything a step needs lives on the device: the codes (`image_codes.safetensors` of `train_dalle`, int16 or
 int32), every caption an image can get (`EmojiTraining.caption_choices`, tokenized once) and its probability, so a
-step draws images, captions and caption dropout with three tensor ops. The caption mix is the same as on the CPU;
+step draws images, captions and caption dropout with three tensor ops. A codes file written with
+`train_dalle --image_augmentations K` (`(N, 1 + K, grid * grid)`: each image and K crops of it) is read with the
+settings it records and checked as `train_dalle` checks it; each draw of an image then takes one of its 1 + K versions
+uniformly, with one more tensor op. The caption mix is the same as on the CPU;
 images are drawn with replacement. The learning rate warms up linearly, then follows a cosine to a tenth of its peak
 over the run's progress, the larger of steps done / `--max_steps` and time spent / `--max_minutes`, so a time-boxed
 run still ends its schedule. Weights stay float32 (bf16 autocast, as `train_dalle --mixed_precision bf16`).
@@ -33,7 +36,7 @@ from dalle_hf.configuration_dalle import DalleConfig
 from dalle_hf.data.world import load_world
 from dalle_hf.modeling_dalle import DalleForImageGeneration
 from dalle_hf.pipeline_dalle import DallePipeline
-from dalle_hf.train_dalle import load_or_encode_dataset
+from dalle_hf.train_dalle import load_or_encode_dataset, saved_augmentation
 from dalle_hf.training_utils import load_frozen_vae, weight_decay_groups
 
 
@@ -121,7 +124,10 @@ def main(args: argparse.Namespace) -> dict:
     vae = load_frozen_vae(args.vae).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     dataset = load_world("emoji", args.cache).train_dataset(vae.config.image_size, args.seed)
-    image_ids = load_or_encode_dataset(dataset, vae, args.codes).image_ids.to(device)  # (N, grid * grid) int64
+    encoded = load_or_encode_dataset(dataset, vae, args.codes, **saved_augmentation(args.codes))
+    image_ids = encoded.image_ids.to(device)  # (N, grid * grid) or (N, 1 + K, grid * grid), int16 or int32
+    if image_ids.dim() == 2:
+        image_ids = image_ids[:, None]  # (N, grid * grid) -> (N, 1, grid * grid): one version of each image
     tokens, choices, probs = (t.to(device) for t in caption_table(dataset, tokenizer, args.text_seq_len))
     vae = vae.cpu()
 
@@ -147,7 +153,8 @@ def main(args: argparse.Namespace) -> dict:
     step_model = torch.compile(model) if args.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters; {len(image_ids):,} images; {len(tokens):,} distinct captions; "
+    print(f"{n_params:,} parameters; {len(image_ids):,} images x {image_ids.shape[1]} versions; "
+          f"{len(tokens):,} distinct captions; "
           f"start-up {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
 
     # 3. Train until --max_steps or --max_minutes
@@ -169,8 +176,13 @@ def main(args: argparse.Namespace) -> dict:
         input_ids = tokens[choices[index, pick]]  # (B, L)
         dropped = torch.rand(args.batch_size, device=device, generator=generator) < args.caption_dropout
         input_ids = input_ids.masked_fill(dropped[:, None], tokenizer.pad_token_id)
+        if image_ids.shape[1] > 1:  # one version (the image or one of its crops) of each drawn image
+            version = torch.randint(image_ids.shape[1], (args.batch_size,), device=device, generator=generator)
+            codes = image_ids[index, version].long()  # (B, grid * grid)
+        else:
+            codes = image_ids[index, 0].long()  # (B, grid * grid)
         with autocast:
-            outputs = step_model(input_ids=input_ids, image_ids=image_ids[index], return_loss=True)
+            outputs = step_model(input_ids=input_ids, image_ids=codes, return_loss=True)
         outputs.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -210,6 +222,7 @@ def main(args: argparse.Namespace) -> dict:
         "steps": step,
         "captions_seen": captions_seen,
         "epochs": round(captions_seen / len(image_ids), 2),
+        "image_versions": image_ids.shape[1],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,

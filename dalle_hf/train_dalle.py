@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 
 import torch
 from accelerate.utils import set_seed
@@ -103,6 +104,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A file of the dataset's dVAE codes (safetensors): read if it exists and matches the dVAE and dataset, "
         "else written; default: image_codes.safetensors in --output_dir. Pass an earlier run's file to skip encoding.",
     )
+    parser.add_argument(
+        "--image_augmentations",
+        type=int,
+        default=0,
+        help="Encode each image of a finite dataset this many more times, each under a random square crop resized back "
+        "(DALL-E's random crops), and draw one of its 1 + K versions per use: more distinct images against "
+        "memorisation, at 1 + K times the encoding. 0: the images as they are.",
+    )
+    parser.add_argument(
+        "--augment_min_scale",
+        type=float,
+        default=0.85,
+        help="The smallest crop side, as a fraction of the image side (drawn uniformly from [this, 1]).",
+    )
+    parser.add_argument(
+        "--augment_seed",
+        type=int,
+        default=0,
+        help="Seeds the crops (with the image index; not --seed, so runs with other seeds share one --image_codes).",
+    )
     parser.add_argument("--text_seq_len", type=int, default=16, help="Text tokens per caption (paper: 256).")
     parser.add_argument("--text_vocab_size", type=int, default=512, help="BPE vocabulary when training a tokenizer.")
     parser.add_argument("--n_layer", type=int, default=8)
@@ -147,6 +168,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
     if args.validation_steps < 1:
         raise ValueError("--validation_steps must be at least 1.")
+    if args.image_augmentations < 0:
+        raise ValueError(f"--image_augmentations must be at least 0 (0: no copies), got {args.image_augmentations}.")
+    if not 0 < args.augment_min_scale <= 1:
+        raise ValueError(f"--augment_min_scale must be in (0, 1] (of the side), got {args.augment_min_scale}.")
     return args
 
 
@@ -166,11 +191,15 @@ class EncodedImages(Dataset):
     A finite dataset with its images encoded once by the frozen dVAE: items are `{"image_ids": (N,), "text": str}`.
 
     The caption is read at every access (`dataset.text(i)` where the dataset has it, else `dataset[i]["text"]`), so
-    a world that draws a caption per access (emoji: styled, plain or alias forms) keeps its caption mix.
+    a world that draws a caption per access (emoji: styled, plain or alias forms) keeps its caption mix. `image_ids`
+    is `(n, N)`, or `(n, V, N)` with `V` versions of each image (the image and its augmented copies): each access then
+    draws one version uniformly, seeded by `seed`. Codes stay in their stored dtype (int16: 13,714 images x 8
+    versions x 64 codes are 14 MB) and are widened to int64 per item.
     """
 
-    def __init__(self, dataset, image_ids: torch.Tensor):
+    def __init__(self, dataset, image_ids: torch.Tensor, seed: int = 0):
         self.dataset, self.image_ids = dataset, image_ids
+        self.rng = random.Random(f"image-version/{seed}")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -178,18 +207,42 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         text_of = getattr(self.dataset, "text", None)
         text = text_of(index) if callable(text_of) else self.dataset[index]["text"]
-        return {"image_ids": self.image_ids[index], "text": text}
+        image_ids = self.image_ids[index]
+        if image_ids.dim() == 2:  # (V, N): one version of the image per use
+            image_ids = image_ids[self.rng.randrange(len(image_ids))]
+        return {"image_ids": image_ids.long(), "text": text}
+
+
+def augmented_pixel_values(dataset, index: int, variant: int, min_scale: float, seed: int) -> torch.Tensor:
+    """Version `variant` of image `index`: the image itself for 0 (`dataset[index]`, what a run without augmentation
+    encodes), else the dataset's crop-and-resize (`dalle_hf.data.world.random_square_crop` says why it sits there)."""
+    if variant == 0:
+        return dataset[index]["pixel_values"]
+    return dataset.augmented_pixel_values(index, variant, min_scale, seed)
 
 
 @torch.no_grad()
-def encode_dataset(dataset, vae, batch_size: int = 64) -> EncodedImages:
-    """Encode a finite dataset's images once: `EncodedImages` with `image_ids` `(n, N)`."""
+def encode_dataset(
+    dataset, vae, batch_size: int = 64, image_augmentations: int = 0, min_scale: float = 0.85, augment_seed: int = 0
+) -> EncodedImages:
+    """Encode a finite dataset's images once: `EncodedImages` with `image_ids` `(n, N)`, or `(n, 1 + K, N)` with
+    `K = image_augmentations` crop-and-resize copies of each image after the image itself."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda ex: ex)
     image_ids = []
     for examples in tqdm(loader, desc="encoding images"):
         pixels = torch.stack([e["pixel_values"] for e in examples])
         image_ids.append(vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu())
-    return EncodedImages(dataset, torch.cat(image_ids))
+    image_ids = torch.cat(image_ids)  # (n, N)
+    if not image_augmentations:
+        return EncodedImages(dataset, image_ids)
+    versions = [(i, v) for i in range(len(dataset)) for v in range(1, image_augmentations + 1)]
+    copies = []
+    for start in tqdm(range(0, len(versions), batch_size), desc=f"encoding {image_augmentations} crops per image"):
+        pixels = torch.stack([augmented_pixel_values(dataset, i, v, min_scale, augment_seed)
+                              for i, v in versions[start : start + batch_size]])  # fmt: skip
+        copies.append(vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu())
+    copies = torch.cat(copies).view(len(dataset), image_augmentations, -1)  # (n * K, N) -> (n, K, N)
+    return EncodedImages(dataset, torch.cat([image_ids[:, None], copies], dim=1))  # (n, 1 + K, N)
 
 
 def codes_dtype(vocab_size: int) -> torch.dtype:
@@ -213,46 +266,85 @@ def vae_fingerprint(vae) -> str:
     return digest.hexdigest()
 
 
+# What a code file written without augmentation (every file before `--image_augmentations`) implicitly holds.
+NO_AUGMENTATION = {"image_augmentations": 0, "augment_min_scale": None, "augment_seed": None}
+
+
+def saved_augmentation(path: str) -> dict:
+    """The augmentation settings a code file was written with, as keyword arguments of `load_or_encode_dataset`
+    (`{"image_augmentations": 0}` for a file without them, or no file yet): for a script that takes any such file."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return {"image_augmentations": 0}
+    with safe_open(path, framework="pt") as f:
+        saved = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+    if not saved.get("image_augmentations"):
+        return {"image_augmentations": 0}
+    return {"image_augmentations": saved["image_augmentations"], "min_scale": saved["augment_min_scale"],
+            "augment_seed": saved["augment_seed"]}  # fmt: skip
+
+
 @torch.no_grad()
-def load_or_encode_dataset(dataset, vae, path: str) -> EncodedImages:
+def load_or_encode_dataset(
+    dataset, vae, path: str, image_augmentations: int = 0, min_scale: float = 0.85, augment_seed: int = 0,
+    seed: int = 0,
+) -> EncodedImages:  # fmt: skip
     """
     `encode_dataset`, saved to `path` (safetensors) the first time and read back afterwards.
 
-    Encoding is the slow part of starting a run (emoji: 13,714 images, about 6 minutes on one core), and every resume
-    and every later stage on the same dVAE would repeat it. A saved file is used only when its dVAE fingerprint and
-    image count match and `SPOT_CHECK_IMAGES` images re-encoded now give the saved codes; otherwise a `ValueError`
-    says what differs (the file is never silently replaced).
+    Encoding is the slow part of starting a run (emoji: 13,714 images, about 6 minutes on one core; 1 + K times that
+    with `image_augmentations=K`), and every resume and every later stage on the same dVAE would repeat it. A saved
+    file is used only when its dVAE fingerprint, image count and augmentation settings (K, `min_scale`,
+    `augment_seed`) match and `SPOT_CHECK_IMAGES` images re-encoded now give the saved codes (each image itself and,
+    with K > 0, one of its crops); otherwise a `ValueError` says what differs (the file is never silently replaced).
+    Without augmentation the file is as it always was: `image_ids` `(n, N)`; with it, `(n, 1 + K, N)`, version 0 the
+    image itself. `seed` seeds which version each use draws (`EncodedImages`).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     fingerprint = {"vae_sha256": vae_fingerprint(vae), "n_images": len(dataset)}
+    if image_augmentations:
+        if not callable(getattr(dataset, "augmented_pixel_values", None)):
+            raise ValueError(f"--image_augmentations needs a dataset that can crop its images "
+                             f"(`augmented_pixel_values`); {type(dataset).__name__} cannot")  # fmt: skip
+        fingerprint.update(image_augmentations=image_augmentations, augment_min_scale=min_scale,
+                           augment_seed=augment_seed)  # fmt: skip
     if os.path.exists(path):
         with safe_open(path, framework="pt") as f:
             saved = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
             image_ids = f.get_tensor("image_ids")
-        differs = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+        saved, now = {**NO_AUGMENTATION, **saved}, {**NO_AUGMENTATION, **fingerprint}
+        differs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if differs:
             raise ValueError(
-                f"{path} holds codes for another dVAE or dataset (saved, now): {differs}; delete it or pass another "
-                "--image_codes"
+                f"{path} holds codes for another dVAE or dataset, or other augmentation settings (saved, now): "
+                f"{differs}; delete it, pass the settings it was made with or another --image_codes"
             )
-        positions = torch.linspace(0, len(dataset) - 1, min(len(dataset), SPOT_CHECK_IMAGES)).long().unique()
-        pixels = torch.stack([dataset[int(i)]["pixel_values"] for i in positions])
-        now = vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu()
-        if not torch.equal(now, image_ids[positions].to(now.dtype)):
+        positions = torch.linspace(0, len(dataset) - 1, min(len(dataset), SPOT_CHECK_IMAGES)).long().unique().tolist()
+        checks = [(i, 0) for i in positions]
+        if image_augmentations:  # one crop of each spot-checked image too, cycling through the versions
+            checks += [(i, 1 + j % image_augmentations) for j, i in enumerate(positions)]
+        pixels = torch.stack([augmented_pixel_values(dataset, i, v, min_scale, augment_seed) for i, v in checks])
+        now_ids = vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu()
+        stored = image_ids if image_augmentations else image_ids[:, None]  # (n, N) -> (n, 1, N)
+        saved_ids = torch.stack([stored[i, v] for i, v in checks])
+        if not torch.equal(now_ids, saved_ids.to(now_ids.dtype)):
             raise ValueError(
                 f"{path}: the dataset's images are not the ones these codes were made from (re-encoded "
-                f"{len(positions)} spread-out images and got other codes); delete it or pass another --image_codes"
+                f"{len(checks)} versions of spread-out images and got other codes); delete it or pass another "
+                "--image_codes"
             )
-        logger.info(f"Read the codes of {len(dataset)} images from {path}")
-        return EncodedImages(dataset, image_ids.long())
-    encoded = encode_dataset(dataset, vae)
+        logger.info(f"Read the codes of {len(dataset)} images ({1 + image_augmentations} versions each) from {path}")
+        return EncodedImages(dataset, image_ids, seed)
+    encoded = encode_dataset(dataset, vae, image_augmentations=image_augmentations, min_scale=min_scale,
+                             augment_seed=augment_seed)  # fmt: skip
+    image_ids = encoded.image_ids.to(codes_dtype(vae.config.vocab_size)).contiguous()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({"image_ids": encoded.image_ids.to(codes_dtype(vae.config.vocab_size)).contiguous()}, path,
-              metadata={"fingerprint": json.dumps(fingerprint)})  # fmt: skip
-    logger.info(f"Saved the codes of {len(dataset)} images to {path}")
-    return encoded
+    save_file({"image_ids": image_ids}, path, metadata={"fingerprint": json.dumps(fingerprint)})
+    logger.info(f"Saved the codes of {len(dataset)} images ({1 + image_augmentations} versions each) to {path}")
+    return EncodedImages(dataset, image_ids, seed)
 
 
 def collate_encoded(examples: list[dict]) -> dict:
@@ -364,16 +456,22 @@ def main(args: argparse.Namespace) -> dict:
     world = world_from_args(args)
     dataset = build_train_dataset(args, image_size=vae.config.image_size, seed=args.seed + first_step)
     if isinstance(dataset, IterableDataset):
+        if args.image_augmentations:
+            raise ValueError(f"--image_augmentations needs a finite dataset (emoji, imagefolder); the {args.dataset} "
+                             "world draws new images all the time")  # fmt: skip
         dataloader = build_dataloader(
             dataset, args.train_batch_size, args.dataloader_num_workers, args.seed + first_step
         )
     else:
         codes_path = args.image_codes or os.path.join(args.output_dir, "image_codes.safetensors")
+        # a resumed run draws other versions of each image, as it draws other captions
+        codes = dict(path=codes_path, image_augmentations=args.image_augmentations, min_scale=args.augment_min_scale,
+                     augment_seed=args.augment_seed, seed=args.seed + first_step)  # fmt: skip
         if accelerator.is_main_process:
-            encoded = load_or_encode_dataset(dataset, vae, codes_path)
+            encoded = load_or_encode_dataset(dataset, vae, **codes)
         accelerator.wait_for_everyone()  # the main process wrote the file; the others read it
         if not accelerator.is_main_process:
-            encoded = load_or_encode_dataset(dataset, vae, codes_path)
+            encoded = load_or_encode_dataset(dataset, vae, **codes)
         dataloader = DataLoader(encoded, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                 collate_fn=collate_encoded,
                                 generator=torch.Generator().manual_seed(args.seed + first_step))  # fmt: skip
@@ -503,6 +601,8 @@ def main(args: argparse.Namespace) -> dict:
                 "weight_decay",
                 "caption_dropout",
                 "word_dropout",
+                "image_augmentations",
+                "augment_min_scale",
                 "mixed_precision",
             )
         }

@@ -90,6 +90,20 @@ def test_old_int32_code_files_are_read(gpu_train, parts, tmp_path):
     assert load_file(old)["image_ids"].dtype == torch.int32  # read, not rewritten
 
 
+def test_augmented_code_files_are_read_with_their_settings(gpu_train, parts, tmp_path):
+    from dalle_hf.train_dalle import load_or_encode_dataset
+    from dalle_hf.training_utils import load_frozen_vae
+
+    path = tmp_path / "codes_k2.safetensors"
+    dataset = load_world("emoji", parts["cache"]).train_dataset(32, 0)
+    load_or_encode_dataset(dataset, load_frozen_vae(parts["vae"]), str(path), 2, min_scale=0.7)  # train_dalle's file
+    args = tiny_args(gpu_train, parts, tmp_path / "out", "--max_steps", "2")
+    args.codes = str(path)
+    log = gpu_train.main(args)
+    assert log["steps"] == 2 and log["image_versions"] == 3
+    assert load_file(path)["image_ids"].shape == (len(dataset), 3, 64)  # read, not rewritten
+
+
 def test_caption_table_is_the_training_caption_mix(gpu_train, parts):
     from transformers import AutoTokenizer
 

@@ -81,6 +81,9 @@ def test_imagefolder_is_tokenized_once(tiny_vae_dir, tmp_path):
     (["--max_train_steps", "0"], "max_train_steps"),
     (["--task_weights", "drawing=2"], "TASK=WEIGHT"),
     (["--task_weights", "colors=-1"], "TASK=WEIGHT"),
+    (["--image_augmentations", "-1"], r"--image_augmentations must be at least 0"),
+    (["--augment_min_scale", "0"], r"--augment_min_scale must be in \(0, 1\]"),
+    (["--augment_min_scale", "1.5"], r"--augment_min_scale must be in \(0, 1\]"),
     (["--task_weights", "colors=inf"], "TASK=WEIGHT"),
     (["--task_weights", "colors"], "TASK=WEIGHT"),
     (["--dataset", "imagefolder", "--train_data_dir", "x", "--task_weights", "colors=2"], "takes none of the options"),
@@ -216,3 +219,103 @@ def test_image_codes_are_saved_reused_and_checked(tiny_vae_dir, tmp_path):
     with pytest.raises(ValueError, match="not the ones these codes were made from"):
         main(tiny_args(tiny_vae_dir, tmp_path / "run3", *world, "--image_codes", str(codes)))
     assert torch.equal(load_file(codes)["image_ids"], saved)
+
+
+def noise_folder(folder):
+    """An imagefolder of 8 random-noise pictures (70 x 64, so the centre square is cropped first): unlike flat
+    colours, a crop of one encodes to other codes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    write_folder(folder, {f"{i}.png": Image.fromarray(rng.integers(0, 256, (64, 70, 3), dtype=np.uint8))
+                          for i in range(8)}, {f"{i}.png": f"a picture number {i}" for i in range(8)})  # fmt: skip
+    return folder
+
+
+def test_image_augmentations_encode_crops_once(tiny_vae_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import dalle_hf.train_dalle as train_dalle
+    from dalle_hf.data.imagefolder import ImageFolderCaptions
+    from dalle_hf.training_utils import load_frozen_vae
+
+    folder = noise_folder(tmp_path / "images")
+    world = ["--dataset", "imagefolder", "--train_data_dir", str(folder), "--max_train_steps", "2"]
+    plain, crops = tmp_path / "plain.safetensors", tmp_path / "crops.safetensors"
+    # K = 0: the file as it always was, (n, N) and a fingerprint without augmentation settings
+    main(tiny_args(tiny_vae_dir, tmp_path / "run0", *world, "--image_codes", str(plain)))
+    with safe_open(str(plain), framework="pt") as f:
+        assert set(json.loads(f.metadata()["fingerprint"])) == {"vae_sha256", "n_images"}
+    assert load_file(plain)["image_ids"].shape == (8, 256)
+
+    # K = 2: (n, 3, N), version 0 the image itself; a run trains on it
+    result = main(tiny_args(tiny_vae_dir, tmp_path / "run1", *world, "--image_codes", str(crops),
+                            "--image_augmentations", "2", "--augment_min_scale", "0.5"))  # fmt: skip
+    assert len(result["history"]) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    codes = load_file(crops)["image_ids"]
+    assert codes.shape == (8, 3, 256) and codes.dtype == torch.int16
+    assert torch.equal(codes[:, 0], load_file(plain)["image_ids"])
+    for version in (1, 2):
+        assert (codes[:, version] != codes[:, 0]).any(dim=1).sum() >= 7  # a crop is another image
+    assert (codes[:, 1] != codes[:, 2]).any(dim=1).sum() >= 7  # and each crop another crop
+    assert "| image_augmentations | 2 |" in (tmp_path / "run1" / "README.md").read_text()
+
+    # deterministic: encoding again gives the same codes
+    vae, dataset = load_frozen_vae(tiny_vae_dir), ImageFolderCaptions(str(folder), image_size=64)
+    again = train_dalle.encode_dataset(dataset, vae, image_augmentations=2, min_scale=0.5, augment_seed=0)
+    assert torch.equal(again.image_ids, codes.long())
+    other_seed = train_dalle.encode_dataset(dataset, vae, image_augmentations=2, min_scale=0.5, augment_seed=1)
+    assert not torch.equal(other_seed.image_ids, again.image_ids)
+
+    # read back with the same settings; other settings are refused, naming the setting
+    reread = train_dalle.load_or_encode_dataset(dataset, vae, str(crops), 2, min_scale=0.5)
+    assert torch.equal(reread.image_ids, codes)
+    for settings, name in [(dict(image_augmentations=3, min_scale=0.5), "image_augmentations"),
+                           (dict(image_augmentations=2, min_scale=0.85), "augment_min_scale"),
+                           (dict(image_augmentations=2, min_scale=0.5, augment_seed=1), "augment_seed"),
+                           (dict(image_augmentations=0), "image_augmentations")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"other augmentation settings.*{name}"):
+            train_dalle.load_or_encode_dataset(dataset, vae, str(crops), **settings)
+    with pytest.raises(ValueError, match="other augmentation settings.*image_augmentations"):
+        train_dalle.load_or_encode_dataset(dataset, vae, str(plain), 2, min_scale=0.5)  # an older file
+    assert train_dalle.saved_augmentation(str(crops)) == {"image_augmentations": 2, "min_scale": 0.5,
+                                                          "augment_seed": 0}  # fmt: skip
+    assert train_dalle.saved_augmentation(str(plain)) == {"image_augmentations": 0}
+
+    # the spot check re-encodes crops too: a file whose crops were made otherwise is refused
+    from safetensors.torch import save_file
+
+    with safe_open(str(crops), framework="pt") as f:
+        metadata = f.metadata()
+    tampered = codes.clone()
+    tampered[:, 1:] = tampered[:, 0:1]  # the crops replaced by the image itself
+    save_file({"image_ids": tampered}, str(tmp_path / "tampered.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="not the ones these codes were made from"):
+        train_dalle.load_or_encode_dataset(dataset, vae, str(tmp_path / "tampered.safetensors"), 2, min_scale=0.5)
+
+    # a stream has nothing to encode once
+    with pytest.raises(ValueError, match="finite dataset"):
+        main(tiny_args(tiny_vae_dir, tmp_path / "run2", "--image_augmentations", "1"))
+
+
+def test_each_use_draws_one_version_uniformly():
+    from collections import Counter
+
+    from dalle_hf.train_dalle import EncodedImages
+
+    class Captions:
+        def text(self, index):
+            return "a caption"
+
+    image_ids = torch.arange(3, dtype=torch.int16).view(1, 3, 1).expand(1, 3, 4)  # (1 image, 3 versions, 4 codes)
+    encoded = EncodedImages(Captions(), image_ids, seed=0)
+    drawn = [encoded[0]["image_ids"] for _ in range(3000)]
+    assert all(d.dtype == torch.int64 and d.shape == (4,) for d in drawn)
+    counts = Counter(int(d[0]) for d in drawn)
+    assert set(counts) == {0, 1, 2} and all(900 < c < 1100 for c in counts.values()), counts
+    again = EncodedImages(Captions(), image_ids, seed=0)
+    assert [int(again[0]["image_ids"][0]) for _ in range(50)] == [int(d[0]) for d in drawn[:50]]  # seeded
+    # one version per image (no augmentation) is used as it is
+    assert torch.equal(EncodedImages(Captions(), image_ids[:, 2])[0]["image_ids"], torch.full((4,), 2))

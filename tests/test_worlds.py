@@ -142,6 +142,25 @@ def test_emoji_caption_mix_and_resizing(cache):
     assert [again.text(0) for _ in range(400)] == texts  # seeded
 
 
+def test_emoji_training_crops_at_the_render_resolution(cache):
+    from dalle_hf.data.world import random_square_crop
+
+    dataset = load_world("emoji", cache).train_dataset(image_size=32, seed=0)
+    # the whole render as the "crop" is the training image itself: the same resize
+    assert torch.equal(dataset.augmented_pixel_values(3, 1, 1.0, seed=0), dataset[3]["pixel_values"])
+    crop = dataset.augmented_pixel_values(3, 1, 0.5, seed=0)
+    assert crop.shape == (3, 32, 32) and 0 <= crop.min() and crop.max() <= 1
+    assert torch.equal(crop, dataset.augmented_pixel_values(3, 1, 0.5, seed=0))  # deterministic
+    assert not torch.equal(crop, dataset[3]["pixel_values"])
+    # the crop is taken from the 64 px render, then resized
+    left, top, side = random_square_crop(64, 3, 1, 0.5, 0)
+    render = dataset.renders[3]["pixel_values"][:, top : top + side, left : left + side]
+    expected = torch.nn.functional.interpolate(render[None], size=32, mode="bicubic", antialias=True)[0].clamp(0, 1)
+    assert torch.equal(crop, expected)
+    boxes = {random_square_crop(64, i, v, 0.85, 0) for i in range(50) for v in range(1, 4)}  # sides 54 .. 64
+    assert len(boxes) > 100 and all(54 <= s <= 64 and 0 <= x <= 64 - s and 0 <= y <= 64 - s for x, y, s in boxes)
+
+
 def test_emoji_hard_negatives_are_false_and_of_both_kinds(cache):
     world = load_world("emoji", cache)
     import random

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from .world import RankingSet, World, sample_false_captions
+from .world import RankingSet, World, random_square_crop, sample_false_captions
 
 # ----------------------------------------------------------------------------------------------------
 # The world's constants. The evaluation, the cache and the checkpoints depend on these values: do not change them.
@@ -762,12 +762,23 @@ class EmojiTraining(Dataset):
         i = self.renders.indices[index]
         return caption_choices(str(self.renders.cache.labels[i]), str(self.renders.cache.styles[i]))
 
+    def resize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(3, h, w)` -> `(3, image_size, image_size)`: bicubic with antialiasing, clamped to [0, 1]; the one resize of
+        training renders and their crops."""
+        if pixel_values.shape[-1] == self.image_size and pixel_values.shape[-2] == self.image_size:
+            return pixel_values
+        return F.interpolate(pixel_values[None], size=self.image_size, mode="bicubic", antialias=True)[0].clamp(0, 1)
+
+    def augmented_pixel_values(self, index: int, variant: int, min_scale: float, seed: int) -> torch.Tensor:
+        """Item `index`'s render cropped by `random_square_crop` at the render's 64 px, then resized as `__getitem__`
+        resizes; no caption is drawn."""
+        pixel_values = self.renders[index]["pixel_values"]  # (3, 64, 64)
+        left, top, side = random_square_crop(pixel_values.shape[-1], index, variant, min_scale, seed)
+        return self.resize(pixel_values[:, top : top + side, left : left + side])
+
     def __getitem__(self, index: int) -> dict:
         item = self.renders[index]
-        if self.image_size != IMAGE_SIZE:
-            item["pixel_values"] = torch.nn.functional.interpolate(
-                item["pixel_values"][None], size=self.image_size, mode="bicubic", antialias=True
-            )[0].clamp(0, 1)
+        item["pixel_values"] = self.resize(item["pixel_values"])
         label, style = item["label"], item["style"]
         item["text"] = training_caption(label, style, self.rng)
         if self.num_negatives:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .world import World
+from .world import World, random_square_crop
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -38,11 +38,15 @@ def load_rgb(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_crop_resize(image: Image.Image, image_size: int) -> Image.Image:
-    """Center-crop to the largest square and resize to `image_size x image_size` (bicubic)."""
+def center_crop_resize(image: Image.Image, image_size: int, crop=None) -> Image.Image:
+    """Center-crop to the largest square and resize to `image_size x image_size` (bicubic); `crop(side)` ->
+    `(left, top, crop_side)`, if given, crops that square further first (`random_square_crop`)."""
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
+    if crop is not None:
+        dx, dy, side = crop(side)
+        left, top = left + dx, top + dy
     image = image.crop((left, top, left + side, top + side))
     if side != image_size:
         image = image.resize((image_size, image_size), Image.BICUBIC)
@@ -121,14 +125,22 @@ class ImageFolderCaptions(Dataset):
         """The caption of item `index` (without reading the image)."""
         return self.records[index][1]
 
-    def __getitem__(self, index: int) -> dict:
-        path, text = self.records[index]
+    def _read(self, index: int) -> Image.Image:
+        path = self.records[index][0]
         try:
-            image = load_rgb(path)
+            return load_rgb(path)
         except (OSError, Image.DecompressionBombError) as error:
             raise ValueError(f"Could not read image {path!r}: {error}") from None
-        image = center_crop_resize(image, self.image_size)
-        return {"pixel_values": pil_to_tensor(image), "text": text}  # (3, H, W) in [0, 1]
+
+    def augmented_pixel_values(self, index: int, variant: int, min_scale: float, seed: int) -> torch.Tensor:
+        """Item `index`'s centre square cropped by `random_square_crop` at the file's resolution, then resized as
+        `__getitem__` resizes."""
+        crop = lambda side: random_square_crop(side, index, variant, min_scale, seed)  # noqa: E731
+        return pil_to_tensor(center_crop_resize(self._read(index), self.image_size, crop))
+
+    def __getitem__(self, index: int) -> dict:
+        image = center_crop_resize(self._read(index), self.image_size)
+        return {"pixel_values": pil_to_tensor(image), "text": self.records[index][1]}  # (3, H, W) in [0, 1]
 
 
 class ImageFolderWorld(World):

@@ -178,6 +178,22 @@ class World(ABC):
 WORLD_FILE = "world.json"  # at the root of a pipeline folder, beside model_index.json
 
 
+def random_square_crop(side: int, index: int, variant: int, min_scale: float, seed: int) -> tuple[int, int, int]:
+    """
+    A random square crop of a `side x side` image: `(left, top, crop_side)` in pixels, the crop's side a fraction of
+    `side` drawn uniformly from `[min_scale, 1]`, its position uniform. It depends on `(seed, index, variant)` only (a
+    string-seeded `random.Random`, stable across processes), so a re-encode and a resumed run get the same crops.
+
+    A finite dataset that can be augmented (`train_dalle --image_augmentations`) has an
+    `augmented_pixel_values(index, variant, min_scale, seed)` that crops its source image with this box, at the
+    source's own resolution, and then resizes as its `__getitem__` does: the crop is drawn here, once for every world;
+    only the world knows its source pixels and its resize. No flip: a caption may name a direction.
+    """
+    rng = random.Random(f"square-crop/{seed}/{index}/{variant}")
+    crop_side = min(side, max(1, round(side * rng.uniform(min_scale, 1.0))))
+    return rng.randint(0, side - crop_side), rng.randint(0, side - crop_side), crop_side
+
+
 def caption_words(text: str) -> list[str]:
     """The words of a caption or prompt as `World.vocabulary` counts them: lowercase runs of letters and digits."""
     return re.findall(r"[a-z0-9]+", text.lower())
