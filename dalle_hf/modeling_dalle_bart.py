@@ -57,9 +57,13 @@ class DalleBartCache:
         self.length = 0  # decoder positions filled; advanced by the model after all layers have written
         self.encoder_keys: list[torch.Tensor] = []  # per decoder layer, (B, nh, text_seq_len, hs)
         self.encoder_values: list[torch.Tensor] = []  # per decoder layer, (B, nh, text_seq_len, hs)
-        self.encoder_attention_mask: torch.BoolTensor | None = None  # (B, 1, 1, text_seq_len), False at padding
-        # the same mask as SDPA's additive form, 0 or -inf: SDPA would convert the boolean one at every call
+        # the text's key mask in SDPA's additive form, 0 or -inf: SDPA would convert a boolean one at every call
         self.encoder_attention_bias: torch.Tensor | None = None  # (B, 1, 1, text_seq_len)
+
+    @property
+    def encoder_attention_mask(self) -> torch.BoolTensor | None:
+        """The text's key mask (B, 1, 1, text_seq_len), False at padding (read from `encoder_attention_bias`)."""
+        return None if self.encoder_attention_bias is None else self.encoder_attention_bias == 0
 
     @property
     def batch_size(self) -> int:
@@ -80,13 +84,11 @@ class DalleBartCache:
         self.keys, self.values = self.keys.index_select(1, index), self.values.index_select(1, index)
         self.encoder_keys = [k.index_select(0, index) for k in self.encoder_keys]
         self.encoder_values = [v.index_select(0, index) for v in self.encoder_values]
-        self.encoder_attention_mask = self.encoder_attention_mask.index_select(0, index)
         self.encoder_attention_bias = self.encoder_attention_bias.index_select(0, index)
         return self
 
     def set_encoder_attention_mask(self, mask: torch.BoolTensor) -> None:
-        """Keep the text's key mask (B, 1, 1, text_seq_len), False at padding, and its additive form."""
-        self.encoder_attention_mask = mask
+        """Keep the text's key mask (B, 1, 1, text_seq_len), False at padding, in its additive form."""
         bias = torch.zeros(mask.shape, device=mask.device, dtype=self.keys.dtype)
         self.encoder_attention_bias = bias.masked_fill_(~mask, float("-inf"))
 
