@@ -34,8 +34,8 @@ def saved_pipeline(tmp_path_factory, tokenizer):
     return save_tiny_pipeline(tmp_path_factory.mktemp("pipe"), tokenizer)
 
 
-def load(path, **kwargs):
-    pipe = DallePipeline.from_pretrained(path, **kwargs)
+def load(path, pipeline_class=DallePipeline, **kwargs):
+    pipe = pipeline_class.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -193,9 +193,7 @@ def saved_mini(tmp_path_factory):
 def load_mini(path, **kwargs):
     from dalle_hf.pipeline_dalle_mini import DalleMiniPipeline
 
-    pipe = DalleMiniPipeline.from_pretrained(path, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(path, DalleMiniPipeline, **kwargs)
 
 
 def mini_logits(model, seed=0):
