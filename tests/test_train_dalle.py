@@ -346,9 +346,11 @@ def test_held_out_loss_is_measured_at_validation_steps_and_at_the_end(tiny_vae_d
 
     # the default on a world with held-out images is 256; 0 turns it off
     assert tiny_args(tiny_vae_dir, out).held_out_images == 256
-    off = main(tiny_args(tiny_vae_dir, tmp_path / "off", "--held_out_images", "0", "--max_train_steps", "1"))
+    off = main(tiny_args(tiny_vae_dir, tmp_path / "off", "--validation_steps", "2", "--held_out_images", "0"))
     assert off["held_out_loss"] == [] and not (tmp_path / "off" / "held_out_loss.jsonl").exists()
     assert "held-out image loss (eval mode)" not in off["eval"]
+    # measuring leaves training as it was (no random numbers drawn, the model back in train mode)
+    assert [h["loss"] for h in off["history"]] == [h["loss"] for h in result["history"]]
 
 
 def test_held_out_loss_is_the_pipelines_score_in_eval_mode(tokenizer):
