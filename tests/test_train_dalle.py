@@ -319,3 +319,122 @@ def test_each_use_draws_one_version_uniformly():
     assert [int(again[0]["image_ids"][0]) for _ in range(50)] == [int(d[0]) for d in drawn[:50]]  # seeded
     # one version per image (no augmentation) is used as it is
     assert torch.equal(EncodedImages(Captions(), image_ids[:, 2])[0]["image_ids"], torch.full((4,), 2))
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_held_out_loss_is_measured_at_validation_steps_and_at_the_end(tiny_vae_dir, tmp_path):
+    out = tmp_path / "run"
+    result = main(tiny_args(tiny_vae_dir, out, "--validation_steps", "2", "--held_out_images", "6"))
+    records = read_jsonl(out / "held_out_loss.jsonl")
+    assert [r["step"] for r in records] == [2, 4]  # step 2, then the end (step 4 once, not twice)
+    assert [r["captions_seen"] for r in records] == [8, 16]  # 4 captions an update
+    for record in records:
+        assert set(record) == {"step", "captions_seen", "held_out_image_loss", "train_image_loss", "held_out_images",
+                               "train_images"}  # fmt: skip
+        assert record["held_out_images"] == record["train_images"] == 6
+        for key in ("held_out_image_loss", "train_image_loss"):
+            assert 0 < record[key] < 10 and torch.isfinite(torch.tensor(record[key]))  # ln(32) = 3.47 at random
+    assert records[0]["held_out_image_loss"] != records[1]["held_out_image_loss"]  # measured again, after training
+    assert result["held_out_loss"] == records
+    assert result["eval"]["held-out image loss (eval mode)"] == records[-1]["held_out_image_loss"]
+    assert result["eval"]["training image loss (eval mode)"] == records[-1]["train_image_loss"]
+    card = (out / "README.md").read_text()
+    assert "| held-out image loss (eval mode) |" in card and "| held_out_images | 6 |" in card
+
+    # the default on a world with held-out images is 256; 0 turns it off
+    assert tiny_args(tiny_vae_dir, out).held_out_images == 256
+    off = main(tiny_args(tiny_vae_dir, tmp_path / "off", "--validation_steps", "2", "--held_out_images", "0"))
+    assert off["held_out_loss"] == [] and not (tmp_path / "off" / "held_out_loss.jsonl").exists()
+    assert "held-out image loss (eval mode)" not in off["eval"]
+    # measuring leaves training as it was (no random numbers drawn, the model back in train mode)
+    assert [h["loss"] for h in off["history"]] == [h["loss"] for h in result["history"]]
+
+
+def test_held_out_loss_is_the_pipelines_score_in_eval_mode(tokenizer):
+    """The measurement equals `DallePipeline.score`'s nats per image token, whatever mode the model is left in, and
+    gives the same number twice on the same weights with dropout on (no dropout in the measurement)."""
+    from dalle_hf.modeling_dalle import DalleForImageGeneration
+    from dalle_hf.train_dalle import HeldOutLoss
+    from tests.conftest import tiny_dalle_config, tiny_vae
+
+    torch.manual_seed(0)
+    model = DalleForImageGeneration(tiny_dalle_config(dropout=0.5)).train()
+    config = model.config
+    captions = ["a red circle", "two blue squares", "a green triangle", "", "a circle", "three circles", "a square"]
+    input_ids = tokenizer(captions, padding="max_length", truncation=True, max_length=config.text_seq_len,
+                          return_tensors="pt")["input_ids"]  # fmt: skip
+    image_ids = torch.randint(0, config.image_vocab_size, (len(captions), config.image_grid_size**2))
+    measure = HeldOutLoss((input_ids, image_ids), (input_ids[:3], image_ids[:3]), batch_size=3)  # batches 3, 3, 1
+    first, second = measure(model), measure(model)
+    assert first == second  # dropout would make these differ (checked below)
+    assert model.training  # its mode is restored
+    with torch.no_grad():  # the control: in train mode the same forward differs from call to call
+        noisy = [model(input_ids=input_ids, image_ids=image_ids, return_loss=True).image_loss.item() for _ in range(2)]
+    assert noisy[0] != noisy[1]
+
+    model.eval()
+    assert measure(model) == first and not model.training
+    vae = tiny_vae()
+    assert vae.config.grid_size == config.image_grid_size and vae.config.vocab_size == config.image_vocab_size
+    pipe = DallePipeline(tokenizer=tokenizer, transformer=model, vae=vae)
+    grid = config.image_grid_size
+    scores = pipe.score(image_tokens=image_ids.view(-1, grid, grid), captions=captions)  # (n, N) -> (n, g, g)
+    reference = float(-scores.log_likelihood.mean() / grid**2)
+    assert abs(first["held_out_image_loss"] - reference) < 1e-4
+    with pytest.raises(ValueError, match="as many captions as images"):
+        HeldOutLoss((input_ids[:2], image_ids), (input_ids, image_ids))
+
+
+def test_held_out_loss_on_emoji_measures_the_worlds_held_out_renders(tiny_vae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dalle_hf.data.emoji import style_prompt
+    from dalle_hf.data.world import load_world
+    from dalle_hf.train_dalle import EncodedImages, held_out_draw, training_draw
+    from dalle_hf.training_utils import load_frozen_vae
+    from tests.test_worlds import write_tiny_cache
+
+    cache = write_tiny_cache(tmp_path / "emoji-cache")
+    out = tmp_path / "run"
+    result = main(tiny_args(tiny_vae_dir, out, "--dataset", "emoji", "--train_data_dir", cache,
+                            "--held_out_images", "8", "--image_augmentations", "1"))  # fmt: skip
+    world = load_world("emoji", cache)
+    held = world.held_out_examples(8, seed=0)
+    assert len(held) == 3  # the tiny cache holds out 3 (concept, style) pairs
+    records = read_jsonl(out / "held_out_loss.jsonl")
+    assert [r["step"] for r in records] == [4] and records[0]["held_out_images"] == records[0]["train_images"] == 3
+    assert result["held_out_loss"] == records
+
+    # what is measured: the world's held-out renders, none of them a training pair; training renders with their
+    # styled captions (the held-out captions' form), version 0 (the image itself) of the augmented codes
+    vae = load_frozen_vae(tiny_vae_dir)
+    captions, codes = held_out_draw(world, 8, vae)
+    assert captions == [caption for _, _, caption in held] and codes.shape == (3, 256)
+    training = world.train_dataset(64, seed=0)
+    train_pairs = {style_prompt(training.renders[i]["label"], training.renders[i]["style"])
+                   for i in range(len(training))}  # fmt: skip
+    assert not set(captions) & train_pairs
+    stored = load_file(out / "image_codes.safetensors")["image_ids"]  # (27, 2, 256): each image and one crop
+    train_captions, train_codes = training_draw(world, 3, vae, EncodedImages(training, stored), seed=0)
+    assert set(train_captions) <= train_pairs and len(train_captions) == 3
+    for caption, image_ids in zip(train_captions, train_codes):  # some training image has both (flat images of a
+        # random dVAE may share codes, so the image itself is not identified)
+        assert any(torch.equal(stored[i, 0].long(), image_ids) and caption == style_prompt(
+            training.renders[i]["label"], training.renders[i]["style"]) for i in range(len(stored)))  # fmt: skip
+
+
+def test_imagefolder_has_no_held_out_images(tiny_vae_dir, tmp_path, caplog):
+    folder = picture_folder(tmp_path / "images", (64, 64))
+    world = ["--dataset", "imagefolder", "--train_data_dir", str(folder)]
+    with pytest.raises(ValueError, match="--held_out_images needs a world with held-out images"):
+        tiny_args(tiny_vae_dir, tmp_path / "run", *world, "--held_out_images", "4")
+    args = tiny_args(tiny_vae_dir, tmp_path / "run", *world, "--max_train_steps", "2")
+    assert args.held_out_images == 0  # the default where a world has none
+    with caplog.at_level("INFO", logger="dalle_hf.train_dalle"):
+        result = main(args)
+    assert result["held_out_loss"] == [] and not (tmp_path / "run" / "held_out_loss.jsonl").exists()
+    said = [r.message for r in caplog.records if "no held-out images" in r.message]
+    assert said == ["The imagefolder world has no held-out images: no held-out loss is measured."]

@@ -67,6 +67,16 @@ def test_the_held_out_rule_holds_out_some_tiny_pairs():
     assert 0 < len(held) < len(CONCEPTS) * len(TINY_STYLES)  # the fixture exercises both kinds of pair
 
 
+def test_worlds_say_whether_they_have_held_out_examples():
+    """`has_held_out_examples` (the --held_out_images default and check) matches what each world implements."""
+    from dalle_hf.data.world import _world_class
+
+    for name in world_names():
+        cls = _world_class(name)
+        assert cls.has_held_out_examples == (cls.held_out_examples is not World.held_out_examples), name
+    assert _world_class("emoji").has_held_out_examples and not _world_class("imagefolder").has_held_out_examples
+
+
 def test_world_names_and_errors(tmp_path):
     assert {"shapes", "emoji", "imagefolder"} <= set(world_names())
     with pytest.raises(ValueError, match=r"one of \[.*'emoji'.*\], got 'pictures'"):

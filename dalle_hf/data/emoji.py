@@ -807,6 +807,7 @@ class EmojiWorld(World):
     native_image_size = IMAGE_SIZE
     has_hard_negatives = True
     has_ranking_set = True
+    has_held_out_examples = True
     hard_negatives_description = "the same concept in another style, other concepts of its subgroup in the same style"
 
     def __init__(self, data_dir: str | None = None):

@@ -1644,6 +1644,7 @@ class ShapesWorld(World):
     native_image_size = IMAGE_SIZE
     has_hard_negatives = True
     has_ranking_set = True
+    has_held_out_examples = True
     hard_negatives_description = "single edits of its own scene: a swapped colour, shape, size, count or relation"
 
     def __init__(self, data_dir: str | None = None, task_weights: str | None = None):

@@ -71,6 +71,7 @@ class World(ABC):
         has_hard_negatives (`bool`): whether `clip_dataset` can give each image false captions.
         hard_negatives_description (`str`): what those are, for CLIP's model card.
         has_ranking_set (`bool`): whether `caption_ranking_set` is implemented (CLIP's validation).
+        has_held_out_examples (`bool`): whether `held_out_examples` is implemented (the transformer's held-out loss).
     """
 
     name: ClassVar[str] = ""
@@ -79,6 +80,7 @@ class World(ABC):
     has_hard_negatives: ClassVar[bool] = False
     hard_negatives_description: ClassVar[str] = ""
     has_ranking_set: ClassVar[bool] = False
+    has_held_out_examples: ClassVar[bool] = False
 
     def __init__(self, data_dir: str | None = None):
         if self.needs_data_dir and not data_dir:
@@ -134,7 +136,8 @@ class World(ABC):
     def held_out_examples(self, n: int, seed: int = 0) -> list[tuple[str, Image.Image, str]]:
         """
         Up to `n` images no model of the world trained on, each with its caption: what the likelihood benchmarks
-        (`benchmarks/compression.py`) compress and score. A fixed draw for `seed`.
+        (`benchmarks/compression.py`) compress and score and `train_dalle --held_out_images` measures its held-out
+        loss on. A fixed draw for `seed`; only worlds with `has_held_out_examples`.
 
         Returns:
             `list[tuple[str, PIL.Image.Image, str]]`: `(group, image, caption)` triples, `group` as in `RankingSet`.
