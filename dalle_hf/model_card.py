@@ -323,7 +323,8 @@ def load_pipeline(folder: str):
     if not os.path.isfile(index_path):
         raise ValueError(f"expected a saved pipeline folder (with model_index.json), got {folder!r}")
     class_name = pipeline_class_name(folder)  # a folder that carries its code names `["module", "Class"]`
-    pipeline_class = getattr(importlib.import_module(__name__.split(".")[0]), class_name, None)
+    # the package, not `__name__`: run as `python -m dalle_hf.model_card`, this module is `__main__`
+    pipeline_class = getattr(importlib.import_module(__package__), class_name, None)
     if pipeline_class is None:
         raise ValueError(f"{index_path} names {class_name!r}, which is not a dalle-hf pipeline")
     return pipeline_class.from_pretrained(folder)

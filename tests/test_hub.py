@@ -209,6 +209,24 @@ def test_shipped_card_is_the_generators_output():
     assert ModelCard.load(CHECKPOINT / "README.md").data.pipeline_tag == "text-to-image"
 
 
+def test_model_card_command_draws_the_sample_grid_and_writes_the_card(tmp_path):
+    """`python -m dalle_hf.model_card FOLDER --sample-grid`, as a checkpoint's card is regenerated (a subprocess:
+    run with `-m`, the module is `__main__`, which once hid the pipeline classes from it)."""
+    from .test_app import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "tiny")
+    (folder / "card_data.json").write_text(json.dumps({"name": "tiny", "sample_prompts": ["red circle", "blue square"],
+                                                        "sample_grid": {"images_per_prompt": 2, "candidates": 2}}))
+    done = subprocess.run([sys.executable, "-m", "dalle_hf.model_card", str(folder), "--sample-grid"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(folder / "samples.png") as grid:
+        assert grid.width > 16 and grid.height > 16  # more than one 16 px sample
+    assert "![samples](samples.png)" in (folder / "README.md").read_text()
+
+
 def test_published_repo_loads_without_dalle_hf(published, venv_without_dalle_hf, tmp_path):
     _, cache = published
     script = f"""
