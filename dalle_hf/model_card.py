@@ -274,17 +274,24 @@ def dalle_mini_card_data(
     }
 
 
+SAMPLE_GRID_MIN_CELL = 64  # px: smaller samples (a 32 px model's) are enlarged by a whole factor, nearest neighbour
+
+
 def sample_grid(pipe, prompts: list[str], images_per_prompt: int = 4, candidates: int = 8, seed: int = 0):
-    """One row per prompt: the CLIP-best `images_per_prompt` of `candidates` samples (seed `seed`), as a PIL image."""
+    """One row per prompt: the CLIP-best `images_per_prompt` of `candidates` samples (seed `seed`), as a PIL image.
+    Samples under `SAMPLE_GRID_MIN_CELL` pixels a side are enlarged by a whole factor with nearest-neighbour
+    resampling, so each of their pixels shows as drawn (as the app shows them) instead of a thumbnail."""
     import torch
     from PIL import Image
 
     out = pipe(prompts, num_images_per_prompt=candidates, num_images_to_keep=images_per_prompt,
                generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    w, h = out.images[0].size
+    scale = max(1, -(-SAMPLE_GRID_MIN_CELL // min(out.images[0].size)))  # ceil
+    w, h = (side * scale for side in out.images[0].size)
     grid = Image.new("RGB", (w * images_per_prompt, h * len(prompts)), "white")
     for i, image in enumerate(out.images):
-        grid.paste(image, ((i % images_per_prompt) * w, (i // images_per_prompt) * h))
+        grid.paste(image.resize((w, h), Image.Resampling.NEAREST),
+                   ((i % images_per_prompt) * w, (i // images_per_prompt) * h))  # fmt: skip
     return grid
 
 

@@ -222,8 +222,10 @@ def test_model_card_command_draws_the_sample_grid_and_writes_the_card(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     from PIL import Image
 
-    with Image.open(folder / "samples.png") as grid:
-        assert grid.width > 16 and grid.height > 16  # more than one 16 px sample
+    with Image.open(folder / "samples.png") as grid:  # 2 x 2 samples of 16 px, each enlarged 4 x to 64 px
+        assert grid.size == (2 * 64, 2 * 64)
+        cell = np.asarray(grid.crop((0, 0, 64, 64)))
+    assert (cell[::4, ::4].repeat(4, 0).repeat(4, 1) == cell).all()  # nearest neighbour: 4 x 4 blocks
     assert "![samples](samples.png)" in (folder / "README.md").read_text()
 
 
