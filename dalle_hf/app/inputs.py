@@ -29,7 +29,7 @@ MAX_CANDIDATES = 64  # N per request on a shared CPU server (the pipeline itself
 # (which the small models keep: 16 candidates of dalle-shapes take about 5 s on this CPU).
 REQUEST_SECONDS = 60  # a first image within a minute of opening the Space
 MAX_REQUEST_SECONDS = 240  # the most one request, forged or not, ties up a worker
-SHOW_TIME_FROM = 20  # seconds: a request expected to take longer says so before sampling
+SHOW_TIME_FROM = 30  # seconds: a request expected to take longer says so before sampling
 MAX_KEEP = 16
 MAX_SEED = 2**31 - 1
 MAX_PROMPT_CHARS = 1000  # longer text is cut before tokenizing; the model reads text_seq_len tokens anyway

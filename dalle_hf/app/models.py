@@ -53,11 +53,11 @@ PROGRESS_DESC = "Sampling image tokens"  # the progress bar the status line foll
 # `weights_read_per_image`), and seconds = weight reads x the device's rate below. Guidance's second row and more
 # candidates in the batch read the same weights again for little (a 3 x 3 mini grid took 2.8x one image), so the
 # estimate per candidate is an upper bound. The CPU rate comes from this project's 2-core machine: DALL·E mini 9.5 s
-# per guided image (fp32, 2 threads, benchmarks/bench_dalle_mini.py, docs/dalle-mini.md) is 1.7e-10 s a read, Mega
-# 78.7 s (bf16, 1 thread, benchmarks/bench_dalle_mega_cpu.py, docs/performance.md) 2.1e-10; Mega's, rounded up,
+# per guided image (fp32, 2 threads, benchmarks/bench_dalle_mini.py, docs/dalle-mini.md) is 1.9e-10 s a read, Mega
+# 78.7 s (bf16, 1 thread, benchmarks/bench_dalle_mega_cpu.py, docs/performance.md) 2.5e-10: Mega's, the slower,
 # since the app's concurrent requests get one thread each. On a GPU: not measured (no GPU where this was written);
 # assumed 10x the CPU's rate, little for a GPU's memory bandwidth.
-SECONDS_PER_WEIGHT_READ = {"cpu": 2.2e-10, "cuda": 2.2e-11}
+SECONDS_PER_WEIGHT_READ = {"cpu": 2.5e-10, "cuda": 2.5e-11}
 DEVICE = "cpu"  # where the app samples: `load_pipelines` moves no pipeline to a GPU, on a GPU machine too
 
 
@@ -345,11 +345,12 @@ def dalle_mini_info(path: Path) -> dict:
 
 
 def dalle_mini_weights_read_per_image(config: dict) -> int:
-    """A step reads each decoder layer's self- and cross-attention (8 d^2) and GLU (3 d x glu_dim) weights and the
-    head's sampled rows, once per image token (mini: 218M x 256; Mega: 1.44B x 256); the encoder runs once."""
+    """A step reads each decoder layer's self-attention (4 d^2), cross-attention queries and output (2 d^2: the text's
+    keys and values are computed once per prompt) and GLU (3 d x glu_dim) weights and the head's sampled rows, once
+    per image token (mini: 193M x 256; Mega: 1.24B x 256); the encoder runs once."""
     d, glu = config.get("d_model") or 0, config.get("glu_dim") or 0
     vocab = config.get("sampled_image_vocab_size") or config.get("image_vocab_size") or 0
-    step = (config.get("decoder_layers") or 0) * (8 * d * d + 3 * d * glu) + d * vocab
+    step = (config.get("decoder_layers") or 0) * (6 * d * d + 3 * d * glu) + d * vocab
     return step * (config.get("image_seq_len") or 0)
 
 
