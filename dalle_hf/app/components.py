@@ -146,7 +146,7 @@ class CandidatesSlider(CheckedSlider):
     is_template = True
 
     def preprocess(self, payload):
-        check_number(setting_name(self), payload, self.minimum, MAX_CANDIDATES, integer=True)
+        check_number(setting_name(self), payload, self.minimum, MAX_CANDIDATES, integer=self.precision == 0)
         return gr.Number.round_to_precision(payload, self.precision)
 
 
