@@ -138,12 +138,12 @@ class CheckedSlider(gr.Slider):
         return super().preprocess(payload)
 
 
-class CandidatesSlider(CheckedSlider):
+class CandidatesSlider(gr.Slider):
     """The candidates slider. Its maximum follows the selected model (`on_model_change`), but a request may name any
     model: the input is checked against MAX_CANDIDATES here, and against the maximum of the model the request names
     by the handler (`check_settings`), whose message names the model."""
 
-    is_template = True
+    is_template = True  # drawn by the frontend's Slider component: a template names its direct base class
 
     def preprocess(self, payload):
         check_number(setting_name(self), payload, self.minimum, MAX_CANDIDATES, integer=self.precision == 0)
