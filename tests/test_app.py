@@ -208,10 +208,59 @@ def test_build_demo_loads_nothing_and_lists_models(checkpoints):
 
 def test_model_change_updates_rows_and_how_it_works(checkpoints):
     models = app_models.find_checkpoints(checkpoints)
-    rows, guidance, how = handlers.on_model_change(models, "tiny")
+    rows, guidance, candidates, keep, how = handlers.on_model_change(models, "tiny")
     assert rows.maximum == 3 and rows.value == 2 and "4x4 grid of 32 codes" in how
     assert guidance.value == 1.0  # saved without a default guidance: the pipeline's own (off)
-    assert handlers.on_model_change(models, "gone") == (gr.skip(), gr.skip(), gr.skip())
+    assert (candidates.value, candidates.maximum, keep.value) == (16, 64, 4)  # a small model: the defaults
+    assert handlers.on_model_change(models, "gone") == (gr.skip(),) * 5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a request may cost: candidates per model, from an estimate of seconds per image read from its configs
+# ----------------------------------------------------------------------------------------------------------------
+def test_the_small_models_keep_the_default_candidates(checkpoints):
+    """The shipped models and the tiny ones estimate well under a second an image (16 candidates of dalle-shapes
+    took 5.3 s in benchmarks/bench_app.py), so their requests keep 16 -> 4 and at most 64."""
+    for path in [*app_models.find_checkpoints(REPO / "checkpoints").values(), checkpoints / "tiny"]:
+        info = app_models.read_model_info(path)
+        assert info["device"] == "cpu" and 0 < info["seconds_per_image"] < 0.5, (path, info["seconds_per_image"])
+        limits = inputs.request_limits(info)
+        assert (limits["candidates"], limits["keep"], limits["max_candidates"]) == (16, 4, 64), path
+    components = layout.build_demo(REPO / "checkpoints").get_config_file()["components"]
+    candidates = next(c for c in components if c["props"].get("label") == "Candidates N")
+    assert candidates["type"] == "slider"  # drawn by Gradio's own slider, not looked up as a custom component
+    assert (candidates["props"]["value"], candidates["props"]["maximum"]) == (16, 64)
+    assert next(c for c in components if c["props"].get("label") == "Images kept k")["props"]["value"] == 4
+    assert inputs.expected_time(inputs.request_limits(info), 64) == ""  # no time note for a small model
+
+
+def test_a_dalle_configs_cost_counts_the_weights_a_step_reads():
+    """`weights_read_per_image` for DALL-E: every block's weights and the head's image rows, per image token."""
+    from dalle_hf.modeling_dalle import DalleForImageGeneration
+
+    config = tiny_dalle_config(n_layer=3, n_embd=64)
+    with torch.device("meta"):
+        model = DalleForImageGeneration(config)
+    per_step = sum(p.numel() for block in model.h for p in block.parameters() if p.dim() == 2)
+    per_step += model.lm_head.weight[model.image_token_offset:].numel()
+    assert app_models.dalle_weights_read_per_image(config.to_dict()) == per_step * config.image_seq_len
+    assert app_models.dalle_weights_read_per_image({}) == 0  # unreadable: the defaults, its load reports it
+
+
+def test_request_limits_follow_the_seconds_per_image():
+    limits = inputs.request_limits({"seconds_per_image": 12.0, "device": "cpu"})
+    assert (limits["candidates"], limits["keep"], limits["max_candidates"]) == (5, 4, 20)  # 60 s; 240 s
+    slow = inputs.request_limits({"seconds_per_image": 1000.0, "device": "cpu"})
+    assert (slow["candidates"], slow["keep"], slow["max_candidates"]) == (1, 1, 1)  # one, however slow
+    assert inputs.expected_time(limits, 5) == " About 60 s on this CPU."
+    assert inputs.expected_time(limits, 20) == " About 4 min on this CPU."
+    assert inputs.expected_time(limits, 2) == ""  # 24 s: under SHOW_TIME_FROM
+    settings = (1.0, 0, 1.0, 1.0, 0, False)
+    assert inputs.check_settings(20, 4, *settings, limits=limits, model_name="big")[0]["num_images_per_prompt"] == 20
+    with pytest.raises(gr.Error) as refused_error:
+        inputs.check_settings(21, 4, *settings, limits=limits, model_name="big")
+    assert refused_error.value.message == ("Candidates must be at most 20 for big on this CPU server (about 12 s an "
+                                           "image); got 21.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

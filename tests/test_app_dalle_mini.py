@@ -12,27 +12,31 @@ import time
 import urllib.request
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 import app
-from dalle_hf.app import handlers, layout, sampling
+from dalle_hf.app import handlers, inputs, layout, sampling
 from dalle_hf.app.world import ModelWorld
 from dalle_hf.app import models as app_models
+from dalle_hf.configuration_dalle_bart import DalleBartConfig
 from dalle_hf.convert_dalle_mini import save_converted_pipeline
 from dalle_hf.hub import export_for_hub
 from dalle_hf.model_card import DALLE_MINI_SAMPLE_PROMPTS
 from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
 from tests.conftest import tiny_clip
 from tests.dalle_bart_reference import randomize, tiny_bart_config, tiny_vqgan, write_tiny_bart_tokenizer
-from tests.test_app import SETTINGS, by_id, free_port, pixels, run
+from tests.test_app import SETTINGS, by_id, call_api, free_port, pixels, refused, run
 from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_hub import write_hf_cache
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "dalle-mini-tiny"
 REPO_ID = "org/dalle-mini-tiny"
+MEGA = "dalle-mega-configs"  # the converted folder's configs with Mega's shapes, and no weights
 SIZE = 32  # the tiny VQGAN: 16 x 16 codes of 2 px cells (the published f16 VQGAN: 16 px cells, 256 px)
 pytestmark = pytest.mark.filterwarnings("ignore:.*:UserWarning")  # gr.Warning outside a server is a UserWarning
 
@@ -53,6 +57,18 @@ def converted(tmp_path_factory, tokenizer) -> Path:
         card_info={"source": "dalle-mini/dalle-mini", "command": "dalle-hf convert-dalle-mini (test)"},
     )  # fmt: skip
     return root / NAME
+
+
+@pytest.fixture(scope="module")
+def mega_configs(converted, tmp_path_factory) -> Path:
+    """The converted folder's model_index.json and VQGAN config with DALL·E Mega's transformer config, and no
+    weights: what the app reads of a Mega folder before loading it (a request refused by its cost loads nothing)."""
+    folder = tmp_path_factory.mktemp("mega") / MEGA
+    (folder / "vae").mkdir(parents=True)
+    for name in ("model_index.json", "vae/config.json"):
+        (folder / name).write_text((converted / name).read_text())
+    DalleBartConfig.mega().save_pretrained(folder / "transformer")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +170,62 @@ def test_the_page_shows_the_familys_examples_and_settings(converted):
     assert app_models.family_of(REPO / "checkpoints" / "dalle-shapes") is app_models.DALLE
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What a request may cost: candidates from the model's configs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, measured, cpu, cuda", [
+    ("mini", 9.5, (4, 4, 19), (16, 4, 64)),  # bench_dalle_mini.py: fp32, 2 threads, idle
+    ("mega", 78.7, (1, 1, 3), (7, 4, 30)),  # bench_dalle_mega_cpu.py: bf16, 1 thread
+])  # fmt: skip
+def test_the_cost_of_mini_and_mega_from_their_configs(name, measured, cpu, cuda):
+    """The weights a sampling step reads, counted on the real model (on `meta`): the decoder layers but the text's
+    cross-attention keys and values (computed once per prompt), and the head's sampled rows; times 256 codes and the
+    CPU rate, it is within 35% of this machine's measurements, on the slow side."""
+    from dalle_hf.modeling_dalle_bart import DalleBartForImageGeneration
+
+    config = getattr(DalleBartConfig, name)()
+    with torch.device("meta"):
+        model = DalleBartForImageGeneration(config)
+    per_step = sum(p.numel() for n, p in model.decoder.layers.named_parameters() if p.dim() == 2
+                   and ".encoder_attn.k_proj." not in n and ".encoder_attn.v_proj." not in n)
+    per_step += model.decoder.lm_head.weight[: config.sampled_image_vocab_size].numel()
+    reads = app_models.dalle_mini_weights_read_per_image(config.to_dict())
+    assert reads == per_step * config.image_seq_len
+    seconds = reads * app_models.SECONDS_PER_WEIGHT_READ["cpu"]
+    assert measured <= seconds <= 1.35 * measured, seconds
+    for device, expected in (("cpu", cpu), ("cuda", cuda)):
+        limits = inputs.request_limits({"seconds_per_image": reads * app_models.SECONDS_PER_WEIGHT_READ[device]})
+        assert (limits["candidates"], limits["keep"], limits["max_candidates"]) == expected, device
+
+
+def test_a_heavy_model_starts_with_fewer_candidates_and_refuses_more(converted, mega_configs, monkeypatch):
+    """Mega's configs: the sliders follow it (1 -> 1, at most 3 on this CPU) and a request of 4 is refused with a
+    message naming the model, before anything loads."""
+    models = app_models.find_models(converted.parent / "none", [str(mega_configs), str(converted)])
+    info = app_models.read_model_info(mega_configs)
+    assert info["device"] == "cpu" and round(info["seconds_per_image"]) == 79
+    components = layout.build_demo(models=models).get_config_file()["components"]
+    candidates = next(c for c in components if c["props"].get("label") == "Candidates N")["props"]
+    assert (candidates["value"], candidates["maximum"]) == (1, 3)  # the default model's
+    _, _, candidates, keep, _ = handlers.on_model_change(models, MEGA)
+    assert (candidates.value, candidates.maximum, keep.value) == (1, 3, 1)
+    _, _, candidates, keep, _ = handlers.on_model_change(models, NAME)  # back to the tiny one: the defaults
+    assert (candidates.value, candidates.maximum, keep.value) == (16, 64, 4)
+
+    def no_loading(*args):
+        raise AssertionError("a refused request loaded a model")
+
+    monkeypatch.setattr(handlers, "get_model", no_loading)
+    for handler, args in ((handlers.generate, ("a cat",)), (handlers.vary, (None, "", 8)),
+                          (handlers.edit, (None, "a cat", False))):
+        with pytest.raises(gr.Error) as error:
+            run(handler, models, MEGA, *args, candidates=4, keep=1)
+        assert error.value.message == ("Candidates must be at most 3 for dalle-mega-configs on this CPU server "
+                                       "(about 79 s an image); got 4.")
+    with pytest.raises(gr.Error, match=f"at most 3 for {MEGA} "):  # the first model, when none is named
+        run(handlers.generate, models, None, "a cat", candidates=4)
+
+
 def test_a_published_folders_class_name_is_its_family(tmp_path):
     published = {"_class_name": ["pipeline_dalle_mini", "DalleMiniPipeline"]}  # the class and its code file
     (tmp_path / "model_index.json").write_text(json.dumps(published))
@@ -213,18 +285,33 @@ def test_weights_size_reads_the_safetensors_headers(converted):
     assert params * 4 <= size < params * 4 + 200_000
 
 
+def test_a_slower_estimate_shows_the_time_and_bounds_a_loadable_model(converted, monkeypatch):
+    """The tiny converted folder made slow by its rate (9.9 s an image): the status says how long before sampling,
+    and its maximum, 24, holds. (After the load test above, which must see the first load.)"""
+    models = app_models.find_models(converted.parent / "none", [str(converted)])
+    reads = app_models.read_model_info(converted)["weights_read_per_image"]
+    monkeypatch.setitem(app_models.SECONDS_PER_WEIGHT_READ, "cpu", 9.9 / reads)
+    _, _, candidates, keep, _ = handlers.on_model_change(models, NAME)
+    assert (candidates.value, candidates.maximum, keep.value) == (6, 24, 4)
+    outputs, (gallery, _, status) = run(handlers.generate, models, NAME, "a cat", candidates=6)
+    assert outputs[0][2] == "Sampling 6 candidates (seed 7)… About 59 s on this CPU." and len(gallery) == 3
+    with pytest.raises(gr.Error, match="Candidates must be at most 24 for dalle-mini-tiny on this CPU server"):
+        run(handlers.generate, models, NAME, "a cat", candidates=25)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: `python app.py --model DIR` (and DALLE_HF_MODELS=org/name, offline), gradio_client, Chromium
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(converted, hf_cache, tmp_path_factory):
+def server(converted, hf_cache, mega_configs, tmp_path_factory):
     """`python app.py --model <converted>` from the repository root, as the README says (the shipped checkpoints
-    beside it), with `DALLE_HF_MODELS=org/dalle-mini-tiny` read offline from the HF-cache-shaped folder."""
+    beside it), with `DALLE_HF_MODELS=org/dalle-mini-tiny,<Mega's configs>`, the repo id read offline from the
+    HF-cache-shaped folder."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("mini-app") / "app.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache),
-           app_models.MODELS_ENV: REPO_ID}  # fmt: skip
+           app_models.MODELS_ENV: f"{REPO_ID},{mega_configs}"}  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "app.py", "--model", str(converted), "--threads", "1"], cwd=REPO,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -252,7 +339,7 @@ def test_client_lists_it_and_generates_varies_and_edits_its_output(server, conve
 
     url, log_path = server
     log = log_path.read_text()
-    assert f"Models: {NAME}, {REPO_ID}, dalle-shapes" in log and f"{NAME}: {converted}" in log
+    assert f"Models: {NAME}, {REPO_ID}, {MEGA}, dalle-shapes" in log and f"{NAME}: {converted}" in log
     assert f"Loading {NAME}: " in log and "M parameters" in log and "Loading pipeline components" in log  # a bar
     assert f"Loaded {NAME} in " in log and "resident memory +" in log
     client = Client(url, verbose=False)
@@ -295,6 +382,22 @@ def test_client_lists_it_and_generates_varies_and_edits_its_output(server, conve
                                         api_name="/generate")  # the repo id, resolved offline
     assert len(gallery) == 3 and "best 3" in status
     assert f"Loaded {REPO_ID} in " in log_path.read_text()
+
+
+def test_api_refuses_more_candidates_than_a_heavy_model_allows(server):
+    """A forged request of 64 candidates of Mega (its maximum on this CPU is 3) is refused over raw HTTP with the
+    message, logged on one line, and nothing loads or samples."""
+    url, log_path = server
+    before = log_path.read_text().splitlines()
+    for candidates in (64, 4):
+        message = refused(call_api(url, "generate", [MEGA, "a cat", candidates, 1, 1.0, 0, 1.0, 10.0, 5, False, ""]))
+        assert message == (f"Candidates must be at most 3 for {MEGA} on this CPU server (about 79 s an image); got "
+                           f"{candidates}.")
+    time.sleep(0.5)
+    added = log_path.read_text().splitlines()[len(before):]
+    assert len([line for line in added if f"Refused generate (prompt 'a cat'): Candidates must be at most 3 for "
+                f"{MEGA}" in line]) == 2, added
+    assert not any(MEGA in line for line in added if "Refused generate" not in line), added  # no loading
 
 
 @pytest.mark.browser

@@ -14,6 +14,7 @@ from gradio.exceptions import InvalidPathError
 
 from dalle_hf.app.inputs import (
     FILE_META,
+    MAX_CANDIDATES,
     UPLOAD_HINT,
     as_json,
     check_number,
@@ -135,6 +136,18 @@ class CheckedSlider(gr.Slider):
     def preprocess(self, payload):
         check_number(setting_name(self), payload, self.minimum, self.maximum, integer=self.precision == 0)
         return super().preprocess(payload)
+
+
+class CandidatesSlider(gr.Slider):
+    """The candidates slider. Its maximum follows the selected model (`on_model_change`), but a request may name any
+    model: the input is checked against MAX_CANDIDATES here, and against the maximum of the model the request names
+    by the handler (`check_settings`), whose message names the model."""
+
+    is_template = True  # drawn by the frontend's Slider component: a template names its direct base class
+
+    def preprocess(self, payload):
+        check_number(setting_name(self), payload, self.minimum, MAX_CANDIDATES, integer=self.precision == 0)
+        return gr.Number.round_to_precision(payload, self.precision)
 
 
 class CheckedNumber(gr.Number):

@@ -15,10 +15,12 @@ from dalle_hf.app.inputs import (
     check_number,
     check_prompt,
     check_settings,
+    expected_time,
     load_edit,
     load_image,
     open_image,
     refusal,
+    request_limits,
     shown,
 )
 from dalle_hf.app.models import get_model, read_model_info
@@ -44,11 +46,19 @@ def request_info(task: str, model_name, prompt: str, seed: int, kwargs: dict, **
             "request": uuid.uuid4().hex[:12]}
 
 
+def checked_settings(models, model_name, *settings) -> tuple[dict, int, list[str], dict]:
+    """`check_settings` within the limits of the model the request names (`request_limits`, from its configs: nothing
+    loads); -> (pipeline kwargs, seed, notes, limits). An unknown model gets the defaults; `get_model` refuses it."""
+    name = model_name if model_name not in (None, "") else next(iter(models), None)
+    limits = request_limits(read_model_info(models[name]) if name in models else None)
+    return *check_settings(*settings, limits=limits, model_name=name), limits
+
+
 def generate(models, model_name, prompt, candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
              randomize_seed, negative_prompt="", progress=gr.Progress(track_tqdm=True)):
     """Text -> the CLIP-best k of N candidates. Yields (gallery, seed used, status): partial rows, then the grid."""
-    kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
-                                         randomize_seed)
+    kwargs, seed, notes, limits = checked_settings(models, model_name, candidates, keep, temperature, top_k, top_p,
+                                                   guidance_scale, seed, randomize_seed)
     progress(0, desc="Loading the model")
     model = get_model(models, model_name)
     prompt, prompt_notes = check_prompt(model, prompt)
@@ -60,7 +70,7 @@ def generate(models, model_name, prompt, candidates, keep, temperature, top_k, t
     for note in notes:
         gr.Warning(note.replace("**", ""))
     n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
-    running = f"Sampling {n} candidates (seed {seed})…"
+    running = f"Sampling {n} candidates (seed {seed})…{expected_time(limits, n)}"
     yield [], seed, format_status(notes, running)
 
     def call(callback):
@@ -78,8 +88,8 @@ def generate(models, model_name, prompt, candidates, keep, temperature, top_k, t
 def vary(models, model_name, image, prompt, rows_to_keep, candidates, keep, temperature, top_k, top_p,
          guidance_scale, seed, randomize_seed, progress=gr.Progress(track_tqdm=True)):
     """Image -> variations: keep its top rows of dVAE codes, sample the rest, rank by CLIP similarity to it."""
-    kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
-                                         randomize_seed)
+    kwargs, seed, notes, limits = checked_settings(models, model_name, candidates, keep, temperature, top_k, top_p,
+                                                   guidance_scale, seed, randomize_seed)
     progress(0, desc="Loading the model")
     model = get_model(models, model_name)
     grid = model.grid_size
@@ -90,7 +100,8 @@ def vary(models, model_name, image, prompt, rows_to_keep, candidates, keep, temp
     for note in notes:
         gr.Warning(note)
     n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
-    running = f"Keeping {rows_to_keep} of {grid} rows, sampling {n} candidates (seed {seed})…"
+    running = (f"Keeping {rows_to_keep} of {grid} rows, sampling {n} candidates (seed {seed})…"
+               f"{expected_time(limits, n)}")
     yield [], seed, format_status(notes, running)
 
     def call(callback):
@@ -111,8 +122,8 @@ def edit(models, model_name, editor, prompt, grow_mask, candidates, keep, temper
          seed, randomize_seed, rank_by=DEFAULT_EDIT_RANKING, progress=gr.Progress(track_tqdm=True)):
     """Image + painted mask + prompt -> the best k of N repaintings, ranked by CLIP (or by the whole image's
     likelihood, or both: `rank_by`); pixels outside the mask stay the input's."""
-    kwargs, seed, notes = check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed,
-                                         randomize_seed)
+    kwargs, seed, notes, limits = checked_settings(models, model_name, candidates, keep, temperature, top_k, top_p,
+                                                   guidance_scale, seed, randomize_seed)
     if not isinstance(grow_mask, bool):
         raise gr.Error(f"Grow the mask must be true or false, got {shown(grow_mask)}.")
     if not isinstance(rank_by, str) or rank_by not in EDIT_RANKINGS:
@@ -128,7 +139,8 @@ def edit(models, model_name, editor, prompt, grow_mask, candidates, keep, temper
     for note in notes:
         gr.Warning(note.replace("**", ""))
     n, k = kwargs["num_images_per_prompt"], kwargs["num_images_to_keep"]
-    running = f"Repainting {n_cells} of {g * g} cells, sampling {n} candidates (seed {seed})…"
+    running = (f"Repainting {n_cells} of {g * g} cells, sampling {n} candidates (seed {seed})…"
+               f"{expected_time(limits, n)}")
     yield [], seed, format_status(notes, running)
 
     def call(callback):
@@ -160,13 +172,16 @@ def on_select(evt: gr.SelectData) -> int:
 
 
 def on_model_change(models, name):
-    """The rows and guidance sliders and "how it works" follow the selected model's config (no weights are loaded)."""
+    """The rows, guidance, candidates and kept sliders and "how it works" follow the selected model's config (no
+    weights are loaded): the candidates start at, and go up to, what the model's cost allows (`request_limits`)."""
     if name not in models:
-        return gr.skip(), gr.skip(), gr.skip()
+        return (gr.skip(),) * 5
     info = read_model_info(models[name])
-    g = info["grid"]
+    g, limits = info["grid"], request_limits(info)
     rows = gr.Slider(maximum=g - 1, value=g // 2, label=f"Rows of image tokens kept (of {g})")
-    return rows, gr.Slider(value=info["guidance_scale"]), info["how_it_works"]
+    candidates = gr.Slider(maximum=limits["max_candidates"], value=limits["candidates"])
+    return (rows, gr.Slider(value=info["guidance_scale"]), candidates, gr.Slider(value=limits["keep"]),
+            info["how_it_works"])
 
 
 def on_model_world(models, worlds, name, prompt):

@@ -24,6 +24,12 @@ from dalle_hf.image_processing import cell_mask, mask_to_tensor
 # see its card), and at the pipeline's 1.0 (no guidance) for a model that saved none.
 DEFAULTS = dict(candidates=16, keep=4, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
 MAX_CANDIDATES = 64  # N per request on a shared CPU server (the pipeline itself allows MAX_IMAGES_PER_PROMPT)
+# What one request may cost, in the selected model's estimated seconds per image (`read_model_info`): its default
+# candidates fit REQUEST_SECONDS and its maximum MAX_REQUEST_SECONDS, within the defaults and MAX_CANDIDATES above
+# (which the small models keep: 16 candidates of dalle-shapes take about 5 s on this CPU).
+REQUEST_SECONDS = 60  # a first image within a minute of opening the Space
+MAX_REQUEST_SECONDS = 240  # the most one request, forged or not, ties up a worker
+SHOW_TIME_FROM = 30  # seconds: a request expected to take longer says so before sampling
 MAX_KEEP = 16
 MAX_SEED = 2**31 - 1
 MAX_PROMPT_CHARS = 1000  # longer text is cut before tokenizing; the model reads text_seq_len tokens anyway
@@ -76,10 +82,40 @@ def check_number(name: str, value, low: float, high: float, integer: bool = Fals
     return x
 
 
-def check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed, randomize_seed):
-    """UI settings -> (pipeline kwargs, seed, notes). 0 top-k and 1.0 top-p mean "off"."""
+def request_limits(info: dict | None) -> dict:
+    """A model's candidates N and images kept k to start with, and the most candidates a request may ask, from its
+    `seconds_per_image` (`read_model_info`; none: the defaults). At least one candidate, however slow a model is."""
+    per_image = (info or {}).get("seconds_per_image") or 0.0
+
+    def fitting(seconds: float, most: int) -> int:
+        return most if per_image <= 0 else min(most, max(1, int(seconds / per_image)))
+
+    candidates = fitting(REQUEST_SECONDS, DEFAULTS["candidates"])
+    return {"candidates": candidates, "keep": min(DEFAULTS["keep"], candidates),
+            "max_candidates": fitting(MAX_REQUEST_SECONDS, MAX_CANDIDATES), "seconds_per_image": per_image,
+            "device": (info or {}).get("device", "cpu")}
+
+
+def expected_time(limits: dict, candidates: int) -> str:
+    """" About 40 s on this CPU." for a request expected to take SHOW_TIME_FROM seconds or more, else ""."""
+    seconds = limits["seconds_per_image"] * candidates
+    if seconds < SHOW_TIME_FROM:
+        return ""
+    when = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+    return f" About {when} on this {limits['device'].upper()}."
+
+
+def check_settings(candidates, keep, temperature, top_k, top_p, guidance_scale, seed, randomize_seed,
+                   limits: dict | None = None, model_name: str | None = None):
+    """UI settings -> (pipeline kwargs, seed, notes). 0 top-k and 1.0 top-p mean "off". `limits`
+    (`request_limits`) bound the candidates of the model `model_name`: more are refused, never reduced."""
     notes = []
+    limits = limits or request_limits(None)
     candidates = check_number("Candidates N", candidates, 1, MAX_CANDIDATES, integer=True)
+    if candidates > limits["max_candidates"]:
+        raise refusal(f"Candidates must be at most {limits['max_candidates']} for {model_name} on this "
+                      f"{limits['device'].upper()} server (about {limits['seconds_per_image']:.0f} s an image); got "
+                      f"{candidates}.", title="Too many candidates")
     keep = check_number("Images kept k", keep, 1, MAX_KEEP, integer=True)
     if keep > candidates:
         notes.append(f"Images kept k={keep} is more than the candidates N={candidates}: showing all {candidates}.")

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from dalle_hf.app.components import (
+    CandidatesSlider,
     CheckedBlocks,
     CheckedCheckbox,
     CheckedDropdown,
@@ -35,7 +36,7 @@ from dalle_hf.app.handlers import (
     send_to_variations,
     vary,
 )
-from dalle_hf.app.inputs import DEFAULTS, MAX_CANDIDATES, MAX_KEEP, MAX_PROMPT_CHARS, MAX_SEED
+from dalle_hf.app.inputs import DEFAULTS, MAX_KEEP, MAX_PROMPT_CHARS, MAX_SEED, request_limits
 from dalle_hf.app.models import checkpoints_root, find_checkpoints, how_it_works, no_checkpoint_message, read_model_info
 from dalle_hf.app.world import NO_STYLE, ModelWorld
 
@@ -55,6 +56,7 @@ def build_demo(checkpoints: str | os.PathLike | None = None, models: dict[str, P
     info = read_model_info(models[default]) if models else None
     grid = info["grid"] if info else 8
     guidance_scale = info["guidance_scale"] if info else DEFAULTS["guidance_scale"]
+    limits = request_limits(info)  # the candidates and kept sliders: the default model's
     brush_px = max(2, ((info or {}).get("image_size") or 64) // EDIT_BRUSH_FRACTION)  # Gradio's "auto" fills 16 px
     worlds = {name: ModelWorld.read(path, read_model_info(path).get("examples"))  # small JSON files, read once
               for name, path in models.items()}
@@ -132,9 +134,9 @@ def build_demo(checkpoints: str | os.PathLike | None = None, models: dict[str, P
                         edit_status = gr.Markdown(label="Status", elem_id="edit-status")
         with gr.Accordion("Advanced settings", open=False):
             with gr.Row():
-                candidates = CheckedSlider(1, MAX_CANDIDATES, value=DEFAULTS["candidates"], step=1,
-                                           label="Candidates N")
-                keep = CheckedSlider(1, MAX_KEEP, value=DEFAULTS["keep"], step=1, label="Images kept k")
+                candidates = CandidatesSlider(1, limits["max_candidates"], value=limits["candidates"], step=1,
+                                              label="Candidates N")
+                keep = CheckedSlider(1, MAX_KEEP, value=limits["keep"], step=1, label="Images kept k")
             with gr.Row():
                 temperature = CheckedSlider(0.05, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature")
                 top_k = CheckedSlider(0, 512, value=DEFAULTS["top_k"], step=1, label="Top-k (0 = off)")
@@ -155,8 +157,8 @@ def build_demo(checkpoints: str | os.PathLike | None = None, models: dict[str, P
         gr.on([var_run.click, var_prompt.submit], functools.partial(vary, models),
               [model, image, var_prompt, rows, *settings], [var_gallery, var_seed, var_status],
               api_name="variations", concurrency_id="sampling", show_progress_on=[var_status])
-        model.change(functools.partial(on_model_change, models), model, [rows, guidance, how], queue=False,
-                     api_visibility="private")
+        model.change(functools.partial(on_model_change, models), model, [rows, guidance, candidates, keep, how],
+                     queue=False, api_visibility="private")
         # The style selector, the examples and the unseen-word note: cheap, unqueued; callable by API clients but
         # not listed among the app's tasks.
         model.change(functools.partial(on_model_world, models, worlds), [model, prompt],

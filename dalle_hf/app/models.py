@@ -48,6 +48,17 @@ DEFAULT_MODEL = "dalle-shapes"  # listed first when present
 DEFAULT_GUIDANCE_SCALE = 1.0  # the pipelines' own default (no guidance), for a model that saved none
 PREVIEW_GRAY = 0.5  # pixels of a streamed partial image not sampled yet
 PROGRESS_DESC = "Sampling image tokens"  # the progress bar the status line follows
+# What an image costs. A sampling step is memory-bound on a CPU: it reads the transformer's weights once per image
+# token, so an image costs about (weights a step reads) x (image tokens) "weight reads" (`read_info`'s
+# `weights_read_per_image`), and seconds = weight reads x the device's rate below. Guidance's second row and more
+# candidates in the batch read the same weights again for little (a 3 x 3 mini grid took 2.8x one image), so the
+# estimate per candidate is an upper bound. The CPU rate comes from this project's 2-core machine: DALL·E mini 9.5 s
+# per guided image (fp32, 2 threads, benchmarks/bench_dalle_mini.py, docs/dalle-mini.md) is 1.9e-10 s a read, Mega
+# 78.7 s (bf16, 1 thread, benchmarks/bench_dalle_mega_cpu.py, docs/performance.md) 2.5e-10: Mega's, the slower,
+# since the app's concurrent requests get one thread each. On a GPU: not measured (no GPU where this was written);
+# assumed 10x the CPU's rate, little for a GPU's memory bandwidth.
+SECONDS_PER_WEIGHT_READ = {"cpu": 2.5e-10, "cuda": 2.5e-11}
+DEVICE = "cpu"  # where the app samples: `load_pipelines` moves no pipeline to a GPU, on a GPU machine too
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,7 +209,8 @@ class AppModel:
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """One family of saved models. `read_info` reads the numbers the page shows from the saved configs, without
-    loading weights (keys: `guidance_scale`, `grid`, `image_size`, `how_it_works`); `load` makes its `AppModel`."""
+    loading weights (keys: `guidance_scale`, `grid`, `image_size`, `how_it_works`, `weights_read_per_image`); `load`
+    makes its `AppModel`."""
 
     name: str
     pipeline_classes: tuple[str, ...]  # the `_class_name`s of `model_index.json` this family loads
@@ -260,7 +272,16 @@ def dalle_info(path: Path) -> dict:
         "image_size": vae.get("image_size"),
         "clip": (path / "clip_model").is_dir(),
     }
-    return {**info, "examples": None, "how_it_works": dalle_how_it_works(info)}
+    return {**info, "examples": None, "how_it_works": dalle_how_it_works(info),
+            "weights_read_per_image": dalle_weights_read_per_image(transformer)}
+
+
+def dalle_weights_read_per_image(config: dict) -> int:
+    """A step reads each block's attention (4 d^2) and MLP (2 x mlp_ratio x d^2) weights and the head's image rows,
+    once per image token; 0 for a config it cannot read (its load reports the error)."""
+    d, layers = config.get("n_embd") or 0, config.get("n_layer") or 0
+    step = layers * (4 + 2 * config.get("mlp_ratio", 4)) * d * d + d * (config.get("image_vocab_size") or 0)
+    return step * (config.get("image_grid_size") or 0) ** 2
 
 
 def dalle_how_it_works(info: dict | None) -> str:
@@ -319,7 +340,18 @@ def dalle_mini_info(path: Path) -> dict:
         # says nothing about which words dalle-mini's captions had)
         "examples": tuple(DALLE_MINI_SAMPLE_PROMPTS),
     }
-    return {**info, "how_it_works": dalle_mini_how_it_works(info)}
+    return {**info, "how_it_works": dalle_mini_how_it_works(info),
+            "weights_read_per_image": dalle_mini_weights_read_per_image(transformer)}
+
+
+def dalle_mini_weights_read_per_image(config: dict) -> int:
+    """A step reads each decoder layer's self-attention (4 d^2), cross-attention queries and output (2 d^2: the text's
+    keys and values are computed once per prompt) and GLU (3 d x glu_dim) weights and the head's sampled rows, once
+    per image token (mini: 193M x 256; Mega: 1.24B x 256); the encoder runs once."""
+    d, glu = config.get("d_model") or 0, config.get("glu_dim") or 0
+    vocab = config.get("sampled_image_vocab_size") or config.get("image_vocab_size") or 0
+    step = (config.get("decoder_layers") or 0) * (6 * d * d + 3 * d * glu) + d * vocab
+    return step * (config.get("image_seq_len") or 0)
 
 
 def dalle_mini_how_it_works(info: dict) -> str:
@@ -365,11 +397,14 @@ def family_of(path: Path) -> ModelFamily:
 
 
 def read_model_info(path: Path) -> dict:
-    """The numbers the page shows for a model folder, read from its saved configs without loading weights."""
+    """The numbers the page shows for a model folder, read from its saved configs without loading weights, and what
+    an image costs where the app samples (`seconds_per_image` on `device`)."""
     try:
-        return family_of(path).read_info(Path(path))
+        info = family_of(path).read_info(Path(path))
     except ValueError:
-        return DALLE.read_info(Path(path))
+        info = DALLE.read_info(Path(path))
+    seconds = info["weights_read_per_image"] * SECONDS_PER_WEIGHT_READ[DEVICE]
+    return {**info, "device": DEVICE, "seconds_per_image": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------------------
