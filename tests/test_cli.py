@@ -165,7 +165,8 @@ def test_load_pipeline_places_the_pipeline(monkeypatch, cuda_available, device, 
     (False, ["--dtype", "float16"], "--dtype float16 needs --device cuda"),  # auto is the CPU here
     (True, ["--device", "cpu", "--dtype", "float16"], "--dtype float16 needs --device cuda"),
     (True, ["--quantization", "int8-dynamic"], "--quantization int8-dynamic runs on the CPU"),  # auto is CUDA
-    (False, ["--quantization", "int8-dynamic", "--dtype", "bfloat16"], "--quantization int8-dynamic quantizes a float32"),
+    (False, ["--quantization", "int8-dynamic", "--dtype", "bfloat16"],
+     "--quantization int8-dynamic quantizes a float32"),
 ])  # fmt: skip
 def test_generate_refuses_what_the_device_cannot_run(monkeypatch, capsys, tmp_path, cuda_available, flags, message):
     """Refused before anything loads (the pipeline folder does not exist), with the message and no traceback."""
