@@ -2,6 +2,7 @@
 and the converted DALL·E mini / Mega models named with `--model`.
 
     python app.py [--model DIR_OR_REPO_ID ...] [--checkpoints DIR] [--host 127.0.0.1] [--port 7860]
+                  [--device auto|cpu|cuda] [--dtype float32|bfloat16|float16]
 
 Every sub-folder of the checkpoints folder with a `model_index.json` is a model (or the folder itself, if it has
 one); `DALLE_HF_CHECKPOINTS` overrides the folder like `--checkpoints`. `--model` (repeatable) and
@@ -37,8 +38,10 @@ from dalle_hf.app.models import (
     load_model,
     model_specs,
     no_checkpoint_message,
+    use_device,
 )
 from dalle_hf.app.sampling import limit_malloc_arenas
+from dalle_hf.cli import DEVICES, DTYPES, check_precision, resolve_device
 
 logger = logging.getLogger("dalle_hf.app")
 MAX_LOG_LINE = 300  # characters of a log message; the pipeline's truncation warning quotes a 1,000-character prompt
@@ -70,10 +73,17 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int, default=24, help="Requests waiting beyond that; more are refused.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per request (default: CPU cores // concurrency, at least 1).")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="Where the models sample (default auto: cuda when torch sees a GPU, else cpu).")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="The models' dtype (default: as saved on the CPU; on CUDA float16 for DALL·E mini / "
+                             "Mega, as saved for the others); float16 needs --device cuda.")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_queue < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--concurrency, --max-queue and --threads must be >= 1")
-    try:  # a bad --model stops the start with its name, before anything loads
+    try:  # a device that is not there, or a bad --model, stops the start with its name, before anything loads
+        args.device = resolve_device(args.device, torch.cuda.is_available())
+        check_precision(args.dtype, "none", args.device)
         args.models = find_models(checkpoints_root(args.checkpoints), model_specs(args.model))
     except ValueError as e:
         parser.error(str(e))
@@ -94,6 +104,7 @@ def main(argv=None):
     # Concurrent requests each get their share of the cores: oversubscribed OpenMP threads spin against each
     # other (measured here: 16 candidates took 4.4 s with 1 thread, 117 s with 2 on 2 busy cores).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.concurrency))
+    use_device(args.device, args.dtype)
     root, models = checkpoints_root(args.checkpoints), args.models
     if not models:
         logger.warning(no_checkpoint_message(root) + " Starting anyway.")
@@ -104,8 +115,8 @@ def main(argv=None):
             logger.info("%s: %s", model_name, path)
         try:
             model = load_model(models[name], name)  # warm: the first request does not wait for it
-            logger.info("%s: %d x %d image codes, %d px; %d torch thread(s)", name, model.grid_size, model.grid_size,
-                        model.image_size, torch.get_num_threads())
+            logger.info("%s: %d x %d image codes, %d px; on %s, %d torch thread(s)", name, model.grid_size,
+                        model.grid_size, model.image_size, args.device, torch.get_num_threads())
         except Exception:
             logger.exception("Loading %s failed; the app starts and reports it on each request", name)
     demo = build_demo(root, models)

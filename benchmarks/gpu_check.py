@@ -15,6 +15,8 @@ Steps, all in one process except the tests:
 1. Environment: python, torch (and its CUDA), transformers, diffusers, accelerate, bitsandbytes; what is missing
    and which precisions that rules out.
 2. `pytest -m cuda tests/test_cuda.py` in a subprocess (all skipped on the CPU); its summary goes into the JSON.
+   Among them, `test_cli_and_app_load_on_cuda`: `dalle-hf generate` and the app load a tiny pipeline on the GPU
+   with `--device auto` (float32, float16, bnb-int8) and generate.
 3. For each config and precision (`dalle_hf.quantization.PRECISIONS`, loaded through `precision_kwargs`), load the
    pipeline once, then for each batch B: one prefill of B rows (the text) and `--steps` KV-cached decode steps
    around the middle of the image (the mean step; attention cost is linear in position), median of `--repeats`.

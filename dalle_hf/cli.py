@@ -1,6 +1,7 @@
 """The `dalle-hf` command: thin subcommands that parse, call the library and print.
 
     dalle-hf generate --pipeline checkpoints/dalle-shapes "a red circle" --candidates 16 --keep 4 --out out/
+    dalle-hf generate --pipeline dalle-mega-hf "a red circle" --device cuda --dtype float16 --quantization bnb-int8
     dalle-hf eval shapes --pipeline checkpoints/dalle-shapes --out eval/
     dalle-hf eval emoji-judge --cache /work/emoji-cache --out runs/emoji-judge   (EmojiEval's judge, once per cache)
     dalle-hf eval emoji --pipeline checkpoints/dalle-emoji --judge runs/emoji-judge --cache CACHE --out eval/emoji/
@@ -46,28 +47,93 @@ def pipeline_class(path: str):
     return cls
 
 
-def load_pipeline(path: str, dtype: str = "float32", quantization: str = "none"):
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when torch sees a GPU, else the CPU
+DTYPES = ("float32", "bfloat16", "float16")  # float16 on CUDA only: CPUs have no fp16 matmul kernels
+
+
+def resolve_device(device: str, cuda_available: bool) -> str:
+    """`--device` -> the device a pipeline loads on, "cpu" or "cuda": `auto` is CUDA when `cuda_available`
+    (`torch.cuda.is_available()`); "cuda" without CUDA is a `ValueError` naming what is available."""
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if device == "cuda" and not cuda_available:
+        raise ValueError("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return device
+
+
+def check_precision(dtype: str | None, quantization: str, device: str) -> None:
+    """Refuse the `--dtype` / `--quantization` combinations that cannot run on `device` ("cpu" or "cuda"); a `dtype`
+    of None is the saved one."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if dtype == "float16" and device == "cpu":
+        raise ValueError("--dtype float16 needs --device cuda: CPUs have no float16 matmul kernels (about 1 GFLOP/s); "
+                         "use --dtype bfloat16 or float32 on the CPU")
+    if quantization == "int8-dynamic" and dtype != "float32":
+        raise ValueError("--quantization int8-dynamic quantizes a float32 model: use --dtype float32")
+    if quantization == "int8-dynamic" and device != "cpu":
+        raise ValueError("--quantization int8-dynamic runs on the CPU (torch.ao's fbgemm kernels): use --device cpu, "
+                         "or bnb-int8 on a GPU")
+
+
+def load_pipeline(path: str, dtype: str | None = "float32", quantization: str = "none", device: str = "cpu",
+                  pipeline_cls=None):
+    r"""
+    Load a saved pipeline for the CLI and the app: in `dtype`, quantized as `quantization` asks, on `device`.
+
+    Args:
+        path (`str`):
+            A saved pipeline folder or Hub repo id.
+        dtype (`str`, *optional*, defaults to `"float32"`):
+            One of `DTYPES`; `"float16"` on CUDA only. None: the libraries' default (transformers models keep the
+            dtype they were saved in, e.g. a bfloat16 conversion of Mega).
+        quantization (`str`, *optional*, defaults to `"none"`):
+            One of `QUANTIZATIONS` (docs/performance.md compares them); `"int8-dynamic"` on the CPU only.
+        device (`str`, *optional*, defaults to `"cpu"`):
+            One of `DEVICES`; `"auto"` is CUDA when torch sees a GPU (`resolve_device`).
+        pipeline_cls (`type`, *optional*):
+            The class to load with; by default the one the folder's `model_index.json` names (`pipeline_class`).
+
+    Returns:
+        The pipeline, on the device (`pipe.device`). Generators may stay on the CPU: `DallePipeline.draw` samples on
+        the generator's device, diffusers' `randn_tensor` convention.
+
+    Example:
+
+    ```python
+    >>> from dalle_hf.cli import load_pipeline
+    >>> pipe = load_pipeline("dalle-mega-hf", "float16", "bnb-int8", device="cuda")  # int8 on one GPU
+    ```
+    """
     import torch
 
     from .quantization import bnb_quantization_config, quantize_dynamic_int8
 
-    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    if quantization == "int8-dynamic" and dtype != "float32":
-        raise ValueError("--quantization int8-dynamic quantizes a float32 model: use --dtype float32")
+    device = resolve_device(device, torch.cuda.is_available())
+    check_precision(dtype, quantization, device)
     config = {
         "bnb-int8": lambda: bnb_quantization_config(8),
         "bnb-nf4": lambda: bnb_quantization_config(4),
     }.get(quantization)
-    pipe = pipeline_class(path).from_pretrained(
-        path, dtype=compute_dtype, quantization_config=config() if config else None
+    pipe = (pipeline_cls or pipeline_class(path)).from_pretrained(
+        path, dtype=getattr(torch, dtype) if dtype else None, quantization_config=config() if config else None
     )
+    if device == "cuda":
+        pipe.to("cuda")  # a bitsandbytes transformer is already there (bitsandbytes places it); the rest follows
     return quantize_dynamic_int8(pipe) if quantization == "int8-dynamic" else pipe
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    pipe = load_pipeline(args.pipeline, args.dtype, args.quantization)
+    pipe = load_pipeline(args.pipeline, args.dtype, args.quantization, args.device)
+    # a CPU generator on any device: the pipeline draws each token on the generator's device (`DallePipeline.draw`),
+    # so a seed names the same random stream on a CPU and a GPU
     generator = torch.Generator().manual_seed(args.seed)
     out = pipe(
         args.prompt,
@@ -113,7 +179,7 @@ def add_world_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_eval_shapes(args) -> int:
     from .eval.shapes import evaluate_pipeline
 
-    pipe = load_pipeline(args.pipeline, args.dtype, args.quantization)
+    pipe = load_pipeline(args.pipeline, args.dtype, args.quantization, args.device)
     report = evaluate_pipeline(
         pipe,
         args.out,
@@ -144,7 +210,7 @@ def parse_emoji_splits(text: str) -> list[str]:
 def cmd_eval_emoji(args) -> int:
     from .eval.emoji import evaluate_emoji
 
-    pipe = load_pipeline(args.pipeline, args.dtype)
+    pipe = load_pipeline(args.pipeline, args.dtype, "none", args.device)
     pipe.set_progress_bar_config(disable=True)
     report = evaluate_emoji(
         pipe, args.judge, args.cache, args.out, prompts_per_split=args.prompts, candidates=args.candidates,
@@ -210,7 +276,7 @@ def cmd_eval_classify(args) -> int:
     world = eval_world(args)
     if not world.has_ranking_set:
         raise SystemExit(f"dalle-hf eval classify: the {world.name} world has no caption-ranking set")
-    pipe = load_pipeline(args.pipeline, args.dtype)
+    pipe = load_pipeline(args.pipeline, args.dtype, "none", args.device)
     ranking = world.caption_ranking_set(args.n_images, args.n_captions, args.seed)
     report = zero_shot_classification(
         pipe, ranking.pixel_values, ranking.candidates, ranking.groups, batch_size=args.batch_size
@@ -277,6 +343,8 @@ def cmd_export_space(args) -> int:
 def cmd_compress(args) -> int:
     from .compression import LikelihoodCoder, raw_bits_per_code
 
+    # on the CPU in float32 whatever the machine (no --device): decoding needs the probabilities the coder used, bit
+    # for bit, and a file compressed on a GPU could not be read back on a CPU
     coder = LikelihoodCoder(load_pipeline(args.pipeline))
     data = coder.compress_image(args.image, args.caption)
     with open(args.out, "wb") as f:
@@ -314,6 +382,18 @@ def cmd_data_emoji(args) -> int:
     return 0
 
 
+def add_device_flags(parser: argparse.ArgumentParser, quantization: bool = True) -> None:
+    """`--device`, `--dtype` and (with `quantization`) `--quantization`, the arguments of `load_pipeline`."""
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the pipeline runs (default auto: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="bfloat16: fast on CPUs with bf16 matmul; float16: CUDA only")
+    if quantization:
+        parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                            help="int8-dynamic: fast on CPU; bnb-*: GPU memory (bnb-int8 with --dtype float16 on a "
+                                 "GPU: LLM.int8 computes in float16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-hf", description="DALL-E (v1) the Hugging Face way.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -332,12 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative_prompt", default=None, help="what guidance steers away from, e.g. 'a square' for "
                      "'a cyan square' (needs guidance > 1)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul"
-    )
-    gen.add_argument(
-        "--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory"
-    )
+    add_device_flags(gen)
     gen.add_argument("--out", default="outputs", help="folder for the PNGs")
     gen.set_defaults(func=cmd_generate)
 
@@ -363,12 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument(
         "--guidance-scale", dest="guidance_scale", type=float, default=None, help="default: the pipeline's"
     )
-    shapes.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul"
-    )
-    shapes.add_argument(
-        "--quantization", choices=QUANTIZATIONS, default="none", help="int8-dynamic: fast on CPU; bnb-*: GPU memory"
-    )
+    add_device_flags(shapes)
     shapes.add_argument("--out", required=True, help="folder for report.json and the sample sheets")
     shapes.set_defaults(func=cmd_eval_shapes)
     emoji_eval = ev.add_parser("emoji", help="EmojiEval: concept and style of generated emoji by a trained judge, "
@@ -392,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     emoji_eval.add_argument("--top-p", dest="top_p", type=float, default=None, help="default: the pipeline's")
     emoji_eval.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=None,
                             help="default: the pipeline's")  # fmt: skip
-    emoji_eval.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_device_flags(emoji_eval, quantization=False)
     emoji_eval.set_defaults(func=cmd_eval_emoji)
     # Flags forwarded to `python -m dalle_hf.eval.emoji_judge` by `main` (like `train`): one definition of them.
     ev.add_parser("emoji-judge", add_help=False, help="train EmojiEval's judge on an emoji cache (about 10 minutes on "
@@ -426,9 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--seed", type=int, default=0)
     add_world_flags(classify)
     classify.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="pairs per forward pass")
-    classify.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: fast on CPUs with bf16 matmul"
-    )
+    add_device_flags(classify, quantization=False)
     classify.set_defaults(func=cmd_eval_classify)
 
     conv = sub.add_parser(

@@ -183,6 +183,75 @@ def test_checkpoints_root_and_flags(monkeypatch, tmp_path):
         app.parse_args(["--max-queue", "0"])
 
 
+NO_CUDA = "--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False); use --device cpu"
+
+
+def test_device_and_dtype_flags(monkeypatch, tmp_path, capsys):
+    """`--device auto` (the default) is the CPU without CUDA and CUDA with it; what the machine cannot run stops the
+    start with a message. Parsing sets nothing: `main` calls `use_device`."""
+    monkeypatch.setenv(app_models.CHECKPOINTS_ENV, str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = app.parse_args([])
+    assert (args.device, args.dtype) == ("cpu", None)
+    for flags, message in ((["--device", "cuda"], NO_CUDA),
+                           (["--dtype", "float16"], "--dtype float16 needs --device cuda")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            app.parse_args(flags)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = app.parse_args(["--dtype", "bfloat16"])
+    assert (args.device, args.dtype) == ("cuda", "bfloat16") and app_models.DEVICE == "cpu"
+
+
+def test_use_device_sets_where_a_request_is_costed(monkeypatch):
+    monkeypatch.setattr(app_models, "DEVICE", app_models.DEVICE)  # restored after the test
+    monkeypatch.setattr(app_models, "DTYPE", app_models.DTYPE)
+    shapes = REPO / "checkpoints" / "dalle-shapes"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app_models.use_device() == "cpu" and app_models.read_model_info(shapes)["device"] == "cpu"
+    cpu_seconds = app_models.read_model_info(shapes)["seconds_per_image"]
+    with pytest.raises(ValueError, match="--dtype float16 needs --device cuda"):
+        app_models.use_device("cpu", "float16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert app_models.use_device() == "cuda" and app_models.DTYPE is None
+    info = app_models.read_model_info(shapes)
+    rates = app_models.SECONDS_PER_WEIGHT_READ
+    assert info["device"] == "cuda" and info["seconds_per_image"] == pytest.approx(cpu_seconds * rates["cuda"] /
+                                                                                   rates["cpu"])  # fmt: skip
+
+
+@pytest.mark.parametrize("device, dtype, expected", [
+    ("cpu", None, {"DALL-E": None, "DALL·E mini": None}),  # as saved, as before
+    ("cuda", None, {"DALL-E": None, "DALL·E mini": "float16"}),  # Mega in float16 on a GPU, as the Space runs it
+    ("cuda", "bfloat16", {"DALL-E": "bfloat16", "DALL·E mini": "bfloat16"}),
+])  # fmt: skip
+def test_each_family_loads_in_its_dtype_on_the_device(monkeypatch, device, dtype, expected):
+    """The arguments `load_pipelines` gives the shared loader (`dalle_hf.cli.load_pipeline`), which is stopped there:
+    nothing loads or moves."""
+    asked = {}
+
+    def recording_loader(path, dtype, device, pipeline_cls):
+        asked[pipeline_cls] = (dtype, device)
+        raise InterruptedError
+
+    monkeypatch.setattr(app_models, "load_pipeline", recording_loader)
+    monkeypatch.setattr(app_models, "DEVICE", device)
+    monkeypatch.setattr(app_models, "DTYPE", dtype)
+    for family in app_models.FAMILIES:
+        with pytest.raises(InterruptedError):
+            family.load(Path("unused"))
+    classes = {"DALL-E": app_models.DallePipeline, "DALL·E mini": app_models.DalleMiniPipeline}
+    assert asked == {classes[name]: (want, device) for name, want in expected.items()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_app_refuses_cuda_without_a_gpu():
+    result = subprocess.run([sys.executable, "app.py", "--device", "cuda", "--model", "checkpoints/dalle-shapes"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 2 and NO_CUDA in result.stderr and "Traceback" not in result.stderr
+
+
 def test_model_selector_only_with_several_models(tmp_path):
     for name in ("dalle-shapes", "other"):
         (tmp_path / name).mkdir()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dalle_hf import cli
 from dalle_hf.configuration_dalle import DalleConfig
 from dalle_hf.configuration_dvae import DalleVAEConfig
 from dalle_hf.data.shapes import all_captions
@@ -111,3 +112,77 @@ def test_bad_arguments_fail_with_usage(tmp_path):
     assert result.returncode != 0
     result = dalle_hf_cli("train", "nonsense")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --device: where a pipeline loads (the helper the app shares), checked on the CPU with CUDA's availability faked
+# ---------------------------------------------------------------------------------------------------------------
+NO_CUDA = "--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False); use --device cpu"
+
+
+def test_resolve_device():
+    assert cli.resolve_device("auto", cuda_available=False) == "cpu"
+    assert cli.resolve_device("auto", cuda_available=True) == "cuda"
+    assert cli.resolve_device("cpu", cuda_available=True) == "cpu"  # asked for: kept, on a GPU machine too
+    assert cli.resolve_device("cuda", cuda_available=True) == "cuda"
+    with pytest.raises(ValueError) as error:
+        cli.resolve_device("cuda", cuda_available=False)
+    assert str(error.value) == NO_CUDA
+    with pytest.raises(ValueError, match="--device must be one of auto, cpu, cuda, got 'gpu'"):
+        cli.resolve_device("gpu", cuda_available=True)
+
+
+class RecordingPipeline:
+    """Stands in for a pipeline class: records `from_pretrained`'s arguments and `.to`'s device, moves nothing."""
+
+    calls = []
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        cls.calls.append(("from_pretrained", kwargs["dtype"], kwargs["quantization_config"]))
+        return cls()
+
+    def to(self, device):
+        self.calls.append(("to", device))
+        return self
+
+
+@pytest.mark.parametrize("cuda_available, device, dtype, expected", [
+    (False, "auto", "float32", [("from_pretrained", torch.float32, None)]),
+    (True, "auto", "float16", [("from_pretrained", torch.float16, None), ("to", "cuda")]),
+    (True, "cpu", "bfloat16", [("from_pretrained", torch.bfloat16, None)]),
+    (True, "cuda", None, [("from_pretrained", None, None), ("to", "cuda")]),
+])  # fmt: skip
+def test_load_pipeline_places_the_pipeline(monkeypatch, cuda_available, device, dtype, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    monkeypatch.setattr(RecordingPipeline, "calls", [])
+    pipe = cli.load_pipeline("unused", dtype, device=device, pipeline_cls=RecordingPipeline)
+    assert isinstance(pipe, RecordingPipeline) and RecordingPipeline.calls == expected
+
+
+@pytest.mark.parametrize("cuda_available, flags, message", [
+    (False, ["--device", "cuda"], NO_CUDA),
+    (False, ["--dtype", "float16"], "--dtype float16 needs --device cuda"),  # auto is the CPU here
+    (True, ["--device", "cpu", "--dtype", "float16"], "--dtype float16 needs --device cuda"),
+    (True, ["--quantization", "int8-dynamic"], "--quantization int8-dynamic runs on the CPU"),  # auto is CUDA
+    (False, ["--quantization", "int8-dynamic", "--dtype", "bfloat16"],
+     "--quantization int8-dynamic quantizes a float32"),
+])  # fmt: skip
+def test_generate_refuses_what_the_device_cannot_run(monkeypatch, capsys, tmp_path, cuda_available, flags, message):
+    """Refused before anything loads (the pipeline folder does not exist), with the message and no traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["generate", "a red circle", "--pipeline", str(tmp_path / "missing"), *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"dalle-hf generate: error: {message}" in err and "Traceback" not in err
+
+
+def test_generate_on_the_cpu_as_before(pipeline_dir, tmp_path, monkeypatch, capsys):
+    """`--device cpu` and the default (auto: the CPU without CUDA) write the same images, seeded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cpu", "auto"):
+        assert cli.main(["generate", "a red circle", "--pipeline", str(pipeline_dir), "--candidates", "2", "--keep",
+                         "2", "--seed", "3", "--device", device, "--out", str(tmp_path / device)]) == 0
+    assert capsys.readouterr().out.count(".png") == 4
+    for name in ("00.png", "01.png"):
+        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "auto" / name).read_bytes()

@@ -155,6 +155,32 @@ def test_cpu_generator_on_a_cuda_pipeline(saved):
     assert torch.equal(first.image_tokens, again.image_tokens)
 
 
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype, quantization", [("float32", "none"), ("float16", "none"), ("float16", "bnb-int8")])
+def test_cli_and_app_load_on_cuda(saved, tmp_path, monkeypatch, dtype, quantization):
+    """`dalle-hf generate --device auto` and the app's loading (`--device auto`) put the pipeline on the GPU through
+    the shared `dalle_hf.cli.load_pipeline`, and sample with the CPU generator they make."""
+    from dalle_hf import cli
+    from dalle_hf.app import models as app_models
+
+    if quantization.startswith("bnb"):
+        pytest.importorskip("bitsandbytes")
+    flags = ["--dtype", dtype, "--quantization", quantization, "--candidates", "4", "--keep", "2"]
+    assert cli.main(["generate", PROMPTS[0], "--pipeline", str(saved), *flags, "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00.png", "01.png"]
+    pipe = cli.load_pipeline(str(saved), dtype, quantization, device="auto")
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"} and pipe.device.type == "cuda"
+    monkeypatch.setattr(app_models, "DEVICE", app_models.DEVICE)
+    monkeypatch.setattr(app_models, "DTYPE", app_models.DTYPE)
+    assert app_models.use_device("auto", dtype) == "cuda"
+    model = app_models.DALLE.load(saved)
+    assert model.text_to_image.device.type == "cuda" and model.variations.device.type == "cuda"
+    out = model.text_to_image(PROMPTS[0], num_images_per_prompt=4, num_images_to_keep=2, output_type="pt",
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On the CPU: the wiring the CUDA offload test relies on
 # ---------------------------------------------------------------------------------------------------------------

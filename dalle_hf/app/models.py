@@ -27,6 +27,7 @@ import psutil
 import torch
 import transformers
 
+from dalle_hf.cli import check_precision, load_pipeline, resolve_device
 from dalle_hf.model_card import DALLE_MINI_SAMPLE_PROMPTS
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
@@ -58,7 +59,10 @@ PROGRESS_DESC = "Sampling image tokens"  # the progress bar the status line foll
 # since the app's concurrent requests get one thread each. On a GPU: not measured (no GPU where this was written);
 # assumed 10x the CPU's rate, little for a GPU's memory bandwidth.
 SECONDS_PER_WEIGHT_READ = {"cpu": 2.5e-10, "cuda": 2.5e-11}
-DEVICE = "cpu"  # where the app samples: `load_pipelines` moves no pipeline to a GPU, on a GPU machine too
+# Where the app samples and in which dtype, set once at start by `use_device` (`--device`, `--dtype`): the CPU, and
+# each model in the dtype it was saved in, unless asked otherwise.
+DEVICE = "cpu"
+DTYPE: str | None = None  # None: the saved dtype on the CPU; on CUDA, the family's `cuda_dtype`
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,12 +237,26 @@ def dalle_preview(pipe: DallePipeline, tokens: torch.LongTensor, count: int) -> 
     return pipe.postprocess(images, "pil")
 
 
-def load_pipelines(path: Path, text_to_image: type, variations: type, inpaint: type) -> AppModel:
+def use_device(device: str = "auto", dtype: str | None = None) -> str:
+    """Set where the app samples (`DEVICE`) and in which dtype (`DTYPE`), before any model loads: `device` is
+    `--device` (auto: CUDA when torch sees a GPU), `dtype` is `--dtype` (None: the family's choice, `load_pipelines`).
+    A `ValueError` for a device that is not there or a dtype it cannot run (float16 on the CPU). Returns the device."""
+    global DEVICE, DTYPE
+    chosen = resolve_device(device, torch.cuda.is_available())
+    check_precision(dtype, "none", chosen)
+    DEVICE, DTYPE = chosen, dtype
+    return chosen
+
+
+def load_pipelines(path: Path, text_to_image: type, variations: type, inpaint: type,
+                   cuda_dtype: str | None = None) -> AppModel:
     """A saved text-to-image pipeline and its family's variation and inpainting pipelines on the same modules (one
-    copy of the weights for all three tabs, `from_pipe`). A copy that carries its code (a Hub repository from
-    `dalle-hf push`, a converted DALL·E mini folder) loads with dalle-hf's own classes too: its code files are never
-    run (`DallePipeline.from_pretrained`)."""
-    pipe = text_to_image.from_pretrained(str(path))
+    copy of the weights for all three tabs, `from_pipe`), on `DEVICE` in `DTYPE`; with no `DTYPE`, the saved dtype on
+    the CPU and `cuda_dtype` on CUDA. A copy that carries its code (a Hub repository from `dalle-hf push`, a
+    converted DALL·E mini folder) loads with dalle-hf's own classes too: its code files are never run
+    (`DallePipeline.from_pretrained`)."""
+    dtype = DTYPE or (cuda_dtype if DEVICE == "cuda" else None)
+    pipe = load_pipeline(str(path), dtype, device=DEVICE, pipeline_cls=text_to_image)
 
     def make_inpaint():
         edit = inpaint.from_pipe(pipe)
@@ -318,8 +336,10 @@ DALLE = ModelFamily("DALL-E", ("DallePipeline", "DalleImageVariationPipeline", "
 
 
 def load_dalle_mini(path: Path) -> AppModel:
-    """A converted DALL·E mini / Mega folder: 16 x 16 VQGAN codes of 256 px images, a preview per row of 16 codes."""
-    return load_pipelines(path, DalleMiniPipeline, DalleMiniImageVariationPipeline, DalleMiniInpaintPipeline)
+    """A converted DALL·E mini / Mega folder: 16 x 16 VQGAN codes of 256 px images, a preview per row of 16 codes; on
+    CUDA in float16, as the exported Space runs it (Mega: 5.2 GB of weights)."""
+    return load_pipelines(path, DalleMiniPipeline, DalleMiniImageVariationPipeline, DalleMiniInpaintPipeline,
+                          cuda_dtype="float16")
 
 
 def dalle_mini_info(path: Path) -> dict:
