@@ -41,7 +41,7 @@ from dalle_hf.app.models import (
     use_device,
 )
 from dalle_hf.app.sampling import limit_malloc_arenas
-from dalle_hf.cli import DEVICES, DTYPES, check_precision, resolve_device
+from dalle_hf.loading import DEVICES, DTYPES, check_precision, resolve_device
 
 logger = logging.getLogger("dalle_hf.app")
 MAX_LOG_LINE = 300  # characters of a log message; the pipeline's truncation warning quotes a 1,000-character prompt

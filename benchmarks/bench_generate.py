@@ -90,7 +90,7 @@ def save_random_transformer(name: str, folder: str) -> str:
 
 def load(config_name: str, precision: str, pipeline_path: str | None, folder: str):
     """(pipeline or None, transformer, vae), loaded through the public APIs."""
-    from dalle_hf.cli import load_pipeline
+    from dalle_hf.loading import load_pipeline
     from dalle_hf.configuration_dvae import DalleVAEConfig
     from dalle_hf.modeling_dalle import DalleForImageGeneration
     from dalle_hf.modeling_dvae import DalleVAE

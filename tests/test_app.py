@@ -226,8 +226,8 @@ def test_use_device_sets_where_a_request_is_costed(monkeypatch):
     ("cuda", "bfloat16", {"DALL-E": "bfloat16", "DALL·E mini": "bfloat16"}),
 ])  # fmt: skip
 def test_each_family_loads_in_its_dtype_on_the_device(monkeypatch, device, dtype, expected):
-    """The arguments `load_pipelines` gives the shared loader (`dalle_hf.cli.load_pipeline`), which is stopped there:
-    nothing loads or moves."""
+    """The arguments `load_pipelines` gives the shared loader (`dalle_hf.loading.load_pipeline`), which is stopped
+    there: nothing loads or moves."""
     asked = {}
 
     def recording_loader(path, dtype, device, pipeline_cls):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_hf import cli
+from dalle_hf import cli, loading
 from dalle_hf.configuration_dalle import DalleConfig
 from dalle_hf.configuration_dvae import DalleVAEConfig
 from dalle_hf.data.shapes import all_captions
@@ -121,15 +121,15 @@ NO_CUDA = "--device cuda: no CUDA device is visible to torch (torch.cuda.is_avai
 
 
 def test_resolve_device():
-    assert cli.resolve_device("auto", cuda_available=False) == "cpu"
-    assert cli.resolve_device("auto", cuda_available=True) == "cuda"
-    assert cli.resolve_device("cpu", cuda_available=True) == "cpu"  # asked for: kept, on a GPU machine too
-    assert cli.resolve_device("cuda", cuda_available=True) == "cuda"
+    assert loading.resolve_device("auto", cuda_available=False) == "cpu"
+    assert loading.resolve_device("auto", cuda_available=True) == "cuda"
+    assert loading.resolve_device("cpu", cuda_available=True) == "cpu"  # asked for: kept, on a GPU machine too
+    assert loading.resolve_device("cuda", cuda_available=True) == "cuda"
     with pytest.raises(ValueError) as error:
-        cli.resolve_device("cuda", cuda_available=False)
+        loading.resolve_device("cuda", cuda_available=False)
     assert str(error.value) == NO_CUDA
     with pytest.raises(ValueError, match="--device must be one of auto, cpu, cuda, got 'gpu'"):
-        cli.resolve_device("gpu", cuda_available=True)
+        loading.resolve_device("gpu", cuda_available=True)
 
 
 class RecordingPipeline:
@@ -156,7 +156,7 @@ class RecordingPipeline:
 def test_load_pipeline_places_the_pipeline(monkeypatch, cuda_available, device, dtype, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
     monkeypatch.setattr(RecordingPipeline, "calls", [])
-    pipe = cli.load_pipeline("unused", dtype, device=device, pipeline_cls=RecordingPipeline)
+    pipe = loading.load_pipeline("unused", dtype, device=device, pipeline_cls=RecordingPipeline)
     assert isinstance(pipe, RecordingPipeline) and RecordingPipeline.calls == expected
 
 

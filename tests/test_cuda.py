@@ -160,8 +160,8 @@ def test_cpu_generator_on_a_cuda_pipeline(saved):
 @pytest.mark.parametrize("dtype, quantization", [("float32", "none"), ("float16", "none"), ("float16", "bnb-int8")])
 def test_cli_and_app_load_on_cuda(saved, tmp_path, monkeypatch, dtype, quantization):
     """`dalle-hf generate --device auto` and the app's loading (`--device auto`) put the pipeline on the GPU through
-    the shared `dalle_hf.cli.load_pipeline`, and sample with the CPU generator they make."""
-    from dalle_hf import cli
+    the shared `dalle_hf.loading.load_pipeline`, and sample with the CPU generator they make."""
+    from dalle_hf import cli, loading
     from dalle_hf.app import models as app_models
 
     if quantization.startswith("bnb"):
@@ -169,7 +169,7 @@ def test_cli_and_app_load_on_cuda(saved, tmp_path, monkeypatch, dtype, quantizat
     flags = ["--dtype", dtype, "--quantization", quantization, "--candidates", "4", "--keep", "2"]
     assert cli.main(["generate", PROMPTS[0], "--pipeline", str(saved), *flags, "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00.png", "01.png"]
-    pipe = cli.load_pipeline(str(saved), dtype, quantization, device="auto")
+    pipe = loading.load_pipeline(str(saved), dtype, quantization, device="auto")
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"} and pipe.device.type == "cuda"
     monkeypatch.setattr(app_models, "DEVICE", app_models.DEVICE)
     monkeypatch.setattr(app_models, "DTYPE", app_models.DTYPE)

@@ -27,7 +27,7 @@ import psutil
 import torch
 import transformers
 
-from dalle_hf.cli import check_precision, load_pipeline, resolve_device
+from dalle_hf.loading import check_precision, load_pipeline, resolve_device
 from dalle_hf.model_card import DALLE_MINI_SAMPLE_PROMPTS
 from dalle_hf.pipeline_dalle import DallePipeline
 from dalle_hf.pipeline_dalle_inpaint import DalleInpaintPipeline
