@@ -64,7 +64,8 @@ def test_shipped_emoji_pipeline_generates():
     pipe.set_progress_bar_config(disable=True)
     out = pipe("red apple in twemoji style", num_images_per_prompt=2, num_images_to_keep=1,
                generator=torch.Generator().manual_seed(0))  # fmt: skip
-    assert len(out.images) == 1 and out.images[0].size == (64, 64) and out.image_tokens.shape == (1, 16, 16)
+    # the emoji model's design: 32 px images as 8 x 8 codes (docs/emoji-world.md, "The probe")
+    assert len(out.images) == 1 and out.images[0].size == (32, 32) and out.image_tokens.shape == (1, 8, 8)
     again = pipe("red apple in twemoji style", num_images_per_prompt=2, num_images_to_keep=1,
                  generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.equal(out.image_tokens, again.image_tokens)
