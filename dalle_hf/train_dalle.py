@@ -258,7 +258,7 @@ def encode_dataset(
     image_ids = []
     for examples in tqdm(loader, desc="encoding images"):
         pixels = torch.stack([e["pixel_values"] for e in examples])
-        image_ids.append(vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu())
+        image_ids.append(encode_pixels(vae, pixels, batch_size=len(pixels)))
     image_ids = torch.cat(image_ids)  # (n, N)
     if not image_augmentations:
         return EncodedImages(dataset, image_ids)
@@ -267,7 +267,7 @@ def encode_dataset(
     for start in tqdm(range(0, len(versions), batch_size), desc=f"encoding {image_augmentations} crops per image"):
         pixels = torch.stack([augmented_pixel_values(dataset, i, v, min_scale, augment_seed)
                               for i, v in versions[start : start + batch_size]])  # fmt: skip
-        copies.append(vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu())
+        copies.append(encode_pixels(vae, pixels, batch_size=len(pixels)))
     copies = torch.cat(copies).view(len(dataset), image_augmentations, -1)  # (n * K, N) -> (n, K, N)
     return EncodedImages(dataset, torch.cat([image_ids[:, None], copies], dim=1))  # (n, 1 + K, N)
 
@@ -354,7 +354,7 @@ def load_or_encode_dataset(
         if image_augmentations:  # one crop of each spot-checked image too, cycling through the versions
             checks += [(i, 1 + j % image_augmentations) for j, i in enumerate(positions)]
         pixels = torch.stack([augmented_pixel_values(dataset, i, v, min_scale, augment_seed) for i, v in checks])
-        now_ids = vae.get_codebook_indices(pixels.to(vae.device)).flatten(1).cpu()
+        now_ids = encode_pixels(vae, pixels, batch_size=len(pixels))
         stored = image_ids if image_augmentations else image_ids[:, None]  # (n, N) -> (n, 1, N)
         saved_ids = torch.stack([stored[i, v] for i, v in checks])
         if not torch.equal(now_ids, saved_ids.to(now_ids.dtype)):
